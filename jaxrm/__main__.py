@@ -1,0 +1,5 @@
+import sys
+
+from jaxrm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,363 @@
+"""Experiment configuration: typed dataclasses loaded from YAML with `base:` parents and overrides.
+
+    config = load_config("configs/tiny_polar.yaml", ["train.steps=20", "mesh.fsdp=8"])
+
+Every key is checked against the dataclasses below. A key that does not exist, a value of the
+wrong type or a choice outside its set is a `UserError` that names the key, the file (or the
+command line) it came from and, for unknown keys, the nearest valid one.
+"""
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from jaxrm.errors import UserError
+from jaxrm.presets import PRESETS, preset_shape
+from jaxrm.sharding import DEFAULT_RULES, MESH_AXES
+
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """The decoder's shape (filled from `preset`) and how it computes."""
+
+    preset: str = "tiny"
+    vocab_size: int = 1024
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 16
+    rope_theta: float = 10000.0
+    # None, or {"type": "linear" | "dynamic" | "llama3", "factor": ..., ...} as in HF configs.
+    rope_scaling: dict | None = None
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 4096
+    qkv_bias: bool = False
+    tie_embeddings: bool = False
+    lm_head: bool = False
+    reward_head_init: Literal["normal", "zero"] = "normal"
+    dtype: DType = "bfloat16"
+    param_dtype: DType = "float32"
+    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    attention: Literal["xla"] = "xla"
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise UserError(
+                f"model.num_heads ({self.num_heads}) must be a multiple of "
+                f"model.num_kv_heads ({self.num_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise UserError(f"model.head_dim ({self.head_dim}) must be even for RoPE")
+        scaling = self.rope_scaling or {}
+        kind = scaling.get("type", scaling.get("rope_type", "default"))
+        if kind not in ("default", "linear", "dynamic", "llama3"):
+            raise UserError(
+                f"model.rope_scaling.type {kind!r} is not supported; use linear, dynamic or llama3"
+            )
+
+
+@dataclasses.dataclass
+class DataConfig:
+    train: str | list[str] | None = None
+    eval: str | list[str] | None = None
+    seq_len: int = 512
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 8
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    name: Literal["adamw"] = "adamw"
+    lr: float = 1e-5
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    every: int = 100
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    """Device mesh sizes (-1: all remaining devices) and the logical-axis -> mesh-axis rules."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    rules: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_RULES))
+
+    def __post_init__(self) -> None:
+        if [self.data, self.fsdp, self.tensor].count(-1) > 1:
+            raise UserError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+        for axis in MESH_AXES:
+            size = getattr(self, axis)
+            if size == 0 or size < -1:
+                raise UserError(f"mesh.{axis} must be a positive size or -1, got {size}")
+        self.rules = {**DEFAULT_RULES, **self.rules}
+        for name, target in self.rules.items():
+            if name not in DEFAULT_RULES:
+                raise UserError(_unknown(f"mesh.rules.{name}", DEFAULT_RULES, "mesh.rules."))
+            targets = target if isinstance(target, list) else [target]
+            for axis in targets:
+                if axis is not None and axis not in MESH_AXES:
+                    raise UserError(
+                        f"mesh.rules.{name}: {axis!r} is not a mesh axis "
+                        f"(choose from {', '.join(MESH_AXES)} or null)"
+                    )
+
+
+@dataclasses.dataclass
+class Config:
+    output_dir: str = "runs/jaxrm"
+    objective: Literal["polar", "pairwise", "codepmp"] = "polar"
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Reads `path` (following `base:` parents), applies `key=value` overrides, validates."""
+    raw: dict = {}
+    origins: dict[str, str] = {}
+    if path is not None:
+        raw = _read_with_bases(Path(path), origins, seen=())
+    for override in overrides:
+        key, value = parse_override(override)
+        _merge(raw, _nest(key, value), origins, "the command line")
+    return config_from_dict(raw, origins)
+
+
+def config_from_dict(raw: dict, origins: dict[str, str] | None = None) -> Config:
+    """Builds a validated Config from nested plain data (as read from YAML)."""
+    raw = dict(raw)
+    model = raw.get("model")
+    if isinstance(model, dict):
+        preset = model.get("preset", ModelConfig.preset)
+        if preset not in PRESETS:
+            where = (origins or {}).get("model.preset", "the config")
+            raise UserError(_unknown_value("model.preset", preset, PRESETS, where))
+        raw["model"] = {**preset_shape(preset), **model}
+    return _build(Config, raw, "", origins or {})
+
+
+def config_to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.steps=20` -> ("train.steps", 20); the value is read as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise UserError(f"override {text!r} is not of the form key=value")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise UserError(f"override {text!r}: value is not valid YAML ({_first_line(e)})") from e
+
+
+def _read_with_bases(path: Path, origins: dict[str, str], seen: tuple[Path, ...]) -> dict:
+    resolved = path.resolve()
+    if resolved in seen:
+        chain = " -> ".join(str(p) for p in (*seen, resolved))
+        raise UserError(f"{path}: config files name each other as base in a cycle: {chain}")
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    except OSError as e:
+        raise UserError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({_first_line(e)})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(
+            f"{path}: a config file must be a mapping of keys, not {type(data).__name__}"
+        )
+    raw: dict = {}
+    base = data.pop("base", None)
+    if base is not None:
+        if not isinstance(base, str):
+            raise UserError(f"{path}: 'base' must be a path to a parent config file")
+        base_path = Path(base) if Path(base).is_absolute() else path.parent / base
+        raw = _read_with_bases(base_path, origins, (*seen, resolved))
+    _merge(raw, data, origins, str(path))
+    return raw
+
+
+def _merge(into: dict, new: dict, origins: dict[str, str], source: str, prefix: str = "") -> None:
+    """Deep-merges `new` into `into` (new wins) and records where each leaf key came from."""
+    for key, value in new.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value, origins, source, dotted + ".")
+        else:
+            into[key] = value
+            origins[dotted] = source
+            if isinstance(value, dict):
+                for leaf in _leaf_keys(value, dotted + "."):
+                    origins[leaf] = source
+
+
+def _leaf_keys(tree: dict, prefix: str) -> list[str]:
+    keys = []
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            keys += _leaf_keys(value, f"{prefix}{key}.")
+        else:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def _nest(dotted: str, value: Any) -> dict:
+    for part in reversed(dotted.split(".")):
+        value = {part: value}
+    return value
+
+
+def _build(cls: type, raw: Any, prefix: str, origins: dict[str, str]) -> Any:
+    where = origins.get(prefix.rstrip("."), "the config") if prefix else "the config"
+    if not isinstance(raw, dict):
+        raise UserError(f"config key '{prefix.rstrip('.')}' ({where}) must be a mapping of keys")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            if isinstance(value, dict) and value:
+                dotted = _leaf_keys(value, dotted + ".")[0]  # name what the user wrote in full
+            source = origins.get(dotted, "the config")
+            raise UserError(_unknown(dotted, _all_keys(Config), "", source))
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            kwargs[key] = _build(kind, value, dotted + ".", origins)
+        else:
+            kwargs[key] = _check_value(value, kind, dotted, origins.get(dotted, "the config"))
+    try:
+        return cls(**kwargs)
+    except UserError as e:  # a check across keys: say where those keys were set
+        sources = sorted({v for k, v in origins.items() if k.startswith(prefix)}) or ["defaults"]
+        raise UserError(f"{e} (set in {', '.join(sources)})") from None
+
+
+def _check_value(value: Any, kind: Any, key: str, source: str) -> Any:
+    checked = _coerce(value, kind)
+    if checked is _INVALID:
+        raise UserError(f"config key '{key}' ({source}) must be {_describe(kind)}, got {value!r}")
+    return checked
+
+
+_INVALID = object()
+
+
+def _coerce(value: Any, kind: Any) -> Any:
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(kind):
+            checked = _coerce(value, option)
+            if checked is not _INVALID:
+                return checked
+        return _INVALID
+    if origin is Literal:
+        return value if value in typing.get_args(kind) else _INVALID
+    if origin is list:
+        (item,) = typing.get_args(kind)
+        if not isinstance(value, list):
+            return _INVALID
+        items = [_coerce(v, item) for v in value]
+        return _INVALID if any(i is _INVALID for i in items) else items
+    if kind is type(None):
+        return None if value is None else _INVALID
+    if kind is bool:
+        return value if isinstance(value, bool) else _INVALID
+    if kind is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _INVALID
+    if kind is float:
+        # YAML reads `1e-5` (no dot) as a string; accept it as the number the user meant.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                return _INVALID
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        return float(value) if ok else _INVALID
+    if kind is str:
+        return value if isinstance(value, str) else _INVALID
+    if kind is dict:
+        return value if isinstance(value, dict) else _INVALID
+    raise TypeError(f"config type {kind} is not handled")
+
+
+def _describe(kind: Any) -> str:
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(k) for k in typing.get_args(kind))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(v) for v in typing.get_args(kind))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(kind)[0])}"
+    if kind is type(None):
+        return "null"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        kind, "a mapping"
+    )
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        kind = hints[field.name]
+        if dataclasses.is_dataclass(kind):
+            keys += _all_keys(kind, f"{prefix}{field.name}.")
+        else:
+            keys.append(f"{prefix}{field.name}")
+    return keys
+
+
+def _unknown(key: str, valid: Any, prefix: str, source: str | None = None) -> str:
+    """One line naming `key` and, when one is close enough, the valid key meant."""
+    candidates = [f"{prefix}{v}" for v in valid]
+    section, _, leaf = key.rpartition(".")
+    siblings = [c for c in candidates if c.rpartition(".")[0] == section]
+    if siblings:  # the section is right: only the last part is misspelt
+        nearest = difflib.get_close_matches(leaf, [c.rpartition(".")[2] for c in siblings], 1, 0.4)
+        nearest = [f"{section}.{n}" if section else n for n in nearest]
+    else:
+        nearest = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+    message = f"unknown config key '{key}'" + (f" ({source})" if source else "")
+    return message + (f"; did you mean '{nearest[0]}'?" if nearest else "")
+
+
+def _unknown_value(key: str, value: Any, valid: Any, source: str) -> str:
+    nearest = difflib.get_close_matches(str(value), list(valid), n=1, cutoff=0.5)
+    hint = f"did you mean '{nearest[0]}'?" if nearest else f"choose from {', '.join(valid)}"
+    return f"config key '{key}' ({source}): unknown value {value!r}; {hint}"
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0]

@@ -1,0 +1,264 @@
+"""The reward model: one decoder for the Llama, Qwen2 and InternLM2 families, plus heads.
+
+    model = RewardModel(config, rngs=nnx.Rngs(0))
+    hidden = model(tokens, segment_ids, positions)      # [batch, length, embed], final-normed
+    scores = model.token_rewards(hidden)                # [batch, length] float32
+    rewards = rewards_at(scores, last_token_index(segment_ids, num_segments=3))
+
+Rows are packed: `segment_ids` numbers the sequences of a row 1, 2, ... (0 is padding) and
+`positions` restarts at 0 in each sequence. A token attends to earlier tokens of its own segment
+only, so a packed row computes exactly what its sequences would compute one by one.
+
+The math follows Hugging Face's Llama (RMSNorm in float32, "rotate half" RoPE, grouped-query
+attention, SwiGLU), so weights convert without permutation. Layers are stacked on a leading
+`layers` axis and run with `lax.scan`: compile time does not grow with depth.
+"""
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxrm.config import ModelConfig
+from jaxrm.sharding import Rules, constrain, tree_shardings
+
+Array = jax.Array
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _param(
+    rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str], dtype: Any, std: float = 0.02
+) -> nnx.Param:
+    value = std * jax.random.normal(rngs.params(), shape, jnp.float32) if std else jnp.zeros(shape)
+    return nnx.Param(value.astype(dtype), out_sharding=tuple(axes), eager_sharding=False)
+
+
+def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
+    """Per-pair rotation speeds, with HF's linear / llama3 scaling applied.
+
+    "dynamic" (NTK) scaling only changes anything past `max_position_embeddings`, and then by a
+    per-sequence amount; within that length it equals no scaling, and longer rows are refused.
+    """
+    dim = config.head_dim
+    exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    inv_freq = (1.0 / np.power(np.float32(config.rope_theta), exponents)).astype(np.float32)
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("type", scaling.get("rope_type", "default"))
+    if kind == "linear":
+        return inv_freq / np.float32(scaling["factor"])
+    if kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv_freq
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
+    """Rotates [batch, length, heads, head_dim] by position, HF "rotate half" layout."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, t, d/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    first, second = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-second, first], axis=-1)
+    return x * cos + rotated * sin
+
+
+def attention_mask(segment_ids: Array) -> Array:
+    """[batch, query, key]: same non-padding segment and not in the future."""
+    length = segment_ids.shape[-1]
+    causal = jnp.arange(length)[:, None] >= jnp.arange(length)[None, :]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return same & causal & (segment_ids[:, :, None] != 0)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, size: int, eps: float, param_dtype: Any):
+        self.eps = eps
+        self.scale = nnx.Param(
+            jnp.ones((size,), param_dtype), out_sharding=("norm",), eager_sharding=False
+        )
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        e, n, k, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        self.dtype = dtype
+        self.inv_freq = tuple(float(f) for f in rope_inverse_frequencies(config))
+        self.wq = _param(rngs, (e, n, d), ("embed", "heads", "head_dim"), param_dtype)
+        self.wk = _param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"), param_dtype)
+        self.wv = _param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"), param_dtype)
+        self.wo = _param(rngs, (n, d, e), ("heads", "head_dim", "embed"), param_dtype)
+        if config.qkv_bias:
+            self.bq = _param(rngs, (n, d), ("heads", "head_dim"), param_dtype, std=0)
+            self.bk = _param(rngs, (k, d), ("kv_heads", "head_dim"), param_dtype, std=0)
+            self.bv = _param(rngs, (k, d), ("kv_heads", "head_dim"), param_dtype, std=0)
+        else:
+            self.bq = self.bk = self.bv = None
+
+    def _project(self, x: Array, kernel: nnx.Param, bias: nnx.Param | None) -> Array:
+        y = jnp.einsum("bte,ehd->bthd", x, kernel[...].astype(self.dtype))
+        return y if bias is None else y + bias[...].astype(self.dtype)
+
+    def __call__(self, x: Array, segment_ids: Array, positions: Array) -> Array:
+        inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
+        q = apply_rope(self._project(x, self.wq, self.bq), positions, inv_freq)
+        k = apply_rope(self._project(x, self.wk, self.bk), positions, inv_freq)
+        v = self._project(x, self.wv, self.bv)
+        q = constrain(q, ("batch", "length", "act_heads", None))
+        k = constrain(k, ("batch", "length", "act_kv_heads", None))
+        v = constrain(v, ("batch", "length", "act_kv_heads", None))
+        b, t, n, d = q.shape
+        groups = q.reshape(b, t, k.shape[2], n // k.shape[2], d)
+        scores = jnp.einsum("btkgd,bskd->bkgts", groups, k, preferred_element_type=jnp.float32)
+        scores = scores * (d**-0.5)
+        mask = attention_mask(segment_ids)[:, None, None]
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, n, d)
+        out = constrain(out, ("batch", "length", "act_heads", None))
+        return jnp.einsum("bthd,hde->bte", out, self.wo[...].astype(self.dtype))
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: ModelConfig, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        e, m = config.hidden_size, config.intermediate_size
+        self.dtype = dtype
+        self.gate = _param(rngs, (e, m), ("embed", "mlp"), param_dtype)
+        self.up = _param(rngs, (e, m), ("embed", "mlp"), param_dtype)
+        self.down = _param(rngs, (m, e), ("mlp", "embed"), param_dtype)
+
+    def __call__(self, x: Array) -> Array:
+        gate = x @ self.gate[...].astype(self.dtype)
+        up = x @ self.up[...].astype(self.dtype)
+        hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+        return hidden @ self.down[...].astype(self.dtype)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        eps = config.rms_norm_eps
+        self.attention_norm = RMSNorm(config.hidden_size, eps, param_dtype)
+        self.attention = Attention(config, dtype, param_dtype, rngs)
+        self.mlp_norm = RMSNorm(config.hidden_size, eps, param_dtype)
+        self.mlp = MLP(config, dtype, param_dtype, rngs)
+
+    def __call__(self, x: Array, segment_ids: Array, positions: Array) -> Array:
+        x = x + self.attention(self.attention_norm(x), segment_ids, positions)
+        x = x + self.mlp(self.mlp_norm(x))
+        return constrain(x, ("batch", "length", "act_embed"))
+
+
+class RewardModel(nnx.Module):
+    """Decoder + scalar reward head (Linear(hidden, 1), no bias) + optional LM head."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+        self.dtype = dtype
+        self.remat = config.remat
+        self.tie_embeddings = config.tie_embeddings
+        e, v = config.hidden_size, config.vocab_size
+        self.embed = _param(rngs, (v, e), ("vocab", "embed"), param_dtype)
+
+        @nnx.split_rngs(splits=config.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def stacked_layers(rngs: nnx.Rngs) -> DecoderLayer:
+            return DecoderLayer(config, dtype, param_dtype, rngs)
+
+        self.layers = stacked_layers(rngs)
+        self.final_norm = RMSNorm(e, config.rms_norm_eps, param_dtype)
+        head_std = 0.0 if config.reward_head_init == "zero" else 0.02
+        self.score = _param(rngs, (e, 1), ("embed", "score"), param_dtype, std=head_std)
+        untied_lm_head = config.lm_head and not config.tie_embeddings
+        self.lm_head = (
+            _param(rngs, (e, v), ("embed", "vocab"), param_dtype) if untied_lm_head else None
+        )
+        self.has_lm_head = config.lm_head
+
+    def __call__(self, tokens: Array, segment_ids: Array, positions: Array) -> Array:
+        """Final-normed hidden states [batch, length, embed] in the compute dtype."""
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+        x = constrain(x, ("batch", "length", "act_embed"))
+        graphdef, layer_states = nnx.split(self.layers)
+
+        def one_layer(h: Array, layer_state: Any) -> tuple[Array, None]:
+            return nnx.merge(graphdef, layer_state)(h, segment_ids, positions), None
+
+        if self.remat != "none":
+            one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[self.remat])
+        x, _ = jax.lax.scan(one_layer, x, layer_states)
+        return self.final_norm(x)
+
+    def token_rewards(self, hidden: Array) -> Array:
+        """The reward head at every position, [batch, length], float32."""
+        head = self.score[...].astype(jnp.float32)
+        return jnp.einsum("bte,eo->bto", hidden.astype(jnp.float32), head)[..., 0]
+
+    def lm_logits(self, hidden: Array) -> Array:
+        """Next-token logits [batch, length, vocab], float32 (needs `model.lm_head: true`)."""
+        if not self.has_lm_head:
+            raise ValueError("this model has no LM head (set model.lm_head: true)")
+        if self.lm_head is None:
+            kernel = self.embed[...].astype(self.dtype).T
+        else:
+            kernel = self.lm_head[...].astype(self.dtype)
+        logits = jnp.einsum("bte,ev->btv", hidden, kernel, preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", "length", "act_vocab"))
+
+
+def last_token_index(segment_ids: Array, num_segments: int) -> Array:
+    """[batch, num_segments]: index of each segment's last token, -1 where the row has fewer."""
+    ids = jnp.arange(1, num_segments + 1)[None, :, None]
+    where = jnp.where(segment_ids[:, None, :] == ids, jnp.arange(segment_ids.shape[-1]), -1)
+    return where.max(axis=-1)
+
+
+def rewards_at(token_rewards: Array, index: Array) -> Array:
+    """Gathers [batch, n] rewards at `index` (entries < 0 give 0; mask them in the loss)."""
+    gathered = jnp.take_along_axis(token_rewards, jnp.maximum(index, 0), axis=-1)
+    return jnp.where(index >= 0, gathered, 0.0)
+
+
+def create_model(
+    config: ModelConfig,
+    seed: int = 0,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: Rules | None = None,
+) -> RewardModel:
+    """A randomly initialised model, created directly in its sharding when a mesh is given."""
+    if mesh is None:
+        return RewardModel(config, rngs=nnx.Rngs(seed))
+    abstract = nnx.eval_shape(lambda: RewardModel(config, rngs=nnx.Rngs(seed)))
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = tree_shardings(abstract_state, rules or {}, mesh)
+
+    init = jax.jit(
+        lambda: nnx.state(RewardModel(config, rngs=nnx.Rngs(seed))), out_shardings=shardings
+    )
+    state = init()
+    return nnx.merge(graphdef, state)
+
+
+def count_params(config: ModelConfig) -> int:
+    """Number of parameters, computed from shapes alone (nothing is allocated)."""
+    abstract = nnx.eval_shape(lambda: RewardModel(config, rngs=nnx.Rngs(0)))
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))

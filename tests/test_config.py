@@ -1,0 +1,106 @@
+import subprocess
+import sys
+
+import pytest
+
+from jaxrm.config import dump_config, load_config
+from jaxrm.errors import UserError
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_misspelled_key_names_the_key_the_file_and_the_nearest_valid_key(tmp_path):
+    config = write(tmp_path / "run.yaml", "model:\n  presset: tiny\n")
+    with pytest.raises(UserError) as error:
+        load_config(config)
+    message = str(error.value)
+    assert "'model.presset'" in message and str(config) in message
+    assert "did you mean 'model.preset'?" in message
+    assert "\n" not in message
+
+
+def test_misspelled_section_and_override_are_named(tmp_path):
+    with pytest.raises(UserError, match=r"'trian.steps' \(the command line\).*'train.steps'"):
+        load_config(None, ["trian.steps=3"])
+    with pytest.raises(UserError, match=r"did you mean 'optimizer\.lr'"):
+        load_config(None, ["optimizer.lrate=3"])
+
+
+def test_cli_reports_a_misspelled_key_in_one_line_and_exits_nonzero(tmp_path):
+    config = write(tmp_path / "run.yaml", "train:\n  stpes: 10\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxrm", "config", str(config)], capture_output=True, text=True
+    )
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "train.stpes" in lines[0] and "did you mean 'train.steps'" in lines[0]
+
+
+def test_base_chain_later_keys_win_and_overrides_win_last(tmp_path):
+    write(tmp_path / "grand.yaml", "train:\n  steps: 1\n  batch_size: 4\nmodel:\n  num_layers: 3\n")
+    (tmp_path / "sub").mkdir()
+    write(tmp_path / "sub" / "parent.yaml", "base: ../grand.yaml\ntrain:\n  steps: 2\n")
+    child = write(tmp_path / "sub" / "child.yaml", "base: parent.yaml\noptimizer:\n  lr: 1e-4\n")
+    config = load_config(child, ["train.seed=7"])
+    assert (config.train.steps, config.train.batch_size, config.train.seed) == (2, 4, 7)
+    assert config.optimizer.lr == 1e-4 and isinstance(config.optimizer.lr, float)
+    assert config.model.num_layers == 3
+
+
+def test_preset_fills_shape_and_explicit_keys_win():
+    config = load_config(None, ["model.preset=qwen2-1.5b", "model.num_layers=2"])
+    assert config.model.hidden_size == 1536 and config.model.qkv_bias
+    assert config.model.num_layers == 2
+
+
+def test_resolved_config_reloads_to_the_same_config(tmp_path):
+    config = load_config(None, ["model.preset=llama3-8b", "mesh.tensor=2", "data.train=[a.jsonl]"])
+    dumped = write(tmp_path / "resolved.yaml", dump_config(config))
+    assert load_config(dumped) == config
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.steps=ten", "'train.steps' (the command line) must be an integer, got 'ten'"),
+        ("objective=dpo", "one of 'polar', 'pairwise', 'codepmp'"),
+        ("model.preset=qwen2-1.5", "did you mean 'qwen2-1.5b'"),
+        ("model.num_kv_heads=3", "multiple of model.num_kv_heads"),
+        ("mesh.rules.embd=fsdp", "did you mean 'mesh.rules.embed'"),
+        ("mesh.rules.embed=model", "'model' is not a mesh axis"),
+        ("mesh.fsdp=0", "mesh.fsdp must be a positive size or -1"),
+        ("train", "not of the form key=value"),
+        ("model=3", "'model' (the command line) must be a mapping"),
+        ("model.rope_scaling={type: yarn}", "rope_scaling.type 'yarn' is not supported"),
+    ],
+)
+def test_bad_values_are_named(override, message):
+    with pytest.raises(UserError) as error:
+        load_config(None, [override])
+    assert message in str(error.value)
+
+
+def test_base_cycle_and_missing_files_are_user_errors(tmp_path):
+    write(tmp_path / "a.yaml", "base: b.yaml\n")
+    write(tmp_path / "b.yaml", "base: a.yaml\n")
+    with pytest.raises(UserError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    write(tmp_path / "list.yaml", "- 1\n- 2\n")
+    with pytest.raises(UserError, match="must be a mapping"):
+        load_config(tmp_path / "list.yaml")
+    write(tmp_path / "bad.yaml", "model: [\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+
+
+def test_mesh_rules_merge_over_defaults():
+    config = load_config(None, ["mesh.rules={embed: null, mlp: [fsdp, tensor]}"])
+    assert config.mesh.rules["embed"] is None
+    assert config.mesh.rules["mlp"] == ["fsdp", "tensor"]
+    assert config.mesh.rules["heads"] == "tensor"
