@@ -36,6 +36,36 @@ def cmd_presets(args: argparse.Namespace) -> None:
         )
 
 
+def cmd_import(args: argparse.Namespace) -> None:
+    from jaxrm.checkpoint import save_model
+    from jaxrm.hf import load_hf
+
+    loaded = load_hf(
+        args.hf_dir,
+        head=args.head,
+        keep_lm_head=args.keep_lm_head,
+        preset=args.preset,
+        seed=args.seed,
+    )
+    path = save_model(args.out_checkpoint, loaded.model, loaded.config, loaded.tokenizer_dir)
+    model = loaded.config.model
+    print(
+        f"imported {args.hf_dir} -> {path} ({model.num_layers} layers, hidden {model.hidden_size}, "
+        f"LM head {'kept' if model.lm_head else 'not kept'})"
+    )
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from jaxrm.checkpoint import load_model
+    from jaxrm.hf import export_hf
+
+    loaded = load_model(args.checkpoint)
+    out = export_hf(
+        loaded, args.out_dir, arch=args.arch, dtype=args.dtype, causal_lm=args.causal_lm
+    )
+    print(f"exported {args.checkpoint} -> {out}")
+
+
 def _billions(count: float) -> str:
     return f"{count / 1e9:.3f}B" if count >= 1e8 else f"{count / 1e6:.3f}M"
 
@@ -62,6 +92,44 @@ def build_parser() -> argparse.ArgumentParser:
         description="List the model presets; parameter counts are computed from shapes alone.",
     )
     presets.set_defaults(run=cmd_presets)
+
+    imp = commands.add_parser(
+        "import",
+        help="convert a Hugging Face model into a jaxrm checkpoint",
+        description="Read a Hugging Face Llama / Qwen2 / InternLM2 causal LM or reward model "
+        "(safetensors, single or sharded; .bin only through torch's safe loader) into a new "
+        "jaxrm checkpoint. Tensors stream one parameter at a time into their sharding.",
+    )
+    imp.add_argument("hf_dir", metavar="HF_DIR")
+    imp.add_argument("out_checkpoint", metavar="OUT_CHECKPOINT")
+    imp.add_argument("--preset", help="check that the model has this preset's shape and record it")
+    imp.add_argument(
+        "--head",
+        choices=["zero", "normal"],
+        default="zero",
+        help="reward head for a base LM: zero (POLAR) or normal std 0.02 (CodePMP)",
+    )
+    imp.add_argument("--keep-lm-head", action="store_true", help="keep the LM head (CodePMP)")
+    imp.add_argument("--seed", type=int, default=0, help="seed of a normal head")
+    imp.set_defaults(run=cmd_import)
+
+    exp = commands.add_parser(
+        "export",
+        help="write a checkpoint as a Hugging Face model",
+        description="Write CHECKPOINT as a Hugging Face reward model (llama, qwen2: "
+        "*ForSequenceClassification; internlm2: POLAR's InternLM2ForRewardModel layout), or with "
+        "--causal-lm its LM head as a causal LM.",
+    )
+    exp.add_argument("checkpoint", metavar="CHECKPOINT")
+    exp.add_argument("out_dir", metavar="OUT_DIR")
+    exp.add_argument(
+        "--arch",
+        choices=["llama", "qwen2", "internlm2"],
+        help="default: qwen2 for models with q/k/v biases, else llama",
+    )
+    exp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    exp.add_argument("--causal-lm", action="store_true", help="export the LM head as a causal LM")
+    exp.set_defaults(run=cmd_export)
     return parser
 
 

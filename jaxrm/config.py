@@ -26,9 +26,9 @@ DType = Literal["float32", "bfloat16", "float16"]
 
 @dataclasses.dataclass
 class ModelConfig:
-    """The decoder's shape (filled from `preset`) and how it computes."""
+    """The decoder's shape (filled from `preset`, if any) and how it computes."""
 
-    preset: str = "tiny"
+    preset: str | None = "tiny"
     vocab_size: int = 1024
     hidden_size: int = 64
     intermediate_size: int = 128
@@ -43,6 +43,10 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     qkv_bias: bool = False
     tie_embeddings: bool = False
+    # The token the reward is read at and the padding token, as in HF configs (ids of the
+    # model's own tokenizer; None where unknown).
+    reward_token_id: int | None = None
+    pad_token_id: int | None = None
     lm_head: bool = False
     reward_head_init: Literal["normal", "zero"] = "normal"
     dtype: DType = "bfloat16"
@@ -138,10 +142,18 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     origins: dict[str, str] = {}
     if path is not None:
         raw = _read_with_bases(Path(path), origins, seen=())
+    apply_overrides(raw, overrides, origins)
+    return config_from_dict(raw, origins)
+
+
+def apply_overrides(
+    raw: dict, overrides: Sequence[str], origins: dict[str, str] | None = None
+) -> dict:
+    """Merges `key=value` overrides into nested plain config data, in place."""
     for override in overrides:
         key, value = parse_override(override)
-        _merge(raw, _nest(key, value), origins, "the command line")
-    return config_from_dict(raw, origins)
+        _merge(raw, _nest(key, value), {} if origins is None else origins, "the command line")
+    return raw
 
 
 def config_from_dict(raw: dict, origins: dict[str, str] | None = None) -> Config:
@@ -150,10 +162,10 @@ def config_from_dict(raw: dict, origins: dict[str, str] | None = None) -> Config
     model = raw.get("model")
     if isinstance(model, dict):
         preset = model.get("preset", ModelConfig.preset)
-        if preset not in PRESETS:
+        if preset is not None and preset not in PRESETS:
             where = (origins or {}).get("model.preset", "the config")
             raise UserError(_unknown_value("model.preset", preset, PRESETS, where))
-        raw["model"] = {**preset_shape(preset), **model}
+        raw["model"] = {**(preset_shape(preset) if preset else {}), **model}
     return _build(Config, raw, "", origins or {})
 
 

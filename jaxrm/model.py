@@ -238,6 +238,22 @@ def rewards_at(token_rewards: Array, index: Array) -> Array:
     return jnp.where(index >= 0, gathered, 0.0)
 
 
+def abstract_model(
+    config: ModelConfig, mesh: jax.sharding.Mesh | None = None, rules: Rules | None = None
+) -> tuple[nnx.GraphDef, dict]:
+    """The model's structure and its parameters as ShapeDtypeStructs (sharded when a mesh is given).
+
+    `nnx.merge(graphdef, params)` with a matching pure dict of arrays gives the model back.
+    """
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: RewardModel(config, rngs=nnx.Rngs(0))))
+    params = nnx.to_pure_dict(state)
+    if mesh is None:
+        return graphdef, params
+    shardings = nnx.to_pure_dict(tree_shardings(state, rules or {}, mesh))
+    shaped = lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s)  # noqa: E731
+    return graphdef, jax.tree.map(shaped, params, shardings)
+
+
 def create_model(
     config: ModelConfig,
     seed: int = 0,
@@ -247,18 +263,18 @@ def create_model(
     """A randomly initialised model, created directly in its sharding when a mesh is given."""
     if mesh is None:
         return RewardModel(config, rngs=nnx.Rngs(seed))
-    abstract = nnx.eval_shape(lambda: RewardModel(config, rngs=nnx.Rngs(seed)))
-    graphdef, abstract_state = nnx.split(abstract)
-    shardings = tree_shardings(abstract_state, rules or {}, mesh)
-
-    init = jax.jit(
-        lambda: nnx.state(RewardModel(config, rngs=nnx.Rngs(seed))), out_shardings=shardings
-    )
-    state = init()
-    return nnx.merge(graphdef, state)
+    graphdef, params = abstract_model(config, mesh, rules)
+    shardings = jax.tree.map(lambda p: p.sharding, params)
+    init = lambda: nnx.to_pure_dict(nnx.state(RewardModel(config, rngs=nnx.Rngs(seed))))  # noqa: E731
+    return nnx.merge(graphdef, jax.jit(init, out_shardings=shardings)())
 
 
 def count_params(config: ModelConfig) -> int:
     """Number of parameters, computed from shapes alone (nothing is allocated)."""
-    abstract = nnx.eval_shape(lambda: RewardModel(config, rngs=nnx.Rngs(0)))
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_model(config)[1]))
+
+
+def segments_from_attention_mask(attention_mask: Array) -> tuple[Array, Array]:
+    """(segment_ids, positions) for an ordinary left- or right-padded batch."""
+    mask = attention_mask.astype(jnp.int32)
+    return mask, jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0) * mask
