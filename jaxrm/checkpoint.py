@@ -11,11 +11,13 @@ checkpoint under `checkpoints/`) or a Hugging Face model directory (`config.json
 """
 
 import dataclasses
+import math
 import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
@@ -52,15 +54,12 @@ def save_model(
     Everything is written to a temporary sibling and renamed into place, so an interrupted or
     failed save never leaves something that looks like a checkpoint.
     """
-    path = Path(path).absolute()
-    if path.exists() and any(path.iterdir()):
-        raise UserError(f"{path} already exists and is not empty; choose a new checkpoint path")
+    path = require_new_dir(path, "checkpoint path")
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(staging / PARAMS_DIR, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-            checkpointer.wait_until_finished()
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        _checkpointer(params).save(staging / PARAMS_DIR, args=ocp.args.PyTreeSave(params))
         copy_tokenizer(tokenizer_dir, staging / TOKENIZER_DIR)
         (staging / CONFIG_FILE).write_text(dump_config(config))
         if path.exists():
@@ -69,6 +68,34 @@ def save_model(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def require_new_dir(path: str | Path, what: str) -> Path:
+    """`path`, absolute, if nothing would be overwritten there."""
+    path = Path(path).absolute()
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise UserError(f"{path} already exists and is not empty; choose a new {what}")
+    return path
+
+
+def _checkpointer(params: dict) -> ocp.Checkpointer:
+    """A synchronous checkpointer that moves as little at once as `params` allow.
+
+    Orbax stages arrays in host memory while it writes; capping that at the largest array shard
+    on this host (at least 1 GB) keeps a save from needing a second copy of the model.
+    """
+    shard_bytes = [
+        math.prod(sharding.shard_shape(x.shape)) * x.dtype.itemsize
+        for x in jax.tree.leaves(params)
+        for sharding in [x.sharding]
+    ]
+    limit_gb = max(1, math.ceil(max(shard_bytes, default=0) / 1e9))
+    handler = ocp.PyTreeCheckpointHandler(
+        save_concurrent_gb=limit_gb,
+        save_device_host_concurrent_gb=limit_gb,
+        restore_concurrent_gb=limit_gb,
+    )
+    return ocp.Checkpointer(handler)
 
 
 def copy_tokenizer(source: Path | None, target: Path) -> None:
@@ -121,12 +148,12 @@ def load_model(
     mesh = mesh or make_mesh(fsdp=-1)
     rules = config.mesh.rules if rules is None else rules
     graphdef, target = abstract_model(config.model, mesh, rules)
-    with ocp.StandardCheckpointer() as checkpointer:
-        try:
-            params = checkpointer.restore((directory / PARAMS_DIR).absolute(), target)
-        except (ValueError, KeyError, FileNotFoundError) as e:
-            raise UserError(
-                f"{directory}: parameters do not match {CONFIG_FILE} ({str(e).splitlines()[0]})"
-            ) from None
+    restore = ocp.args.PyTreeRestore(target, ocp.checkpoint_utils.construct_restore_args(target))
+    try:
+        params = _checkpointer(target).restore((directory / PARAMS_DIR).absolute(), args=restore)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise UserError(
+            f"{directory}: parameters do not match {CONFIG_FILE} ({str(e).splitlines()[0]})"
+        ) from None
     tokenizer = directory / TOKENIZER_DIR
     return Loaded(nnx.merge(graphdef, params), config, tokenizer if tokenizer.is_dir() else None)

@@ -37,9 +37,10 @@ def cmd_presets(args: argparse.Namespace) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> None:
-    from jaxrm.checkpoint import save_model
+    from jaxrm.checkpoint import require_new_dir, save_model
     from jaxrm.hf import load_hf
 
+    require_new_dir(args.out_checkpoint, "checkpoint path")
     loaded = load_hf(
         args.hf_dir,
         head=args.head,
@@ -56,9 +57,10 @@ def cmd_import(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from jaxrm.checkpoint import load_model
+    from jaxrm.checkpoint import load_model, require_new_dir
     from jaxrm.hf import export_hf
 
+    require_new_dir(args.out_dir, "export directory")
     loaded = load_model(args.checkpoint)
     out = export_hf(
         loaded, args.out_dir, arch=args.arch, dtype=args.dtype, causal_lm=args.causal_lm

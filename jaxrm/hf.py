@@ -5,12 +5,12 @@ heads, the fused InternLM2 `wqkv`); import and export both walk it, so the two d
 drift apart. Flax kernels are [in, out] and torch Linear weights [out, in]; both sides use the
 "rotate half" RoPE layout, so no permutation of q/k rows is needed.
 
-Import streams: each stacked parameter is assembled from its per-layer tensors in one host
-buffer, placed on the devices in its target sharding and released before the next, so host memory
-holds the finished parameters plus one parameter under construction.
+Import streams: each stacked parameter is allocated in its target sharding and filled layer by
+layer, so beside the finished parameters the host holds one layer's tensors at a time.
 """
 
 import dataclasses
+import functools
 import json
 import shutil
 import tempfile
@@ -23,8 +23,9 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
+from tqdm import tqdm
 
-from jaxrm.checkpoint import TOKENIZER_FILES, Loaded, copy_tokenizer
+from jaxrm.checkpoint import TOKENIZER_FILES, Loaded, copy_tokenizer, require_new_dir
 from jaxrm.config import ModelConfig, apply_overrides, config_from_dict, config_to_dict
 from jaxrm.errors import UserError
 from jaxrm.model import abstract_model
@@ -309,27 +310,50 @@ def read_params(
     num_layers: int,
     where: str,
 ) -> dict:
-    """Pure dict of parameters, each placed in the sharding of its `abstract` ShapeDtypeStruct."""
+    """Pure dict of parameters, each placed in the sharding of its `abstract` ShapeDtypeStruct.
+
+    A stacked parameter is allocated on the devices first and filled one layer at a time, so the
+    host holds one layer's tensors, never a whole stack.
+    """
     params: dict = {}
+    count = sum(len(link.hf) * (num_layers if link.per_layer else 1) for link in table)
+    progress = tqdm(total=count, desc="import", unit="tensor", disable=None)
     for link in table:
         targets = [_get(abstract, path) for path in link.params]
         if link.per_layer:
-            buffers = [np.empty(t.shape, t.dtype) for t in targets]
+            stacks = [_zeros(target) for target in targets]
             for i in range(num_layers):
                 tensors = [reader.read(name.format(i=i)) for name in link.hf]
-                for buffer, value, path in zip(
-                    buffers, link.to_jax(tensors), link.params, strict=True
+                values = link.to_jax(tensors)
+                for j, (value, target, path) in enumerate(
+                    zip(values, targets, link.params, strict=True)
                 ):
-                    _check_shape(value.shape, buffer.shape[1:], link, path, where, i)
-                    buffer[i] = value
+                    _check_shape(value.shape, target.shape[1:], link, path, where, i)
+                    stacks[j] = _set_layer(stacks[j], i, np.asarray(value, target.dtype))
+                progress.update(len(link.hf))
+                del tensors, values
         else:
-            buffers = link.to_jax([reader.read(name) for name in link.hf])
-            for value, target, path in zip(buffers, targets, link.params, strict=True):
+            values = link.to_jax([reader.read(name) for name in link.hf])
+            stacks = []
+            for value, target, path in zip(values, targets, link.params, strict=True):
                 _check_shape(value.shape, target.shape, link, path, where, None)
-        for path, buffer, target in zip(link.params, buffers, targets, strict=True):
-            _set(params, path, _place(np.asarray(buffer, target.dtype), target))
-        del buffers
+                stacks.append(_place(np.asarray(value, target.dtype), target))
+            progress.update(len(link.hf))
+            del values
+        for path, stack in zip(link.params, stacks, strict=True):
+            _set(params, path, stack)
+    progress.close()
     return params
+
+
+def _zeros(target: jax.ShapeDtypeStruct) -> jax.Array:
+    sharding = getattr(target, "sharding", None)
+    return jax.jit(lambda: jax.numpy.zeros(target.shape, target.dtype), out_shardings=sharding)()
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stack: jax.Array, i: int, value: jax.Array) -> jax.Array:
+    return stack.at[i].set(value)
 
 
 def _place(host: np.ndarray, target: jax.ShapeDtypeStruct) -> jax.Array:
@@ -371,7 +395,7 @@ def write_params(
     params: dict, table: Sequence[Link], writer: ShardedWriter | None, num_layers: int, dtype: Any
 ) -> None:
     """Converts and writes every linked tensor; every process gathers, only one with a writer writes."""
-    for link in table:
+    for link in tqdm(table, desc="export", unit="parameter", disable=None):
         arrays = [to_host(_get(params, path)) for path in link.params]
         if writer is None:
             continue
@@ -484,9 +508,7 @@ def export_hf(
         )
     if dtype not in EXPORT_DTYPES:
         raise UserError(f"--dtype {dtype!r}: choose from {', '.join(EXPORT_DTYPES)}")
-    out_dir = Path(out_dir).absolute()
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise UserError(f"{out_dir} already exists and is not empty; choose a new export directory")
+    out_dir = require_new_dir(out_dir, "export directory")
     hf = hf_config(config, arch, dtype, causal_lm)
     hf["jaxrm"] = config_to_dict(loaded.config)
 
