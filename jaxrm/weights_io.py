@@ -8,7 +8,6 @@ the whole file as well as the converted parameters. `.bin` files go through
 
 import json
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import ml_dtypes
@@ -152,10 +151,3 @@ class ShardedWriter:
             weight_map.update(dict.fromkeys(names, final))
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
         (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-
-def iter_files(directory: Path, names: tuple[str, ...]) -> Iterator[Path]:
-    for name in names:
-        path = Path(directory) / name
-        if path.is_file():
-            yield path
