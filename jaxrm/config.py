@@ -135,6 +135,16 @@ class Config:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
+    def __post_init__(self) -> None:
+        scaling = self.model.rope_scaling or {}
+        dynamic = scaling.get("type", scaling.get("rope_type")) == "dynamic"
+        if dynamic and self.data.seq_len > self.model.max_position_embeddings:
+            raise UserError(
+                f"data.seq_len ({self.data.seq_len}) exceeds model.max_position_embeddings "
+                f"({self.model.max_position_embeddings}), past which dynamic RoPE scaling changes "
+                "per sequence; jaxrm computes it only within that length"
+            )
+
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Reads `path` (following `base:` parents), applies `key=value` overrides, validates."""

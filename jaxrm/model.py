@@ -46,7 +46,8 @@ def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
     """Per-pair rotation speeds, with HF's linear / llama3 scaling applied.
 
     "dynamic" (NTK) scaling only changes anything past `max_position_embeddings`, and then by a
-    per-sequence amount; within that length it equals no scaling, and longer rows are refused.
+    per-sequence amount; within that length it equals no scaling, and the config refuses a
+    `data.seq_len` beyond it.
     """
     dim = config.head_dim
     exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)

@@ -76,11 +76,12 @@ def test_resolved_config_reloads_to_the_same_config(tmp_path):
         ("train", "not of the form key=value"),
         ("model=3", "'model' (the command line) must be a mapping"),
         ("model.rope_scaling={type: yarn}", "rope_scaling.type 'yarn' is not supported"),
+        ("data.seq_len=100000", "exceeds model.max_position_embeddings"),
     ],
 )
 def test_bad_values_are_named(override, message):
     with pytest.raises(UserError) as error:
-        load_config(None, [override])
+        load_config(None, ["model.rope_scaling={type: dynamic, factor: 2.0}", override])
     assert message in str(error.value)
 
 
