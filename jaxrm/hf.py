@@ -115,8 +115,8 @@ def links(config: ModelConfig, arch: Arch, score: bool, lm_head: bool) -> list[L
     """The weight table for `arch`; `score` / `lm_head`: include those heads."""
     n, k, d = config.num_heads, config.num_kv_heads, config.head_dim
     attn, mlp = ("layers", "attention"), ("layers", "mlp")
+    layer = "model.layers.{i}."
     if arch == "internlm2":
-        layer = "model.layers.{i}."
         table = [
             _same("model.tok_embeddings.weight", ("embed",)),
             _fused_wqkv(layer + "attention.wqkv.weight", config),
@@ -130,7 +130,6 @@ def links(config: ModelConfig, arch: Arch, score: bool, lm_head: bool) -> list[L
         ]
         score_name, lm_name = "v_head.weight", "output.weight"
     else:
-        layer = "model.layers.{i}."
         table = [
             _same("model.embed_tokens.weight", ("embed",)),
             _linear(layer + "self_attn.q_proj.weight", (*attn, "wq"), n, d),
