@@ -85,9 +85,8 @@ def _checkpointer(params: dict) -> ocp.Checkpointer:
     on this host (at least 1 GB) keeps a save from needing a second copy of the model.
     """
     shard_bytes = [
-        math.prod(sharding.shard_shape(x.shape)) * x.dtype.itemsize
+        math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
         for x in jax.tree.leaves(params)
-        for sharding in [x.sharding]
     ]
     limit_gb = max(1, math.ceil(max(shard_bytes, default=0) / 1e9))
     handler = ocp.PyTreeCheckpointHandler(
