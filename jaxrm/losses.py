@@ -24,7 +24,9 @@ def bradley_terry(chosen: jax.Array, rejected: jax.Array, valid: jax.Array) -> j
 
 def pair_rewards(model: RewardModel, batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(chosen, rejected, valid), each [rows, pairs]."""
-    hidden = model(batch["tokens"], batch["segment_ids"], batch["positions"])
+    hidden = model(
+        batch["tokens"], batch["segment_ids"], batch["positions"], batch.get("prefix_ids")
+    )
     scores = model.token_rewards(hidden)
     chosen = rewards_at(scores, batch["chosen_index"])
     rejected = rewards_at(scores, batch["rejected_index"])

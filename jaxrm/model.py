@@ -7,7 +7,8 @@
 
 Rows are packed: `segment_ids` numbers the sequences of a row 1, 2, ... (0 is padding) and
 `positions` restarts at 0 in each sequence. A token attends to earlier tokens of its own segment
-only, so a packed row computes exactly what its sequences would compute one by one.
+only, so a packed row computes exactly what its sequences would compute one by one. A candidate
+packed after a shared prefix also attends to the prefix segment named by its `prefix_ids`.
 
 The math follows Hugging Face's Llama (RMSNorm in float32, "rotate half" RoPE, grouped-query
 attention, SwiGLU), so weights convert without permutation. Layers are stacked on a leading
@@ -79,12 +80,16 @@ def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
     return x * cos + rotated * sin
 
 
-def attention_mask(segment_ids: Array) -> Array:
-    """[batch, query, key]: same non-padding segment and not in the future."""
+def attention_mask(segment_ids: Array, prefix_ids: Array | None = None) -> Array:
+    """[batch, query, key]: not in the future, and in the query's own non-padding segment or in
+    the shared-prefix segment the query continues (`prefix_ids`, 0 for none)."""
     length = segment_ids.shape[-1]
     causal = jnp.arange(length)[:, None] >= jnp.arange(length)[None, :]
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return same & causal & (segment_ids[:, :, None] != 0)
+    visible = segment_ids[:, :, None] == segment_ids[:, None, :]
+    if prefix_ids is not None:
+        continues = prefix_ids[:, :, None] == segment_ids[:, None, :]
+        visible |= continues & (prefix_ids[:, :, None] != 0)
+    return visible & causal & (segment_ids[:, :, None] != 0)
 
 
 class RMSNorm(nnx.Module):
@@ -120,7 +125,9 @@ class Attention(nnx.Module):
         y = jnp.einsum("bte,ehd->bthd", x, kernel[...].astype(self.dtype))
         return y if bias is None else y + bias[...].astype(self.dtype)
 
-    def __call__(self, x: Array, segment_ids: Array, positions: Array) -> Array:
+    def __call__(
+        self, x: Array, segment_ids: Array, positions: Array, prefix_ids: Array | None
+    ) -> Array:
         inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
         q = apply_rope(self._project(x, self.wq, self.bq), positions, inv_freq)
         k = apply_rope(self._project(x, self.wk, self.bk), positions, inv_freq)
@@ -132,7 +139,7 @@ class Attention(nnx.Module):
         groups = q.reshape(b, t, k.shape[2], n // k.shape[2], d)
         scores = jnp.einsum("btkgd,bskd->bkgts", groups, k, preferred_element_type=jnp.float32)
         scores = scores * (d**-0.5)
-        mask = attention_mask(segment_ids)[:, None, None]
+        mask = attention_mask(segment_ids, prefix_ids)[:, None, None]
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, n, d)
@@ -163,8 +170,10 @@ class DecoderLayer(nnx.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, eps, param_dtype)
         self.mlp = MLP(config, dtype, param_dtype, rngs)
 
-    def __call__(self, x: Array, segment_ids: Array, positions: Array) -> Array:
-        x = x + self.attention(self.attention_norm(x), segment_ids, positions)
+    def __call__(
+        self, x: Array, segment_ids: Array, positions: Array, prefix_ids: Array | None
+    ) -> Array:
+        x = x + self.attention(self.attention_norm(x), segment_ids, positions, prefix_ids)
         x = x + self.mlp(self.mlp_norm(x))
         return constrain(x, ("batch", "length", "act_embed"))
 
@@ -195,14 +204,23 @@ class RewardModel(nnx.Module):
         )
         self.has_lm_head = config.lm_head
 
-    def __call__(self, tokens: Array, segment_ids: Array, positions: Array) -> Array:
-        """Final-normed hidden states [batch, length, embed] in the compute dtype."""
+    def __call__(
+        self,
+        tokens: Array,
+        segment_ids: Array,
+        positions: Array,
+        prefix_ids: Array | None = None,
+    ) -> Array:
+        """Final-normed hidden states [batch, length, embed] in the compute dtype.
+
+        `prefix_ids` (optional) gives, per token, the shared-prefix segment it also attends to.
+        """
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
         x = constrain(x, ("batch", "length", "act_embed"))
         graphdef, layer_states = nnx.split(self.layers)
 
         def one_layer(h: Array, layer_state: Any) -> tuple[Array, None]:
-            return nnx.merge(graphdef, layer_state)(h, segment_ids, positions), None
+            return nnx.merge(graphdef, layer_state)(h, segment_ids, positions, prefix_ids), None
 
         if self.remat != "none":
             one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[self.remat])
