@@ -72,9 +72,43 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class DataConfig:
+    """Where examples come from, how they are templated (METHODS.md) and how rows are packed."""
+
+    # A path, a glob or a list of them: .jsonl, .parquet, .array_record (raw JSON rows, or a
+    # `jaxrm data prepare` output directory) or tfds:NAME[/CONFIG][:VERSION]:SPLIT.
     train: str | list[str] | None = None
     eval: str | list[str] | None = None
-    seq_len: int = 512
+    tfds_data_dir: str | None = None
+    # A .model, tokenizer.json or a directory with either; default: the model checkpoint's.
+    tokenizer: str | None = None
+    seq_len: int = 512  # tokens per packed row
+    # Longest templated sequence (POLAR's max_length); default seq_len // 2 so a pair fits a row.
+    max_length: int | None = None
+    max_response_length: int = 4096  # reference / candidate / response tokens kept (their head)
+    wrapper: Literal["sft", "pretrain"] = "sft"  # a row's own "wrapper" field wins
+    separator: str = "\n"  # between prompt and response in the "sft" wrapper
+    reward_marker: str | int = "<|reward|>"  # between the reference and the candidate (POLAR)
+    reward_token: str | int | None = (
+        None  # appended to every sequence; default model.reward_token_id
+    )
+    shared_prefix: bool = True  # pack a prefix common to the candidates once
+    pairs_per_row: int | None = None  # reward-index slots per row; default seq_len // 16
+    skip_bad_rows: bool = False  # count and report malformed rows instead of stopping
+    shuffle: bool = True
+    num_workers: int = 0  # tokenising worker processes per host (0: in the main process)
+
+    def __post_init__(self) -> None:
+        if self.max_length is None:
+            self.max_length = self.seq_len // 2
+        if self.pairs_per_row is None:
+            self.pairs_per_row = max(1, self.seq_len // 16)
+        if not 8 <= self.max_length <= self.seq_len:
+            raise UserError(
+                f"data.max_length ({self.max_length}) must be between 8 and data.seq_len "
+                f"({self.seq_len})"
+            )
+        if self.max_response_length < 1:
+            raise UserError("data.max_response_length must be at least 1")
 
 
 @dataclasses.dataclass

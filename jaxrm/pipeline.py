@@ -1,0 +1,397 @@
+"""The per-host Grain pipeline: rows -> checked -> templated -> packed rows -> host batches.
+
+    batches = train_batches(config, tokenizer)          # endless, shuffled anew each epoch
+    batch = next(batches)                               # dict of [rows_per_host, ...] numpy
+    state = batches.get_state()                         # store with the checkpoint ...
+    batches.set_state(state)                            # ... and resume exactly there
+
+The shuffle is one global permutation per epoch (seeded by `train.seed`); host `i` of `n` takes
+every n-th example of it, so hosts see disjoint examples that together cover the data. Rows are
+parsed, checked and templated in `data.num_workers` worker processes (or in threads of this
+process when 0) and packed by first-fit decreasing over windows of examples. The iterator state is
+the position of the current window plus the rows already taken from it, so a restored iterator
+yields exactly the batches an uninterrupted one would.
+
+A malformed row stops the run with its file, line and field, unless `data.skip_bad_rows`: then it
+is counted, and each batch reports the rows skipped since the previous one in `bad_rows`.
+"""
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+
+from jaxrm.config import Config
+from jaxrm.errors import UserError
+from jaxrm.packing import empty_row, pack
+from jaxrm.sources import BadRow, check_row, open_source
+from jaxrm.templates import Example, Template
+from jaxrm.tokenizer import load_tokenizer
+
+PACK_WINDOW = 1024  # examples packed together; larger packs tighter, restores replay more
+MANIFEST = "manifest.json"
+PREPARED_FORMAT = "jaxrm-examples/1"
+# The settings a prepared (tokenised) dataset was made with; they must match the run's.
+TEMPLATE_KEYS = (
+    "objective",
+    "tokenizer_sha256",
+    "max_length",
+    "max_response_length",
+    "wrapper",
+    "separator",
+    "reward_marker",
+    "reward_token",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    """A malformed row that `data.skip_bad_rows` lets the run step over (and count)."""
+
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TemplateSpec:
+    """Everything needed to rebuild the template in a worker process."""
+
+    tokenizer: str
+    objective: str
+    max_length: int
+    max_response_length: int
+    wrapper: str
+    separator: str
+    reward_marker: str | int
+    reward_token: str | int | None
+
+    def build(self) -> Template:
+        settings = dataclasses.asdict(self)
+        tokenizer = load_tokenizer(settings.pop("tokenizer"))
+        return Template(tokenizer, settings.pop("objective"), **settings)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings a prepared dataset records, with the tokenizer by content."""
+        settings = dataclasses.asdict(self)
+        settings["tokenizer_sha256"] = _tokenizer_sha256(Path(settings.pop("tokenizer")))
+        return {key: settings[key] for key in TEMPLATE_KEYS}
+
+
+def template_spec(config: Config, tokenizer: str | Path | None = None) -> TemplateSpec:
+    data = config.data
+    path = tokenizer or data.tokenizer
+    if path is None:
+        raise UserError("no tokenizer: set data.tokenizer (a .model, tokenizer.json or directory)")
+    reward_token = data.reward_token
+    if reward_token is None:
+        reward_token = config.model.reward_token_id
+    return TemplateSpec(
+        tokenizer=str(load_tokenizer(path).path),
+        objective=config.objective,
+        max_length=data.max_length,
+        max_response_length=data.max_response_length,
+        wrapper=data.wrapper,
+        separator=data.separator,
+        reward_marker=data.reward_marker,
+        reward_token=reward_token,
+    )
+
+
+class ToExample:
+    """(where, row) -> Example, or Skipped when bad rows may be skipped. Runs in workers."""
+
+    def __init__(self, spec: TemplateSpec, skip_bad_rows: bool):
+        self.spec = spec
+        self.kind = spec.objective
+        self.skip_bad_rows = skip_bad_rows
+        self._template: Template | None = None
+
+    def __call__(self, item: tuple[str, Any]) -> Example | Skipped:
+        where, row = item
+        try:
+            if isinstance(row, BadRow):
+                raise row
+            check_row(row, self.kind, where)
+            if self._template is None:
+                self._template = self.spec.build()
+            return self._template(row)
+        except BadRow as e:
+            if not self.skip_bad_rows:
+                raise
+            return Skipped(str(e))
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_template": None}
+
+
+class RowSource:
+    """A grain data source of (where, row); a row that cannot be parsed becomes its BadRow."""
+
+    def __init__(self, spec: str | Sequence[str], tfds_data_dir: str | None):
+        self.source = open_source(spec, tfds_data_dir)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple[str, Any]:
+        try:
+            return self.source.read(index)
+        except BadRow as e:
+            return "", e
+
+
+class PreparedSource:
+    """Examples tokenised ahead of time by `jaxrm data prepare` (ArrayRecord shards)."""
+
+    def __init__(self, directory: str, expected: dict[str, Any]):
+        from grain.sources import ArrayRecordDataSource
+
+        manifest = read_manifest(directory)
+        differing = [k for k in TEMPLATE_KEYS if manifest["template"].get(k) != expected.get(k)]
+        if differing:
+            details = ", ".join(
+                f"{k}: {manifest['template'].get(k)!r} there, {expected.get(k)!r} here"
+                for k in differing
+            )
+            raise UserError(
+                f"{directory} was prepared with other settings ({details}); prepare it again"
+            )
+        self.records = ArrayRecordDataSource(
+            [f"{directory.rstrip('/')}/{name}" for name in manifest["shards"]]
+        )
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Example:
+        return decode_example(self.records[index])
+
+
+def encode_example(example: Example) -> bytes:
+    return json.dumps(
+        {
+            "sequences": [s.tolist() for s in example.sequences],
+            "lm_mask": None if example.lm_mask is None else example.lm_mask.tolist(),
+            "margin": example.margin,
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def decode_example(record: bytes) -> Example:
+    data = json.loads(record)
+    mask = data["lm_mask"]
+    return Example(
+        [np.asarray(s, np.int32) for s in data["sequences"]],
+        None if mask is None else np.asarray(mask, np.int8),
+        float(data["margin"]),
+    )
+
+
+def read_manifest(directory: str) -> dict[str, Any]:
+    path = f"{directory.rstrip('/')}/{MANIFEST}"
+    try:
+        manifest = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not a readable jaxrm data manifest ({e})") from None
+    if manifest.get("format") != PREPARED_FORMAT:
+        raise UserError(f"{path}: format {manifest.get('format')!r} is not {PREPARED_FORMAT!r}")
+    return manifest
+
+
+def is_prepared(spec: str | Sequence[str]) -> bool:
+    return isinstance(spec, str) and Path(spec, MANIFEST).is_file()
+
+
+def examples_dataset(
+    spec: str | Sequence[str], config: Config, template: TemplateSpec
+) -> grain.MapDataset:
+    """A random-access dataset of Examples (or Skipped rows), templated lazily on access."""
+    if is_prepared(spec):
+        return grain.MapDataset.source(PreparedSource(spec, template.fingerprint()))
+    rows = grain.MapDataset.source(RowSource(spec, config.data.tfds_data_dir))
+    return rows.map(ToExample(template, config.data.skip_bad_rows))
+
+
+class PackIterDataset(grain.IterDataset):
+    """Packs the Examples of its parent into rows, window by window (see the module doc)."""
+
+    def __init__(self, parent: grain.IterDataset, config: Config):
+        super().__init__(parent)
+        self.seq_len = config.data.seq_len
+        self.pairs_per_row = config.data.pairs_per_row
+        self.shared_prefix = config.data.shared_prefix
+        self.with_lm = config.objective == "codepmp"
+        self.config = config
+
+    def __iter__(self) -> "PackIterator":
+        return PackIterator(self._parent.__iter__(), self)
+
+
+class PackIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, packer: PackIterDataset):
+        super().__init__(parent)
+        self.packer = packer
+        self.window_start = parent.get_state()
+        self.rows: list[dict[str, np.ndarray]] = []
+        self.taken = 0
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        while self.taken == len(self.rows):
+            self._pack_window()
+        row = self.rows[self.taken]
+        self.taken += 1
+        return row
+
+    def _pack_window(self) -> None:
+        self.window_start = self._parent.get_state()
+        examples, skipped = [], 0
+        for item in self._parent:
+            if isinstance(item, Skipped):
+                skipped += 1
+            else:
+                examples.append(item)
+            if len(examples) + skipped == PACK_WINDOW:
+                break
+        if not examples and not skipped:
+            raise StopIteration
+        p = self.packer
+        try:
+            rows = pack(examples, p.seq_len, p.pairs_per_row, p.shared_prefix, p.with_lm)
+        except ValueError as e:
+            raise UserError(
+                f"{e}; data.max_length must leave a pair room in data.seq_len"
+            ) from None
+        rows = [{**r, "bad_rows": np.int32(0)} for r in rows] or [padding_row(p.config)]
+        rows[0]["bad_rows"] = np.int32(skipped)
+        self.rows, self.taken = rows, 0
+
+    def get_state(self) -> dict[str, Any]:
+        return {"window_start": self.window_start, "taken": self.taken}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["window_start"])
+        self._pack_window()
+        self.taken = state["taken"]
+
+
+def host_batches(
+    dataset: grain.MapDataset,
+    config: Config,
+    rows_per_host: int,
+    *,
+    shuffle: bool,
+    num_epochs: int | None,
+    process_index: int,
+    process_count: int,
+    drop_remainder: bool,
+) -> grain.IterDataset:
+    if shuffle:
+        dataset = dataset.shuffle(seed=config.train.seed)
+    dataset = dataset.repeat(num_epochs)[process_index::process_count]
+    rows = PackIterDataset(dataset.to_iter_dataset(), config)
+    batches = rows.batch(rows_per_host, drop_remainder=drop_remainder)
+    if config.data.num_workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; jaxrm has none
+            flags.FLAGS.mark_as_parsed()
+        options = grain.MultiprocessingOptions(num_workers=config.data.num_workers)
+        batches = batches.mp_prefetch(options)
+    return batches
+
+
+def rows_per_host(config: Config, process_count: int) -> int:
+    if config.train.batch_size % process_count:
+        raise UserError(
+            f"train.batch_size ({config.train.batch_size}) must be a multiple of the number of "
+            f"hosts ({process_count})"
+        )
+    return config.train.batch_size // process_count
+
+
+def train_batches(
+    config: Config,
+    tokenizer: str | Path | None = None,
+    *,
+    num_epochs: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.DatasetIterator:
+    """This host's endless (or `num_epochs`) stream of [rows_per_host, ...] training batches."""
+    if config.data.train is None:
+        raise UserError("data.train is not set")
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    template = template_spec(config, tokenizer)
+    dataset = examples_dataset(config.data.train, config, template)
+    if len(dataset) == 0:
+        raise UserError(f"data.train ({config.data.train}) holds no rows")
+    batches = host_batches(
+        dataset,
+        config,
+        rows_per_host(config, count),
+        shuffle=config.data.shuffle,
+        num_epochs=num_epochs,
+        process_index=index,
+        process_count=count,
+        drop_remainder=True,
+    )
+    return iter(batches)
+
+
+def eval_batches(
+    config: Config,
+    spec: str | Sequence[str],
+    tokenizer: str | Path | None = None,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """All of this host's evaluation batches, in order, the last one padded with empty rows."""
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    template = template_spec(config, tokenizer)
+    dataset = examples_dataset(spec, config, template)
+    per_host = rows_per_host(config, count)
+    batches = host_batches(
+        dataset,
+        config,
+        per_host,
+        shuffle=False,
+        num_epochs=1,
+        process_index=index,
+        process_count=count,
+        drop_remainder=False,
+    )
+    out = []
+    for batch in batches:
+        missing = per_host - len(batch["tokens"])
+        if missing:
+            empty = padding_row(config)
+            batch = {
+                k: np.concatenate([v, np.stack([empty[k]] * missing)]) for k, v in batch.items()
+            }
+        out.append(batch)
+    return out
+
+
+def padding_row(config: Config) -> dict[str, np.ndarray]:
+    """A row with no tokens and no pairs, to fill a batch."""
+    data = config.data
+    row = empty_row(data.seq_len, data.pairs_per_row, config.objective == "codepmp")
+    return {**row, "bad_rows": np.int32(0)}
+
+
+def _tokenizer_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256(path.read_bytes())
+    config = path.parent / "tokenizer_config.json"
+    if config.is_file():
+        digest.update(config.read_bytes())
+    return digest.hexdigest()

@@ -1,0 +1,350 @@
+"""Rows from the files people keep data in, with random access for a global shuffle.
+
+    source = open_source("data/*.jsonl")         # JSONL, Parquet, ArrayRecord or tfds:...
+    where, row = source.read(17)                 # ("data/a.jsonl:18", {...}), parsed
+    row = check_row(row, "polar", where)         # BadRow naming file, line and field
+
+Paths may be local or remote (`gs://...`, through fsspec; install `gcsfs`). ArrayRecord files
+hold one JSON row per record. `tfds:NAME[/CONFIG][:VERSION]:SPLIT` reads a prepared TFDS dataset
+through `tfds.data_source` (no TensorFlow); its text features become strings.
+"""
+
+import bisect
+import glob
+import json
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxrm.errors import UserError
+
+FORMATS = {
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".parquet": "parquet",
+    ".array_record": "array_record",
+}
+
+# Required and optional fields of each kind of row (ARCHITECTURE.md, "Data formats").
+ROW_KINDS = {
+    "polar": (("prompt", "reference", "chosen", "rejected"), ("category", "margin", "wrapper")),
+    "pairwise": (("prompt", "chosen", "rejected"), ("category", "margin", "wrapper", "reference")),
+    "codepmp": (("prompt", "chosen", "rejected"), ("category", "margin", "wrapper", "reference")),
+    "trajectory": (("prompt", "policy", "response"), ()),
+    "score": (("prompt", "response"), ("reference", "wrapper")),
+}
+# Fields that must hold some text: a candidate the model scores.
+NON_EMPTY = {"chosen", "rejected", "response"}
+TEXT_FIELDS = {"prompt", "reference", "chosen", "rejected", "response"}
+
+
+class BadRow(UserError):
+    """A malformed row; the message names the file, the line (or record) and the field."""
+
+
+def check_row(row: Any, kind: str, where: str) -> dict[str, Any]:
+    """`row` if it is a valid row of `kind`; otherwise BadRow."""
+    if not isinstance(row, dict):
+        raise BadRow(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+    required, optional = ROW_KINDS[kind]
+    for field in required:
+        if field not in row or row[field] is None:
+            raise BadRow(
+                f"{where}: field '{field}' is missing (a {kind} row needs {', '.join(required)})"
+            )
+    for field in (*required, *optional):
+        value = row.get(field)
+        if value is None:
+            continue
+        if field in TEXT_FIELDS:
+            _check_text(value, field, where)
+            if field in NON_EMPTY and not _has_text(value):
+                raise BadRow(f"{where}: field '{field}' is empty")
+        elif field == "margin" and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise BadRow(f"{where}: field 'margin' must be a number, got {value!r}")
+        elif field == "wrapper" and value not in ("sft", "pretrain"):
+            raise BadRow(f"{where}: field 'wrapper' must be 'sft' or 'pretrain', got {value!r}")
+        elif field in ("category", "policy") and not isinstance(value, str):
+            raise BadRow(f"{where}: field '{field}' must be a string, got {value!r}")
+    return row
+
+
+def _check_text(value: Any, field: str, where: str) -> None:
+    if isinstance(value, str):
+        return
+    if isinstance(value, list) and value:
+        for i, message in enumerate(value):
+            content = message.get("content") if isinstance(message, dict) else None
+            if not isinstance(content, str):
+                raise BadRow(
+                    f"{where}: field '{field}' message {i} must be an object with a string "
+                    "'content'"
+                )
+        return
+    raise BadRow(
+        f"{where}: field '{field}' must be a string or a non-empty list of "
+        f"{{role, content}} messages, got {type(value).__name__}"
+    )
+
+
+def _has_text(value: str | list[dict]) -> bool:
+    return bool(value) if isinstance(value, str) else any(m["content"] for m in value)
+
+
+class Source:
+    """Random access to the rows of one file: `read(i)` -> (where, parsed row)."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def read(self, index: int) -> tuple[str, Any]:
+        raise NotImplementedError
+
+
+class JsonlSource(Source):
+    """A JSONL file; blank lines are not rows. Line offsets are found once, up front."""
+
+    def __init__(self, path: str):
+        self.path = path
+        with _open(path) as f:
+            data = f.read()
+        starts = np.concatenate([[0], np.flatnonzero(np.frombuffer(data, np.uint8) == 10) + 1])
+        ends = np.concatenate([starts[1:], [len(data)]])
+        lines = [
+            (int(s), int(e), n + 1)
+            for n, (s, e) in enumerate(zip(starts, ends, strict=True))
+            if data[s:e].strip()
+        ]
+        self.offsets = np.asarray([s for s, _, _ in lines], np.int64)
+        self.ends = np.asarray([e for _, e, _ in lines], np.int64)
+        self.line_numbers = np.asarray([n for _, _, n in lines], np.int64)
+        self._file = None
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def _read_bytes(self, offset: int, size: int) -> bytes:
+        # Grain reads from several threads: one seek + read at a time on a shared file.
+        with self._lock:
+            if self._file is None:
+                self._file = _open(self.path)
+            self._file.seek(offset)
+            return self._file.read(size)
+
+    def read(self, index: int) -> tuple[str, Any]:
+        where = f"{self.path}:{self.line_numbers[index]}"
+        offset = int(self.offsets[index])
+        raw = self._read_bytes(offset, int(self.ends[index]) - offset)
+        try:
+            return where, json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BadRow(f"{where}: not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_file", "_lock")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _file=None, _lock=threading.Lock())
+
+
+class ParquetSource(Source):
+    def __init__(self, path: str):
+        import pyarrow.parquet as pq
+
+        self.path = path
+        try:
+            self.file = pq.ParquetFile(_open(path))
+        except Exception as e:
+            raise UserError(f"{path}: not a readable Parquet file ({e})") from None
+        sizes = [self.file.metadata.row_group(i).num_rows for i in range(self.file.num_row_groups)]
+        self.group_starts = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+        self._group: tuple[int, list[dict]] | None = None
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self.group_starts[-1]
+
+    def read(self, index: int) -> tuple[str, Any]:
+        group = bisect.bisect_right(self.group_starts, index) - 1
+        with self._lock:  # Grain reads from several threads
+            if self._group is None or self._group[0] != group:
+                self._group = (group, self.file.read_row_group(group).to_pylist())
+            rows = self._group[1]
+        return f"{self.path} row {index}", rows[index - self.group_starts[group]]
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"])
+
+
+class ArrayRecordSource(Source):
+    def __init__(self, path: str):
+        from grain.sources import ArrayRecordDataSource
+
+        self.path = path
+        try:
+            self.records = ArrayRecordDataSource([path])
+        except Exception as e:
+            raise UserError(f"{path}: not a readable ArrayRecord file ({e})") from None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def read(self, index: int) -> tuple[str, Any]:
+        where = f"{self.path} record {index}"
+        try:
+            return where, json.loads(self.records[index])
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BadRow(f"{where}: not a JSON row ({e})") from None
+
+
+class TfdsSource(Source):
+    def __init__(self, spec: str, data_dir: str | None):
+        import tensorflow_datasets as tfds
+
+        self.spec = spec
+        name, _, split = spec.removeprefix("tfds:").rpartition(":")
+        if not name or not split:
+            raise UserError(f"{spec}: a TFDS source is written tfds:NAME[/CONFIG][:VERSION]:SPLIT")
+        try:
+            self.records = tfds.data_source(name, split=split, data_dir=data_dir)
+        except Exception as e:
+            where = f" in {data_dir}" if data_dir else " (set data.tfds_data_dir)"
+            raise UserError(
+                f"{spec}: cannot open this TFDS dataset{where}: {_first_line(e)}"
+            ) from None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def read(self, index: int) -> tuple[str, Any]:
+        return f"{self.spec} example {index}", _decode_bytes(self.records[index])
+
+
+def _decode_bytes(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, dict):
+        return {k: _decode_bytes(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_decode_bytes(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _decode_bytes(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+class ConcatSource(Source):
+    """Several sources read as one, in the order given."""
+
+    def __init__(self, sources: Sequence[Source]):
+        self.sources = list(sources)
+        self.starts = np.concatenate([[0], np.cumsum([len(s) for s in self.sources])]).tolist()
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def read(self, index: int) -> tuple[str, Any]:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        which = bisect.bisect_right(self.starts, index) - 1
+        return self.sources[which].read(index - self.starts[which])
+
+
+def expand_paths(spec: str | Sequence[str]) -> list[str]:
+    """Paths, globs and directories -> the data files they name, sorted within each entry."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    paths: list[str] = []
+    for entry in specs:
+        if entry.startswith("tfds:"):
+            paths.append(entry)
+            continue
+        matches = _glob(entry)
+        if not matches:
+            raise UserError(f"no data files match {entry}")
+        for match in matches:
+            if _isdir(match):
+                inside = [p for p in _glob(f"{match.rstrip('/')}/*") if _format(p)]
+                if not inside:
+                    raise UserError(f"{match}: no .jsonl, .parquet or .array_record files inside")
+                paths += inside
+            elif _format(match) is None:
+                raise UserError(
+                    f"{match}: unknown data format (use .jsonl, .parquet, .array_record or tfds:)"
+                )
+            else:
+                paths.append(match)
+    return paths
+
+
+def open_source(spec: str | Sequence[str], tfds_data_dir: str | None = None) -> ConcatSource:
+    sources = []
+    for path in expand_paths(spec):
+        kind = "tfds" if path.startswith("tfds:") else _format(path)
+        if kind == "tfds":
+            sources.append(TfdsSource(path, tfds_data_dir))
+        elif kind == "parquet":
+            sources.append(ParquetSource(path))
+        elif kind == "array_record":
+            sources.append(ArrayRecordSource(path))
+        else:
+            sources.append(JsonlSource(path))
+    return ConcatSource(sources)
+
+
+def _format(path: str) -> str | None:
+    return FORMATS.get(Path(path).suffix)
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def _filesystem(path: str) -> Any:
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(path)[0]
+    except ImportError as e:
+        raise UserError(
+            f"{path}: reading this needs an extra package ({e}); for gs:// run pip install gcsfs"
+        ) from None
+
+
+def _glob(pattern: str) -> list[str]:
+    if not _is_remote(pattern):
+        return (
+            sorted(glob.glob(pattern))
+            if glob.has_magic(pattern)
+            else ([pattern] if Path(pattern).exists() else [])
+        )
+    fs = _filesystem(pattern)
+    protocol = pattern.split("://", 1)[0]
+    found = fs.glob(pattern) if glob.has_magic(pattern) else [pattern] * fs.exists(pattern)
+    return sorted(p if "://" in p else f"{protocol}://{p}" for p in found)
+
+
+def _isdir(path: str) -> bool:
+    return _filesystem(path).isdir(path) if _is_remote(path) else Path(path).is_dir()
+
+
+def _open(path: str) -> Any:
+    try:
+        if _is_remote(path):
+            return _filesystem(path).open(path, "rb")
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise UserError(f"data file not found: {path}") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
