@@ -10,11 +10,12 @@ A CHECKPOINT argument may name such a directory, a run directory (its newest com
 checkpoint under `checkpoints/`) or a Hugging Face model directory (`config.json`).
 """
 
+import contextlib
 import dataclasses
 import math
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import jax
@@ -55,19 +56,26 @@ def save_model(
     failed save never leaves something that looks like a checkpoint.
     """
     path = require_new_dir(path, "checkpoint path")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with staged_directory(path) as staging:
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         _checkpointer(params).save(staging / PARAMS_DIR, args=ocp.args.PyTreeSave(params))
         copy_tokenizer(tokenizer_dir, staging / TOKENIZER_DIR)
         (staging / CONFIG_FILE).write_text(dump_config(config))
+    return path
+
+
+@contextlib.contextmanager
+def staged_directory(path: Path) -> Iterator[Path]:
+    """A temporary sibling of `path` to fill, renamed to `path` only if the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield staging
         if path.exists():
             path.rmdir()
         staging.rename(path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return path
 
 
 def require_new_dir(path: str | Path, what: str) -> Path:

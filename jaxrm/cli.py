@@ -3,8 +3,13 @@
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
+from jaxrm.builders import add_commands as add_builder_commands
 from jaxrm.errors import UserError
+
+if TYPE_CHECKING:
+    from jaxrm.config import Config
 
 Command = Callable[[argparse.Namespace], None]
 
@@ -66,6 +71,37 @@ def cmd_export(args: argparse.Namespace) -> None:
         loaded, args.out_dir, arch=args.arch, dtype=args.dtype, causal_lm=args.causal_lm
     )
     print(f"exported {args.checkpoint} -> {out}")
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> None:
+    from jaxrm.config import load_config
+    from jaxrm.dataset_tools import prepare
+
+    config = load_config(args.config, args.overrides)
+    spec = args.data or _data_spec(config, args.split)
+    manifest = prepare(config, spec, args.out, shard_size=args.shard_size)
+    print(
+        f"prepared {manifest['examples']} examples ({manifest['tokens']} tokens) in "
+        f"{len(manifest['shards'])} shards -> {args.out}; skipped rows: {manifest['skipped_rows']}"
+    )
+
+
+def cmd_data_stats(args: argparse.Namespace) -> None:
+    import json
+
+    from jaxrm.config import load_config
+    from jaxrm.dataset_tools import format_stats, stats
+
+    config = load_config(args.config, args.overrides)
+    report = stats(config, args.data or _data_spec(config, args.split))
+    print(json.dumps(report, indent=2) if args.json else format_stats(report))
+
+
+def _data_spec(config: "Config", split: str) -> str | list[str]:
+    spec = getattr(config.data, split)
+    if spec is None:
+        raise UserError(f"data.{split} is not set; give --data PATH or set data.{split}")
+    return spec
 
 
 def _billions(count: float) -> str:
@@ -132,6 +168,42 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     exp.add_argument("--causal-lm", action="store_true", help="export the LM head as a causal LM")
     exp.set_defaults(run=cmd_export)
+
+    data = commands.add_parser(
+        "data",
+        help="build, tokenise and inspect datasets",
+        description="Build datasets (POLAR triples, CodePMP pairs), tokenise them ahead of time "
+        "and measure them.",
+    )
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    for name, run, help_text, description in (
+        (
+            "prepare",
+            cmd_data_prepare,
+            "tokenise rows into ArrayRecord shards that data.train can name",
+            "Apply the config's template and tokenizer to every row and write the examples as "
+            "ArrayRecord shards with a manifest; data.train may then name the directory.",
+        ),
+        (
+            "stats",
+            cmd_data_stats,
+            "length histogram, token counts, packing efficiency, shared-prefix savings",
+            "Template every row as the config would and report sequence lengths, token counts, "
+            "packing efficiency with and without shared prefixes, and the tokens they save.",
+        ),
+    ):
+        sub = data_commands.add_parser(name, help=help_text, description=description)
+        sub.add_argument("config", metavar="CONFIG.yaml")
+        sub.add_argument("overrides", nargs="*", metavar="key=value")
+        sub.add_argument("--data", help="rows to read (default: the config's data.train)")
+        sub.add_argument("--split", choices=["train", "eval"], default="train")
+        sub.set_defaults(run=run)
+        if name == "prepare":
+            sub.add_argument("--out", required=True, help="new directory for the shards")
+            sub.add_argument("--shard-size", type=int, default=100_000, help="examples per shard")
+        else:
+            sub.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_builder_commands(data_commands)
     return parser
 
 
