@@ -149,3 +149,44 @@ def test_worker_processes_tokenise_and_restore(tokenizer, tmp_path):
         np.testing.assert_array_equal(next(restored)["tokens"], want["tokens"])
     one_epoch = train_batches(c, num_epochs=1)
     assert sorted(m for b in one_epoch for m in margins(b)) == list(range(120))
+
+
+def test_remote_paths_go_through_fsspec(tokenizer, tmp_path):
+    import fsspec
+
+    rows = numbered_rows(12)
+    fs = fsspec.filesystem("memory")
+    for name, part in (("a.jsonl", rows[:5]), ("b.jsonl", rows[5:])):
+        with fs.open(f"/bucket/{name}", "w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in part))
+    c = config(tokenizer, "memory://bucket/*.jsonl", "data.shuffle=false")
+    got = sorted(m for batch in eval_batches(c, "memory://bucket/*.jsonl") for m in margins(batch))
+    assert got == list(range(12))
+
+
+def test_tfds_rows_are_decoded(tokenizer, tmp_path, monkeypatch):
+    # tfds.data_source returns feature dicts with bytes; building a real TFDS dataset needs
+    # TensorFlow, so the reader is given what tfds.data_source returns.
+    import tensorflow_datasets as tfds
+
+    rows = numbered_rows(6)
+    encoded = [{k: v.encode() if isinstance(v, str) else v for k, v in r.items()} for r in rows]
+    calls = []
+
+    def data_source(name, split, data_dir):
+        calls.append((name, split, data_dir))
+        return encoded
+
+    monkeypatch.setattr(tfds, "data_source", data_source)
+    c = config(tokenizer, "tfds:prefs/v2:1.0.0:train", f"data.tfds_data_dir={tmp_path}")
+    got = sorted(m for b in eval_batches(c, "tfds:prefs/v2:1.0.0:train") for m in margins(b))
+    assert got == list(range(6))
+    assert calls[0] == ("prefs/v2:1.0.0", "train", str(tmp_path))
+
+
+def test_bad_row_in_a_worker_process_is_reported(tokenizer, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"prompt": "a"}) + "\n")
+    c = config(tokenizer, path, "data.num_workers=1")
+    with pytest.raises(Exception, match=r"bad\.jsonl:1: field 'reference' is missing"):
+        next(train_batches(c))
