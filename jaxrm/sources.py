@@ -105,19 +105,27 @@ class Source:
 
 
 class JsonlSource(Source):
-    """A JSONL file; blank lines are not rows. Line offsets are found once, up front."""
+    """A JSONL file; blank lines are not rows. Line offsets are found once, up front, reading
+    the file in chunks (memory stays bounded however large it is)."""
+
+    CHUNK = 1 << 24
 
     def __init__(self, path: str):
         self.path = path
+        lines: list[tuple[int, int, int]] = []  # (start, end, line number) of non-blank lines
+        number, carry, carry_start = 0, b"", 0
         with _open(path) as f:
-            data = f.read()
-        starts = np.concatenate([[0], np.flatnonzero(np.frombuffer(data, np.uint8) == 10) + 1])
-        ends = np.concatenate([starts[1:], [len(data)]])
-        lines = [
-            (int(s), int(e), n + 1)
-            for n, (s, e) in enumerate(zip(starts, ends, strict=True))
-            if data[s:e].strip()
-        ]
+            while chunk := f.read(self.CHUNK):
+                buffer = carry + chunk
+                start = 0
+                for newline in np.flatnonzero(np.frombuffer(buffer, np.uint8) == 10):
+                    number += 1
+                    if buffer[start:newline].strip():
+                        lines.append((carry_start + start, carry_start + newline + 1, number))
+                    start = int(newline) + 1
+                carry, carry_start = buffer[start:], carry_start + start
+        if carry.strip():
+            lines.append((carry_start, carry_start + len(carry), number + 1))
         self.offsets = np.asarray([s for s, _, _ in lines], np.int64)
         self.ends = np.asarray([e for _, e, _ in lines], np.int64)
         self.line_numbers = np.asarray([n for _, _, n in lines], np.int64)

@@ -190,3 +190,21 @@ def test_bad_row_in_a_worker_process_is_reported(tokenizer, tmp_path):
     c = config(tokenizer, path, "data.num_workers=1")
     with pytest.raises(Exception, match=r"bad\.jsonl:1: field 'reference' is missing"):
         next(train_batches(c))
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 1 << 24])
+def test_jsonl_line_numbers_survive_chunked_scanning(tmp_path, monkeypatch, chunk):
+    from jaxrm.sources import JsonlSource
+
+    monkeypatch.setattr(JsonlSource, "CHUNK", chunk)
+    text = "".join(
+        json.dumps({"i": i}) + "\n" + ("\n  \n" if i % 13 == 0 else "") for i in range(100)
+    )
+    path = tmp_path / "rows.jsonl"
+    path.write_text(text.rstrip("\n"))  # the last row has no newline
+    source = JsonlSource(str(path))
+    lines = text.split("\n")
+    for i in range(100):
+        where, row = source.read(i)
+        assert row == {"i": i}
+        assert json.loads(lines[int(where.rsplit(":", 1)[1]) - 1]) == {"i": i}
