@@ -20,7 +20,6 @@ from tqdm import tqdm
 
 from jaxrm.checkpoint import require_new_dir, staged_directory
 from jaxrm.config import Config, config_to_dict
-from jaxrm.packing import layout, pack
 from jaxrm.pipeline import (
     MANIFEST,
     PACK_WINDOW,
@@ -29,6 +28,7 @@ from jaxrm.pipeline import (
     Skipped,
     ToExample,
     encode_example,
+    pack_rows,
     template_spec,
 )
 from jaxrm.templates import Example
@@ -101,7 +101,6 @@ def stats(config: Config, spec: str | Sequence[str]) -> dict[str, Any]:
             examples.append(item)
     lengths = np.asarray([len(s) for e in examples for s in e.sequences], np.int64)
     data = config.data
-    with_lm = config.objective == "codepmp"
     report: dict[str, Any] = {
         "examples": len(examples),
         "skipped_rows": skipped,
@@ -113,25 +112,21 @@ def stats(config: Config, spec: str | Sequence[str]) -> dict[str, Any]:
     report["sequence_tokens"] = _length_summary(lengths)
     report["length_histogram"] = _histogram(lengths)
     for shared in (False, True):
-        units = [layout(e, shared).length for e in examples]
-        rows = sum(
-            len(
-                pack(
-                    examples[i : i + PACK_WINDOW], data.seq_len, data.pairs_per_row, shared, with_lm
-                )
-            )
+        rows = [
+            row
             for i in range(0, len(examples), PACK_WINDOW)
-        )
-        name = "shared_prefix" if shared else "unshared"
-        report[name] = {
-            "tokens": int(sum(units)),
-            "rows": rows,
-            "packing_efficiency": sum(units) / (rows * data.seq_len),
+            for row in pack_rows(examples[i : i + PACK_WINDOW], config, shared)
+        ]
+        tokens = sum(int((row["segment_ids"] > 0).sum()) for row in rows)
+        report["shared_prefix" if shared else "unshared"] = {
+            "tokens": tokens,
+            "rows": len(rows),
+            "packing_efficiency": tokens / (len(rows) * data.seq_len),
         }
     report["shared_prefix_savings"] = (
         1 - report["shared_prefix"]["tokens"] / report["unshared"]["tokens"]
     )
-    if with_lm:
+    if config.objective == "codepmp":
         report["lm_target_tokens"] = int(sum(int(e.lm_mask.sum()) for e in examples))
     return report
 

@@ -25,24 +25,22 @@ from jaxrm.templates import Example
 
 @dataclasses.dataclass
 class Layout:
-    """An example cut into packable pieces: (tokens, first position, attends to prefix?)."""
+    """An example cut for packing: the shared prefix (empty when not shared) and, per
+    candidate, the tokens after it."""
 
-    pieces: list[tuple[np.ndarray, int, bool]]
+    prefix: np.ndarray
+    candidates: list[np.ndarray]
     example: Example
 
     @property
     def length(self) -> int:
-        return sum(len(tokens) for tokens, _, _ in self.pieces)
+        return len(self.prefix) + sum(len(c) for c in self.candidates)
 
 
 def layout(example: Example, shared_prefix: bool) -> Layout:
     sequences = example.sequences
     shared = common_prefix_length(sequences) if shared_prefix and len(sequences) > 1 else 0
-    if shared == 0:
-        return Layout([(s, 0, False) for s in sequences], example)
-    pieces = [(sequences[0][:shared], 0, False)]
-    pieces += [(s[shared:], shared, True) for s in sequences]
-    return Layout(pieces, example)
+    return Layout(sequences[0][:shared], [s[shared:] for s in sequences], example)
 
 
 def common_prefix_length(sequences: list[np.ndarray]) -> int:
@@ -80,26 +78,10 @@ class Row:
     def add(self, unit: Layout) -> None:
         f = self.fields
         start = self.used
-        prefix_segment = 0
-        ends = []
-        for tokens, first_position, attends_prefix in unit.pieces:
-            end = self.used + len(tokens)
-            self.segments += 1
-            f["tokens"][self.used : end] = tokens
-            f["segment_ids"][self.used : end] = self.segments
-            f["positions"][self.used : end] = np.arange(
-                first_position, first_position + len(tokens)
-            )
-            if attends_prefix:
-                f["prefix_ids"][self.used : end] = prefix_segment
-                ends.append(end - 1)
-            elif len(unit.pieces) > len(unit.example.sequences):
-                prefix_segment = self.segments  # the shared prefix, packed first
-            else:
-                ends.append(end - 1)
-            self.used = end
-        f["chosen_index"][self.pairs] = ends[0]
-        f["rejected_index"][self.pairs] = ends[1]
+        prefix_segment = self._place(unit.prefix, 0, 0) if len(unit.prefix) else 0
+        for slot, tokens in zip(("chosen_index", "rejected_index"), unit.candidates, strict=True):
+            self._place(tokens, len(unit.prefix), prefix_segment)
+            f[slot][self.pairs] = self.used - 1  # the candidate's last (reward) token
         f["margin"][self.pairs] = unit.example.margin
         mask = unit.example.lm_mask
         if mask is not None and "lm_weights" in f:
@@ -107,6 +89,17 @@ class Row:
             # start + j in both layouts; it is predicted from position start + j - 1.
             f["lm_weights"][start : start + len(mask) - 1] = mask[1:]
         self.pairs += 1
+
+    def _place(self, tokens: np.ndarray, first_position: int, prefix_segment: int) -> int:
+        """Appends `tokens` as a new segment; returns its segment id."""
+        f, begin, end = self.fields, self.used, self.used + len(tokens)
+        self.segments += 1
+        f["tokens"][begin:end] = tokens
+        f["segment_ids"][begin:end] = self.segments
+        f["positions"][begin:end] = np.arange(first_position, first_position + len(tokens))
+        f["prefix_ids"][begin:end] = prefix_segment
+        self.used = end
+        return self.segments
 
 
 def pack(

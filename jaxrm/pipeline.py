@@ -222,10 +222,6 @@ class PackIterDataset(grain.IterDataset):
 
     def __init__(self, parent: grain.IterDataset, config: Config):
         super().__init__(parent)
-        self.seq_len = config.data.seq_len
-        self.pairs_per_row = config.data.pairs_per_row
-        self.shared_prefix = config.data.shared_prefix
-        self.with_lm = config.objective == "codepmp"
         self.config = config
 
     def __iter__(self) -> "PackIterator":
@@ -235,7 +231,7 @@ class PackIterDataset(grain.IterDataset):
 class PackIterator(grain.DatasetIterator):
     def __init__(self, parent: grain.DatasetIterator, packer: PackIterDataset):
         super().__init__(parent)
-        self.packer = packer
+        self.config = packer.config
         self.window_start = parent.get_state()
         self.rows: list[dict[str, np.ndarray]] = []
         self.taken = 0
@@ -259,14 +255,13 @@ class PackIterator(grain.DatasetIterator):
                 break
         if not examples and not skipped:
             raise StopIteration
-        p = self.packer
         try:
-            rows = pack(examples, p.seq_len, p.pairs_per_row, p.shared_prefix, p.with_lm)
+            rows = pack_rows(examples, self.config, self.config.data.shared_prefix)
         except ValueError as e:
             raise UserError(
                 f"{e}; data.max_length must leave a pair room in data.seq_len"
             ) from None
-        rows = [{**r, "bad_rows": np.int32(0)} for r in rows] or [padding_row(p.config)]
+        rows = [{**r, "bad_rows": np.int32(0)} for r in rows] or [padding_row(self.config)]
         rows[0]["bad_rows"] = np.int32(skipped)
         self.rows, self.taken = rows, 0
 
@@ -378,6 +373,15 @@ def eval_batches(
             }
         out.append(batch)
     return out
+
+
+def pack_rows(
+    examples: list[Example], config: Config, shared_prefix: bool
+) -> list[dict[str, np.ndarray]]:
+    """`examples` packed into rows as the config says (with or without shared prefixes)."""
+    data = config.data
+    with_lm = config.objective == "codepmp"
+    return pack(examples, data.seq_len, data.pairs_per_row, shared_prefix, with_lm)
 
 
 def padding_row(config: Config) -> dict[str, np.ndarray]:

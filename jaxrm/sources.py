@@ -9,6 +9,7 @@ hold one JSON row per record. `tfds:NAME[/CONFIG][:VERSION]:SPLIT` reads a prepa
 through `tfds.data_source` (no TensorFlow); its text features become strings.
 """
 
+import abc
 import bisect
 import glob
 import json
@@ -94,14 +95,14 @@ def _has_text(value: str | list[dict]) -> bool:
     return bool(value) if isinstance(value, str) else any(m["content"] for m in value)
 
 
-class Source:
+class Source(abc.ABC):
     """Random access to the rows of one file: `read(i)` -> (where, parsed row)."""
 
-    def __len__(self) -> int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
 
-    def read(self, index: int) -> tuple[str, Any]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def read(self, index: int) -> tuple[str, Any]: ...
 
 
 class JsonlSource(Source):

@@ -99,13 +99,14 @@ class Template:
     ) -> list[np.ndarray]:
         """The token sequence of each candidate, judged against `reference`."""
         wrapper = wrapper or self.wrapper
-        budget = self.max_length - POLAR_RESERVED
-        cap = min(self.max_response_length, budget // 2)
-        prompt_ids = self.tokenizer.encode(flatten(prompt), add_special_tokens=True)
+        encode = self.tokenizer.encode
+        prompt_ids = encode(flatten(prompt), add_special_tokens=True)
+        responses = [encode(flatten(r), add_special_tokens=True) for r in (reference, *candidates)]
+        cap = min(self.max_response_length, (self.max_length - POLAR_RESERVED) // 2)
         prompt_budget = None
         while cap > 1:
             sequences, prompt_budget = self._polar_fit(
-                prompt_ids, reference, candidates, wrapper, cap, prompt_budget
+                prompt_ids, [r[:cap] for r in responses], wrapper, prompt_budget
             )
             overflow = max(map(len, sequences)) - self.max_length
             if overflow <= 0:
@@ -123,19 +124,17 @@ class Template:
     def _polar_fit(
         self,
         prompt_ids: list[int],
-        reference: Any,
-        candidates: list[Any],
+        responses: list[list[int]],
         wrapper: str,
-        cap: int,
         prompt_budget: int | None,
     ) -> tuple[list[np.ndarray], int]:
-        encode, decode = self.tokenizer.encode, self.tokenizer.decode
-        reference_ids = encode(flatten(reference), add_special_tokens=True)[:cap]
-        candidate_ids = [encode(flatten(c), add_special_tokens=True)[:cap] for c in candidates]
+        """Sequences from the truncated reference and candidates (`responses`, in that order)."""
+        reference_ids, *candidate_ids = responses
         if prompt_budget is None:
             budget = self.max_length - POLAR_RESERVED
             prompt_budget = (budget - len(reference_ids) - max(map(len, candidate_ids))) // 2
         kept = prompt_ids[max(0, len(prompt_ids) - prompt_budget) :] if prompt_budget > 0 else []
+        decode = self.tokenizer.decode
         prompt_text, reference_text = decode(kept), decode(reference_ids)
         sequences = [
             self._polar_sequence(prompt_text, reference_text, decode(ids), wrapper)

@@ -9,6 +9,7 @@ Llama / InternLM2 vocabularies, nothing for Qwen2. A SentencePiece model reads `
 tokens in text before encoding the text between them, as transformers' slow tokenizers do.
 """
 
+import abc
 import json
 import re
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 from jaxrm.errors import UserError
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """What the data pipeline needs of a tokenizer."""
 
     path: Path
@@ -26,24 +27,24 @@ class Tokenizer:
     pad_id: int | None
 
     @property
-    def vocab_size(self) -> int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def vocab_size(self) -> int: ...
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]: ...
 
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
 
-    def token_to_id(self, token: str) -> int | None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def token_to_id(self, token: str) -> int | None: ...
 
-    def id_to_token(self, token_id: int) -> str | None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def id_to_token(self, token_id: int) -> str | None: ...
 
+    @abc.abstractmethod
     def add_special_token(self, token: str) -> int:
         """Makes `token` match as one token in text; returns its id (new ones are refused)."""
-        raise NotImplementedError
 
     def resolve(self, token: str | int, key: str) -> int:
         """The id of a token given by string or by id; `key` names the setting in errors."""
@@ -70,6 +71,7 @@ class SentencePieceTokenizer(Tokenizer):
         for token_id, entry in settings.get("added_tokens_decoder", {}).items():
             self.added[entry["content"]] = int(token_id)
         self.added.update(_read_json(model_file.parent / "added_tokens.json"))
+        self.added_by_id = {v: k for k, v in self.added.items()}
         self.special_ids = {i for i in (self.bos_id, self.eos_id, self.pad_id) if i is not None}
         self.special_ids.add(self.sp.unk_id())
         self.special_ids.update(self.added.values())
@@ -96,10 +98,10 @@ class SentencePieceTokenizer(Tokenizer):
         return ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        by_id = {v: k for k, v in self.added.items()}
+        by_id = self.added_by_id
         parts, run = [], []
         for token_id in ids:
-            if token_id in by_id or token_id in self.special_ids:
+            if token_id in self.special_ids:
                 parts.append(self.sp.decode(run))
                 run = []
                 if not skip_special_tokens:
@@ -116,9 +118,8 @@ class SentencePieceTokenizer(Tokenizer):
         return token_id if self.sp.id_to_piece(token_id) == token else None
 
     def id_to_token(self, token_id: int) -> str | None:
-        by_id = {v: k for k, v in self.added.items()}
-        if token_id in by_id:
-            return by_id[token_id]
+        if token_id in self.added_by_id:
+            return self.added_by_id[token_id]
         return self.sp.id_to_piece(token_id) if token_id < self.sp.get_piece_size() else None
 
     def add_special_token(self, token: str) -> int:
@@ -127,6 +128,7 @@ class SentencePieceTokenizer(Tokenizer):
             raise UserError(f"token {token!r} is not in the vocabulary of {self.path}")
         if token not in self.added:
             self.added[token] = token_id
+            self.added_by_id[token_id] = token
             self.special_ids.add(token_id)
             self._compile()
         return token_id
