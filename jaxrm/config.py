@@ -22,6 +22,7 @@ from jaxrm.presets import PRESETS, preset_shape
 from jaxrm.sharding import DEFAULT_RULES, MESH_AXES
 
 DType = Literal["float32", "bfloat16", "float16"]
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "gate", "up", "down")
 
 
 @dataclasses.dataclass
@@ -53,12 +54,24 @@ class ModelConfig:
     param_dtype: DType = "float32"
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
     attention: Literal["xla"] = "xla"
+    # LoRA: rank 0 trains every parameter; rank > 0 adds adapters (alpha / rank scaling) to the
+    # kernels named in lora_targets and trains only them and the reward head.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = dataclasses.field(default_factory=lambda: list(LORA_TARGETS))
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
             raise UserError(
                 f"model.num_heads ({self.num_heads}) must be a multiple of "
                 f"model.num_kv_heads ({self.num_kv_heads})"
+            )
+        if self.lora_rank < 0:
+            raise UserError(f"model.lora_rank must be 0 (off) or positive, got {self.lora_rank}")
+        unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
+        if unknown:
+            raise UserError(
+                f"model.lora_targets: {', '.join(unknown)} not among {', '.join(LORA_TARGETS)}"
             )
         if self.head_dim % 2:
             raise UserError(f"model.head_dim ({self.head_dim}) must be even for RoPE")
@@ -92,7 +105,8 @@ class DataConfig:
         None  # appended to every sequence; default model.reward_token_id
     )
     shared_prefix: bool = True  # pack a prefix common to the candidates once
-    pairs_per_row: int | None = None  # reward-index slots per row; default seq_len // 16
+    pairs_per_row: int | None = None  # examples (pairs or lists) per row; default seq_len // 16
+    max_candidates: int = 2  # responses a row may rank (a "ranked" list of more than 2: listwise)
     skip_bad_rows: bool = False  # count and report malformed rows instead of stopping
     shuffle: bool = True
     num_workers: int = 0  # tokenising worker processes per host (0: in the main process)
@@ -109,24 +123,74 @@ class DataConfig:
             )
         if self.max_response_length < 1:
             raise UserError("data.max_response_length must be at least 1")
+        if self.max_candidates < 2:
+            raise UserError("data.max_candidates must be at least 2")
+
+
+@dataclasses.dataclass
+class LossConfig:
+    """Bradley-Terry / Plackett-Luce over each example's ranked rewards, plus extras."""
+
+    margin: bool = True  # subtract a row's "margin" from the best response's reward difference
+    center_rewards: float = 0.0  # TRL's center_rewards_coefficient: c * mean((sum of rewards)^2)
+    lm_weight: float = 1.0  # CodePMP's lambda on next-token loss of the chosen response
 
 
 @dataclasses.dataclass
 class TrainConfig:
     steps: int = 100
-    batch_size: int = 8
+    batch_size: int = 8  # packed rows per step, over all hosts
     seed: int = 0
+    micro_batches: int = 1  # gradient accumulation: the batch is split into this many parts
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate on data.eval at the end only
+    init_from: str | None = None  # CHECKPOINT to start from (jaxrm or Hugging Face directory)
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size", "micro_batches", "log_every"):
+            if getattr(self, key) < 1:
+                raise UserError(f"train.{key} must be at least 1, got {getattr(self, key)}")
+        if self.batch_size % self.micro_batches:
+            raise UserError(
+                f"train.batch_size ({self.batch_size}) must be a multiple of "
+                f"train.micro_batches ({self.micro_batches})"
+            )
 
 
 @dataclasses.dataclass
 class OptimizerConfig:
-    name: Literal["adamw"] = "adamw"
+    """optax optimizers and learning-rate schedules (b1 / b2 null: the optimizer's default)."""
+
+    name: Literal["adamw", "lion", "adan", "adafactor", "sophia"] = "adamw"
     lr: float = 1e-5
+    # warmup_cosine: linear warm-up, cosine to min_lr_ratio * lr (POLAR);
+    # wsd: warm-up, constant, the last decay_ratio of steps linearly to 0 (CodePMP)
+    schedule: Literal["constant", "warmup_cosine", "wsd"] = "warmup_cosine"
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.1
+    decay_ratio: float = 0.1
+    b1: float | None = None
+    b2: float | None = None
+    weight_decay: float = 0.0  # never applied to norms and biases
+    grad_clip: float | None = 1.0  # global norm; null: off
+
+    def __post_init__(self) -> None:
+        for key in ("warmup_ratio", "min_lr_ratio", "decay_ratio"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise UserError(f"optimizer.{key} must be between 0 and 1")
+        if self.warmup_ratio + (self.decay_ratio if self.schedule == "wsd" else 0) > 1:
+            raise UserError("optimizer.warmup_ratio + optimizer.decay_ratio must not exceed 1")
 
 
 @dataclasses.dataclass
 class CheckpointConfig:
-    every: int = 100
+    every: int = 100  # steps between saves (and a save at the end and on SIGTERM / SIGINT)
+    keep: int = 3  # most recent checkpoints kept
+    async_save: bool = True  # write in the background while training goes on
+
+    def __post_init__(self) -> None:
+        if self.every < 1 or self.keep < 1:
+            raise UserError("checkpoint.every and checkpoint.keep must be at least 1")
 
 
 @dataclasses.dataclass
@@ -164,6 +228,7 @@ class Config:
     objective: Literal["polar", "pairwise", "codepmp"] = "polar"
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
