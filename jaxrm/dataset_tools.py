@@ -38,12 +38,13 @@ def templated(
     config: Config, spec: str | Sequence[str], description: str
 ) -> Iterator[Example | Skipped]:
     """Every row of `spec`, in order, templated (in `data.num_workers` processes when > 0)."""
-    rows = RowSource(spec, config.data.tfds_data_dir)
-    to_example = ToExample(template_spec(config), config.data.skip_bad_rows)
+    data = config.data
+    rows = RowSource(spec, data.tfds_data_dir)
+    to_example = ToExample(template_spec(config), data.skip_bad_rows, data.max_candidates)
     items = (rows[i] for i in range(len(rows)))
     progress = dict(total=len(rows), desc=description, unit=" rows", dynamic_ncols=True)
-    if config.data.num_workers > 0:
-        with multiprocessing.get_context("spawn").Pool(config.data.num_workers) as pool:
+    if data.num_workers > 0:
+        with multiprocessing.get_context("spawn").Pool(data.num_workers) as pool:
             yield from tqdm(pool.imap(to_example, items, chunksize=64), **progress)
     else:
         yield from tqdm(map(to_example, items), **progress)

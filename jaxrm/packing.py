@@ -1,17 +1,23 @@
 """Packing templated examples into fixed rows of `seq_len` tokens.
 
-A row holds whole examples one after another. Each sequence gets its own segment id (1, 2, ...;
-0 is padding) and positions from 0, so attention never crosses sequences. With a shared prefix,
-the tokens common to all candidates of an example (in a POLAR triple `P+SEP+R+<|reward|>+P+SEP`,
-in a CodePMP pair the prompt) are packed once as a segment of their own; each candidate's tokens
-then carry `prefix_ids` = that segment, attend to it and to themselves, and continue its positions.
-The model then computes exactly what it would on the full sequences, with fewer tokens.
+A row holds whole examples one after another: at most `pairs_per_row` of them, each a pair or a
+ranked list of at most `max_candidates` responses. Each sequence gets its own segment id (1, 2,
+...; 0 is padding) and positions from 0, so attention never crosses sequences. With a shared
+prefix, the tokens common to all candidates of an example (in a POLAR triple
+`P+SEP+R+<|reward|>+P+SEP`, in a CodePMP pair the prompt) are packed once as a segment of their
+own; each candidate's tokens then carry `prefix_ids` = that segment, attend to it and to
+themselves, and continue its positions. The model then computes exactly what it would on the full
+sequences, with fewer tokens.
 
 Row fields (numpy, one row):
     tokens, segment_ids, positions, prefix_ids         [seq_len] int32
     lm_weights                                          [seq_len] float32: 1 where the next token
                                                         is a CodePMP LM target
-    chosen_index, rejected_index                        [pairs_per_row] int32, -1 unused
+    reward_index                                        [pairs_per_row, max_candidates] int32:
+                                                        [s, k] is the index of the reward (last)
+                                                        token of the k-th best response of the
+                                                        row's s-th example; -1 for unused
+                                                        slots and responses it lacks
     margin                                              [pairs_per_row] float32
     bad_rows                                            []  rows skipped before this one
 """
@@ -54,41 +60,40 @@ def common_prefix_length(sequences: list[np.ndarray]) -> int:
 
 
 class Row:
-    def __init__(self, seq_len: int, pairs_per_row: int, with_lm: bool):
+    def __init__(self, seq_len: int, pairs_per_row: int, max_candidates: int, with_lm: bool):
         self.seq_len = seq_len
         self.fields = {
             "tokens": np.zeros(seq_len, np.int32),
             "segment_ids": np.zeros(seq_len, np.int32),
             "positions": np.zeros(seq_len, np.int32),
             "prefix_ids": np.zeros(seq_len, np.int32),
-            "chosen_index": np.full(pairs_per_row, -1, np.int32),
-            "rejected_index": np.full(pairs_per_row, -1, np.int32),
+            "reward_index": np.full((pairs_per_row, max_candidates), -1, np.int32),
             "margin": np.zeros(pairs_per_row, np.float32),
         }
         if with_lm:
             self.fields["lm_weights"] = np.zeros(seq_len, np.float32)
         self.used = 0
-        self.pairs = 0
+        self.examples = 0
         self.segments = 0
 
     def fits(self, unit: Layout) -> bool:
-        free_slots = len(self.fields["chosen_index"]) - self.pairs
+        free_slots = len(self.fields["reward_index"]) - self.examples
         return self.used + unit.length <= self.seq_len and free_slots >= 1
 
     def add(self, unit: Layout) -> None:
         f = self.fields
         start = self.used
         prefix_segment = self._place(unit.prefix, 0, 0) if len(unit.prefix) else 0
-        for slot, tokens in zip(("chosen_index", "rejected_index"), unit.candidates, strict=True):
+        for rank, tokens in enumerate(unit.candidates):
             self._place(tokens, len(unit.prefix), prefix_segment)
-            f[slot][self.pairs] = self.used - 1  # the candidate's last (reward) token
-        f["margin"][self.pairs] = unit.example.margin
+            f["reward_index"][self.examples, rank] = self.used - 1  # its last (reward) token
+        f["margin"][self.examples] = unit.example.margin
         mask = unit.example.lm_mask
         if mask is not None and "lm_weights" in f:
-            # Sequence 0 (the chosen one) sits right after the prefix, so its token j is at
+            # Sequence 0 (the best one) sits right after the prefix, so its token j is at
             # start + j in both layouts; it is predicted from position start + j - 1.
             f["lm_weights"][start : start + len(mask) - 1] = mask[1:]
-        self.pairs += 1
+        self.examples += 1
 
     def _place(self, tokens: np.ndarray, first_position: int, prefix_segment: int) -> int:
         """Appends `tokens` as a new segment; returns its segment id."""
@@ -103,7 +108,12 @@ class Row:
 
 
 def pack(
-    examples: list[Example], seq_len: int, pairs_per_row: int, shared_prefix: bool, with_lm: bool
+    examples: list[Example],
+    seq_len: int,
+    pairs_per_row: int,
+    max_candidates: int,
+    shared_prefix: bool,
+    with_lm: bool,
 ) -> list[dict[str, np.ndarray]]:
     """First-fit decreasing: longest examples first, each into the first row with room."""
     units = [layout(e, shared_prefix) for e in examples]
@@ -114,11 +124,13 @@ def pack(
     for unit in sorted(units, key=lambda u: -u.length):
         row = next((r for r in rows if r.fits(unit)), None)
         if row is None:
-            row = Row(seq_len, pairs_per_row, with_lm)
+            row = Row(seq_len, pairs_per_row, max_candidates, with_lm)
             rows.append(row)
         row.add(unit)
     return [r.fields for r in rows]
 
 
-def empty_row(seq_len: int, pairs_per_row: int, with_lm: bool) -> dict[str, np.ndarray]:
-    return Row(seq_len, pairs_per_row, with_lm).fields
+def empty_row(
+    seq_len: int, pairs_per_row: int, max_candidates: int, with_lm: bool
+) -> dict[str, np.ndarray]:
+    return Row(seq_len, pairs_per_row, max_candidates, with_lm).fields

@@ -104,10 +104,11 @@ def template_spec(config: Config, tokenizer: str | Path | None = None) -> Templa
 class ToExample:
     """(where, row) -> Example, or Skipped when bad rows may be skipped. Runs in workers."""
 
-    def __init__(self, spec: TemplateSpec, skip_bad_rows: bool):
+    def __init__(self, spec: TemplateSpec, skip_bad_rows: bool, max_candidates: int):
         self.spec = spec
         self.kind = spec.objective
         self.skip_bad_rows = skip_bad_rows
+        self.max_candidates = max_candidates
         self._template: Template | None = None
 
     def __call__(self, item: tuple[str, Any]) -> Example | Skipped:
@@ -116,6 +117,12 @@ class ToExample:
             if isinstance(row, BadRow):
                 raise row
             check_row(row, self.kind, where)
+            ranked = row.get("ranked") or []
+            if len(ranked) > self.max_candidates:
+                raise BadRow(
+                    f"{where}: field 'ranked' holds {len(ranked)} responses, more than "
+                    f"data.max_candidates ({self.max_candidates}); raise data.max_candidates"
+                )
             if self._template is None:
                 self._template = self.spec.build()
             return self._template(row)
@@ -147,10 +154,16 @@ class RowSource:
 class PreparedSource:
     """Examples tokenised ahead of time by `jaxrm data prepare` (ArrayRecord shards)."""
 
-    def __init__(self, directory: str, expected: dict[str, Any]):
+    def __init__(self, directory: str, expected: dict[str, Any], max_candidates: int):
         from grain.sources import ArrayRecordDataSource
 
         manifest = read_manifest(directory)
+        prepared_candidates = manifest["data"].get("max_candidates", 2)
+        if prepared_candidates > max_candidates:
+            raise UserError(
+                f"{directory} was prepared with data.max_candidates {prepared_candidates}; "
+                f"set data.max_candidates to at least that (it is {max_candidates})"
+            )
         differing = [k for k in TEMPLATE_KEYS if manifest["template"].get(k) != expected.get(k)]
         if differing:
             details = ", ".join(
@@ -212,9 +225,11 @@ def examples_dataset(
 ) -> grain.MapDataset:
     """A random-access dataset of Examples (or Skipped rows), templated lazily on access."""
     if is_prepared(spec):
-        return grain.MapDataset.source(PreparedSource(spec, template.fingerprint()))
-    rows = grain.MapDataset.source(RowSource(spec, config.data.tfds_data_dir))
-    return rows.map(ToExample(template, config.data.skip_bad_rows))
+        prepared = PreparedSource(spec, template.fingerprint(), config.data.max_candidates)
+        return grain.MapDataset.source(prepared)
+    data = config.data
+    rows = grain.MapDataset.source(RowSource(spec, data.tfds_data_dir))
+    return rows.map(ToExample(template, data.skip_bad_rows, data.max_candidates))
 
 
 class PackIterDataset(grain.IterDataset):
@@ -255,12 +270,7 @@ class PackIterator(grain.DatasetIterator):
                 break
         if not examples and not skipped:
             raise StopIteration
-        try:
-            rows = pack_rows(examples, self.config, self.config.data.shared_prefix)
-        except ValueError as e:
-            raise UserError(
-                f"{e}; data.max_length must leave a pair room in data.seq_len"
-            ) from None
+        rows = pack_rows(examples, self.config, self.config.data.shared_prefix)
         rows = [{**r, "bad_rows": np.int32(0)} for r in rows] or [padding_row(self.config)]
         rows[0]["bad_rows"] = np.int32(skipped)
         self.rows, self.taken = rows, 0
@@ -381,13 +391,22 @@ def pack_rows(
     """`examples` packed into rows as the config says (with or without shared prefixes)."""
     data = config.data
     with_lm = config.objective == "codepmp"
-    return pack(examples, data.seq_len, data.pairs_per_row, shared_prefix, with_lm)
+    try:
+        return pack(
+            examples, data.seq_len, data.pairs_per_row, data.max_candidates, shared_prefix, with_lm
+        )
+    except ValueError as e:
+        raise UserError(
+            f"{e}; data.seq_len must hold an example's sequences (up to data.max_candidates of "
+            "data.max_length tokens each)"
+        ) from None
 
 
 def padding_row(config: Config) -> dict[str, np.ndarray]:
     """A row with no tokens and no pairs, to fill a batch."""
     data = config.data
-    row = empty_row(data.seq_len, data.pairs_per_row, config.objective == "codepmp")
+    with_lm = config.objective == "codepmp"
+    row = empty_row(data.seq_len, data.pairs_per_row, data.max_candidates, with_lm)
     return {**row, "bad_rows": np.int32(0)}
 
 

@@ -1,5 +1,8 @@
 """Row -> token sequences, exactly as the published models saw them (METHODS.md).
 
+A preference row's candidates are its chosen and rejected responses, or its "ranked" list; each
+gives one sequence, best first.
+
 POLAR (objective `polar`), for each candidate C of a row:
 
     BOS + P + SEP + R + <|reward|> + P + SEP + C, then the reward token id appended
@@ -14,7 +17,7 @@ the prompt budget is never negative), and a prompt budget of 0 keeps no prompt t
 (decoded pieces can re-encode longer), the prompt gives way, then the responses, until it fits.
 
 Pairwise and CodePMP: BOS + P + SEP, then the response, then the reward token. The prompt and the
-response are encoded apart, so the response tokens (the CodePMP LM-loss targets of the chosen
+response are encoded apart, so the response tokens (the CodePMP LM-loss targets of the best
 response) and the shared prompt are exact token spans. The response keeps its head, the prompt its
 tail.
 """
@@ -32,7 +35,8 @@ POLAR_RESERVED = 4  # BOS, <|reward|>, the reward token and a spare, as in xtune
 
 @dataclasses.dataclass
 class Example:
-    """One training example: a token sequence per candidate, the preferred one first.
+    """One training example: a token sequence per candidate, best first (2 for a chosen /
+    rejected row, one per response of a "ranked" row).
 
     `lm_mask` marks, in `sequences[0]`, the tokens that are LM-loss targets (CodePMP).
     """
@@ -40,6 +44,12 @@ class Example:
     sequences: list[np.ndarray]
     lm_mask: np.ndarray | None = None
     margin: float = 0.0
+
+
+def responses(row: dict[str, Any]) -> list[Any]:
+    """A checked preference row's responses, best first: its "ranked" list, or chosen, rejected."""
+    ranked = row.get("ranked")
+    return [row["chosen"], row["rejected"]] if ranked is None else ranked
 
 
 def flatten(text: str | list[dict]) -> str:
@@ -81,13 +91,11 @@ class Template:
 
     def __call__(self, row: dict[str, Any]) -> Example:
         wrapper = row.get("wrapper")
+        candidates = responses(row)
         if self.objective == "polar":
-            candidates = [row["chosen"], row["rejected"]]
             sequences = self.polar(row["prompt"], row["reference"], candidates, wrapper)
             return Example(sequences, margin=float(row.get("margin") or 0.0))
-        sequences, response_starts = self.pairwise(
-            row["prompt"], [row["chosen"], row["rejected"]], wrapper
-        )
+        sequences, response_starts = self.pairwise(row["prompt"], candidates, wrapper)
         mask = None
         if self.objective == "codepmp":
             mask = np.zeros(len(sequences[0]), np.int8)

@@ -96,6 +96,34 @@ def test_prepared_data_trains_on_the_same_batches(tokenizer, tmp_path, capsys):
             np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
+def test_ranked_rows_are_measured_prepared_and_trained_on(tokenizer, tmp_path, capsys):
+    rows = lognormal_rows(60, seed=2)
+    for row in rows[::3]:  # every third row ranks 3 responses
+        row["ranked"] = [row.pop("chosen"), row.pop("rejected"), row["reference"]]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    settings = ["  seq_len: 2048", "  max_length: 512", "  max_candidates: 3"]
+    config_path = write_config(tmp_path, tokenizer, *settings)
+    assert main(["data", "stats", str(config_path), "--data", str(data), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["examples"] == 60 and report["sequences"] == 2 * 60 + 20
+
+    out = tmp_path / "prepared"
+    assert main(["data", "prepare", str(config_path), "--data", str(data), "--out", str(out)]) == 0
+    overrides = ["data.seq_len=2048", "data.max_length=512", "train.batch_size=2"]
+    raw = load_config(config_path, [f"data.train={data}", *overrides])
+    prepared = load_config(config_path, [f"data.train={out}", *overrides])
+    from_raw, from_prepared = train_batches(raw), train_batches(prepared)
+    for _ in range(5):
+        want, got = next(from_raw), next(from_prepared)
+        assert want["reward_index"].shape[-1] == 3
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+    fewer = load_config(config_path, [f"data.train={out}", "data.max_candidates=2"])
+    with pytest.raises(UserError, match=r"prepared with data\.max_candidates 3"):
+        train_batches(fewer)
+
+
 def test_prepared_data_refuses_other_template_settings(tokenizer, tmp_path, capsys):
     data = write_jsonl(tmp_path / "rows.jsonl", lognormal_rows(5))
     config_path = write_config(tmp_path, tokenizer)

@@ -1,4 +1,5 @@
-"""Shared-prefix packing computes the same rewards (and CodePMP LM loss) as packing every sequence."""
+"""Packed rows (with or without shared prefixes) compute the rewards (and CodePMP LM loss) of each
+sequence run alone."""
 
 import jax
 import jax.numpy as jnp
@@ -7,13 +8,13 @@ import pytest
 from data_helpers import polar_rows, train_sentencepiece
 
 from jaxrm.config import load_config
-from jaxrm.losses import pair_rewards
-from jaxrm.model import create_model
+from jaxrm.model import create_model, rewards_at
 from jaxrm.packing import common_prefix_length, pack
 from jaxrm.templates import Example, Template
 from jaxrm.tokenizer import load_tokenizer
 
-SEQ_LEN = 256
+SEQ_LEN = 384
+MAX_CANDIDATES = 4  # above the longest list here, so pairs and lists both leave -1 entries
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +23,13 @@ def tokenizer(tmp_path_factory):
 
 
 def examples(tokenizer, objective, count=16):
-    template = Template(tokenizer, objective, max_length=SEQ_LEN // 2, reward_token="<|score|>")
+    """Pairs, and every third row a ranked list of 3 responses."""
+    template = Template(tokenizer, objective, max_length=SEQ_LEN // 3, reward_token="<|score|>")
+    extra = polar_rows(count, seed=4)
     out = []
     for i, row in enumerate(polar_rows(count, seed=3)):
+        if i % 3 == 0:
+            row["ranked"] = [row.pop("chosen"), row.pop("rejected"), extra[i]["chosen"]]
         example = template(row)
         example.margin = float(i)  # identifies the example after packing reorders them
         out.append(example)
@@ -35,34 +40,87 @@ def batch(rows):
     return {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
 
 
+@jax.jit
+def token_rewards(model, tokens, segment_ids, positions, prefix_ids):
+    return model.token_rewards(model(tokens, segment_ids, positions, prefix_ids))
+
+
 def rewards_by_example(model, rows):
+    """{example: its rewards, best response first}, read at each row's `reward_index`."""
     b = batch(rows)
-    chosen, rejected, valid = jax.jit(pair_rewards)(model, b)
-    ids = np.asarray(b["margin"])[np.asarray(valid)]
-    pairs = np.stack(
-        [np.asarray(chosen)[np.asarray(valid)], np.asarray(rejected)[np.asarray(valid)]]
-    )
-    return {int(i): pairs[:, n] for n, i in enumerate(ids)}
+    scores = token_rewards(model, b["tokens"], b["segment_ids"], b["positions"], b["prefix_ids"])
+    index, ids = np.stack([r["reward_index"] for r in rows]), np.stack([r["margin"] for r in rows])
+    rewards = np.asarray(rewards_at(scores, index.reshape(len(rows), -1))).reshape(index.shape)
+    used = index[..., 0] >= 0
+    return {
+        int(i): r[k >= 0] for i, r, k in zip(ids[used], rewards[used], index[used], strict=True)
+    }
+
+
+def rewards_alone(model, data):
+    """{example: its rewards}, each sequence run as the only one of its row."""
+    sequences = [s for e in data for s in e.sequences]
+    length = max(map(len, sequences))
+    tokens, segment_ids, positions = np.zeros((3, len(sequences), length), np.int32)
+    for n, s in enumerate(sequences):
+        tokens[n, : len(s)], segment_ids[n, : len(s)] = s, 1
+        positions[n, : len(s)] = np.arange(len(s))
+    scores = token_rewards(model, tokens, segment_ids, positions, np.zeros_like(tokens))
+    ends = np.asarray([len(s) - 1 for s in sequences])
+    rewards = np.asarray(scores)[np.arange(len(sequences)), ends]
+    splits = np.cumsum([len(e.sequences) for e in data])[:-1]
+    return dict(enumerate(np.split(rewards, splits)))
+
+
+def test_reward_index_points_at_each_sequence_reward_token(tokenizer):
+    data = examples(tokenizer, "polar")
+    for shared_prefix in (True, False):
+        rows = pack(data, SEQ_LEN, 16, MAX_CANDIDATES, shared_prefix, with_lm=False)
+        seen = []
+        for r in rows:
+            assert r["reward_index"].shape == (16, MAX_CANDIDATES)
+            for slot in np.flatnonzero(r["reward_index"][:, 0] >= 0):
+                example = data[int(r["margin"][slot])]
+                index = r["reward_index"][slot]
+                count = len(example.sequences)
+                assert (index[:count] >= 0).all() and (index[count:] == -1).all()
+                got = [packed_sequence(r, i) for i in index[:count]]
+                assert all(
+                    np.array_equal(g, s) for g, s in zip(got, example.sequences, strict=True)
+                )
+                seen.append(int(r["margin"][slot]))
+        assert sorted(seen) == list(range(len(data)))
+
+
+def packed_sequence(row, end):
+    """The whole sequence whose last token is at `end`: its shared prefix, then its own tokens."""
+    segments, prefix = row["segment_ids"], row["prefix_ids"][end]
+    assert end + 1 == len(segments) or segments[end + 1] != segments[end]
+    in_prefix = (segments == prefix) & (prefix > 0)
+    return np.concatenate([row["tokens"][in_prefix], row["tokens"][segments == segments[end]]])
 
 
 @pytest.mark.parametrize("objective", ["polar", "codepmp"])
-def test_shared_prefix_rewards_equal_unshared(tokenizer, objective):
+def test_packed_rewards_equal_each_sequence_alone(tokenizer, objective):
     config = load_config(None, ["model.dtype=float32", "model.lm_head=true"])
     model = create_model(config.model, seed=0)
     data = examples(tokenizer, objective)
+    assert {len(e.sequences) for e in data} == {2, 3}
     with_lm = objective == "codepmp"
-    shared = pack(data, SEQ_LEN, 16, shared_prefix=True, with_lm=with_lm)
-    full = pack(data, SEQ_LEN, 16, shared_prefix=False, with_lm=with_lm)
+    shared = pack(data, SEQ_LEN, 16, MAX_CANDIDATES, shared_prefix=True, with_lm=with_lm)
+    full = pack(data, SEQ_LEN, 16, MAX_CANDIDATES, shared_prefix=False, with_lm=with_lm)
     tokens = lambda rows: sum(int((r["segment_ids"] > 0).sum()) for r in rows)  # noqa: E731
     assert tokens(shared) < tokens(full)
     assert any(r["prefix_ids"].any() for r in shared) and not any(
         r["prefix_ids"].any() for r in full
     )
 
-    got, want = rewards_by_example(model, shared), rewards_by_example(model, full)
-    assert sorted(got) == sorted(want) == list(range(len(data)))
-    for i in want:
-        np.testing.assert_allclose(got[i], want[i], atol=1e-5, rtol=0)
+    want = rewards_alone(model, data)
+    for rows in (shared, full):
+        got = rewards_by_example(model, rows)
+        assert sorted(got) == list(range(len(data)))
+        for i in want:
+            np.testing.assert_allclose(got[i], want[i], atol=1e-5, rtol=0)
     if with_lm:
         np.testing.assert_allclose(lm_loss(model, shared), lm_loss(model, full), rtol=1e-5)
 
@@ -80,7 +138,7 @@ def lm_loss(model, rows):
 def test_lm_weights_cover_exactly_the_chosen_response(tokenizer):
     data = examples(tokenizer, "codepmp", count=4)
     for shared_prefix in (True, False):
-        rows = pack(data, SEQ_LEN, 16, shared_prefix=shared_prefix, with_lm=True)
+        rows = pack(data, SEQ_LEN, 16, MAX_CANDIDATES, shared_prefix, with_lm=True)
         expected = sorted(tuple(e.sequences[0][np.flatnonzero(e.lm_mask)].tolist()) for e in data)
         got = []
         for r in rows:
@@ -97,6 +155,8 @@ def test_common_prefix_leaves_each_candidate_its_reward_token():
     assert common_prefix_length(same) == 2
     assert common_prefix_length([np.array([1, 2, 3]), np.array([1, 5, 3])]) == 1
     assert common_prefix_length([np.array([4, 2]), np.array([1, 2])]) == 0
-    rows = pack([Example(same)], 16, 4, shared_prefix=True, with_lm=False)
-    assert rows[0]["chosen_index"][0] == 2 and rows[0]["rejected_index"][0] == 3
+    three = [np.array([1, 2, 3, 4]), np.array([1, 2, 3]), np.array([1, 5, 3])]
+    assert common_prefix_length(three) == 1
+    rows = pack([Example(same)], 16, 4, 3, shared_prefix=True, with_lm=False)
+    assert rows[0]["reward_index"][0].tolist() == [2, 3, -1]
     assert rows[0]["positions"][:4].tolist() == [0, 1, 2, 2]

@@ -40,7 +40,7 @@ def config(tokenizer, train, *overrides):
 
 
 def margins(batch):
-    valid = batch["chosen_index"] >= 0
+    valid = batch["reward_index"][..., 0] >= 0
     return batch["margin"][valid].astype(int).tolist()
 
 
@@ -126,6 +126,66 @@ def test_bad_rows_name_file_line_and_field(tokenizer, tmp_path, line, message):
     c = config(tokenizer, only, "data.shuffle=false")
     with pytest.raises(UserError, match=f"only.jsonl:{len(keep)}: .*{message}"):
         eval_batches(c, str(only))
+
+
+def ranked_rows(count, sizes):
+    """Numbered rows whose responses are ranked lists of the given sizes, in turn."""
+    rows = numbered_rows(count)
+    extra = polar_rows(count, seed=1)
+    for i, row in enumerate(rows):
+        more = [extra[i][k] for k in ("chosen", "rejected", "reference")]
+        row["ranked"] = [row.pop("chosen"), row.pop("rejected"), *more][: sizes[i % len(sizes)]]
+    return rows
+
+
+def test_ranked_rows_fill_reward_index_best_first(tokenizer, tmp_path):
+    rows = ranked_rows(12, sizes=(2, 3, 4))
+    path = write_jsonl(tmp_path / "ranked.jsonl", rows)
+    c = config(tokenizer, path, "data.seq_len=512", "data.max_candidates=4")
+    batches = eval_batches(c, str(path))
+    seen = {}
+    for b in batches:
+        assert b["reward_index"].shape == (2, 32, 4)
+        valid = b["reward_index"][..., 0] >= 0
+        for i, index in zip(b["margin"][valid].astype(int), b["reward_index"][valid], strict=True):
+            seen[int(i)] = index
+    assert sorted(seen) == list(range(12))
+    for i, index in seen.items():
+        size = len(rows[i]["ranked"])
+        assert (index[:size] >= 0).all() and (index[size:] == -1).all()
+        assert (np.diff(index[:size]) > 0).all()  # packed in rank order
+
+
+def test_ranked_rows_above_max_candidates_are_skipped_when_asked(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "ranked.jsonl", ranked_rows(6, sizes=(2, 3)))
+    c = config(tokenizer, path, "data.skip_bad_rows=true")
+    batches = eval_batches(c, str(path))
+    assert sum(int(b["bad_rows"].sum()) for b in batches) == 3
+    assert sorted(m for b in batches for m in margins(b)) == [0, 2, 4]
+
+
+@pytest.mark.parametrize("objective", ["polar", "pairwise", "codepmp"])
+@pytest.mark.parametrize(
+    ("responses", "message"),
+    [
+        ({"ranked": ["c", "d"], "chosen": "c"}, "field 'ranked' cannot go with 'chosen'"),
+        ({"ranked": ["c", "d"], "rejected": "d"}, "field 'ranked' cannot go with 'rejected'"),
+        ({}, "field 'ranked' is missing .*chosen and rejected, or ranked"),
+        ({"ranked": ["c"]}, "field 'ranked' must be a list of 2 or more responses"),
+        ({"ranked": "c d"}, "field 'ranked' must be a list of 2 or more responses"),
+        ({"ranked": ["c", ""]}, r"field 'ranked\[1\]' is empty"),
+        ({"ranked": ["c", "d", "e"]}, r"field 'ranked' holds 3 .*data\.max_candidates \(2\)"),
+    ],
+)
+def test_bad_ranked_rows_name_file_line_and_field(
+    tokenizer, tmp_path, objective, responses, message
+):
+    rows = numbered_rows(3)
+    rows[1] = {"prompt": "a", "reference": "b", **responses}
+    path = write_jsonl(tmp_path / "ranked.jsonl", rows)
+    c = config(tokenizer, path, "data.shuffle=false", f"objective={objective}")
+    with pytest.raises(UserError, match=f"ranked.jsonl:2: {message}"):
+        eval_batches(c, str(path))
 
 
 def test_skipped_rows_are_counted(tokenizer, tmp_path):

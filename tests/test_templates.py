@@ -175,3 +175,33 @@ def test_codepmp_truncation(model_file, sp):
 def test_pairwise_has_no_lm_mask(model_file):
     example = template(model_file, "pairwise")({"prompt": "a", "chosen": "b", "rejected": "c"})
     assert example.lm_mask is None and len(example.sequences) == 2
+
+
+@pytest.mark.parametrize("count", [3, 4])
+def test_polar_ranked_row_gives_a_sequence_per_response_best_first(model_file, sp, count):
+    marker, score = sp.piece_to_id("<|reward|>"), sp.piece_to_id("<|score|>")
+    ranked = ["lazy data", [{"role": "assistant", "content": "answer"}], "fox jumps", "code"]
+    row = {"prompt": "the quick fox", "reference": "dog code", "ranked": ranked[:count]}
+    example = template(model_file)(row)
+    p = "the quick fox"
+    expected = [
+        ids(sp, BOS, f"{p}\ndog code", marker, f"{p}\n{c}", score)
+        for c in ["lazy data", "answer", "fox jumps", "code"][:count]
+    ]
+    assert [s.tolist() for s in example.sequences] == expected
+
+
+@pytest.mark.parametrize("count", [3, 4])
+@pytest.mark.parametrize("objective", ["pairwise", "codepmp"])
+def test_ranked_row_gives_a_sequence_per_response_best_first(model_file, sp, objective, count):
+    score = sp.piece_to_id("<|score|>")
+    ranked = ["return value", "data", "print list", "model reward"][:count]
+    example = template(model_file, objective)({"prompt": "why", "ranked": ranked})
+    prompt = [BOS, *sp.encode("why\n")]
+    expected = [[*prompt, *sp.encode(c), score] for c in ranked]
+    assert [s.tolist() for s in example.sequences] == expected
+    if objective == "codepmp":  # the LM targets are the best response's tokens
+        best = sp.encode(ranked[0])
+        assert example.lm_mask.tolist() == [0] * len(prompt) + [1] * len(best) + [0]
+    else:
+        assert example.lm_mask is None
