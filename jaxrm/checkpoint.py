@@ -1,13 +1,20 @@
-"""Model checkpoints on disk, and finding the model behind a CHECKPOINT argument.
+"""Checkpoints on disk, and finding the model behind a CHECKPOINT argument.
 
-A jaxrm model checkpoint is a directory:
+A jaxrm checkpoint is a directory of Orbax items:
 
-    jaxrm.yaml    the resolved config (model shape, template settings, ...), written last
-    params/       the parameters, Orbax (restores onto any mesh)
-    tokenizer/    the tokenizer files, when the model has them
+    params/             the parameters (restore onto any mesh)
+    config/jaxrm.yaml   the resolved config (model shape, template settings, ...)
+    tokenizer/          the tokenizer files, when the model has them
 
-A CHECKPOINT argument may name such a directory, a run directory (its newest complete
-checkpoint under `checkpoints/`) or a Hugging Face model directory (`config.json`).
+A training checkpoint, `RUN_DIR/checkpoints/<step>/`, is the same plus what resuming needs:
+
+    opt_state/          the optimizer state
+    data/               each host's data-iterator position (Grain)
+    train_state/        the step and the seed, as JSON
+
+Orbax writes a checkpoint into a temporary directory and renames it when every item is complete,
+so an interrupted save is never taken for a checkpoint. A CHECKPOINT argument may name a
+checkpoint, a run directory (its newest checkpoint) or a Hugging Face model directory.
 """
 
 import contextlib
@@ -17,20 +24,24 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
+import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxrm.config import Config, dump_config, load_config
+from jaxrm.config import CheckpointConfig, Config, dump_config, load_config
 from jaxrm.errors import UserError
 from jaxrm.model import RewardModel, abstract_model
 from jaxrm.sharding import Rules, make_mesh
 
+PARAMS = "params"
+CONFIG = "config"
 CONFIG_FILE = "jaxrm.yaml"
-PARAMS_DIR = "params"
-TOKENIZER_DIR = "tokenizer"
+TOKENIZER = "tokenizer"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer.model",
@@ -47,21 +58,88 @@ class Loaded:
     tokenizer_dir: Path | None
 
 
+@dataclasses.dataclass
+class FilesSave(ocp.args.CheckpointArgs):
+    files: dict[str, bytes]
+
+
+class FilesHandler(ocp.CheckpointHandler):
+    """An item that is a few small files (the config, the tokenizer), written by host 0."""
+
+    def save(self, directory: epath.Path, args: FilesSave) -> None:
+        if jax.process_index() == 0:
+            for name, data in args.files.items():
+                (directory / name).write_bytes(data)
+
+    def restore(self, directory: epath.Path, args: Any = None) -> epath.Path:
+        return directory  # read as ordinary files (load_model, load_tokenizer)
+
+    def metadata(self, directory: epath.Path) -> None:
+        return None
+
+    def finalize(self, directory: epath.Path) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+ocp.args.register_with_handler(FilesHandler, for_save=True, for_restore=True)(FilesSave)
+
+
+def model_items(params: dict, config: Config, tokenizer: Path | None) -> dict[str, Any]:
+    """The Orbax save arguments of a model checkpoint (`tokenizer`: a directory or file)."""
+    items: dict[str, Any] = {
+        PARAMS: ocp.args.PyTreeSave(params),
+        CONFIG: FilesSave({CONFIG_FILE: dump_config(config).encode()}),
+    }
+    files = tokenizer_files(tokenizer)
+    if files:
+        items[TOKENIZER] = FilesSave(files)
+    return items
+
+
+def item_handlers(params: dict) -> dict[str, ocp.CheckpointHandler]:
+    return {
+        PARAMS: _params_handler(params),
+        CONFIG: FilesHandler(),
+        TOKENIZER: FilesHandler(),
+        "opt_state": ocp.PyTreeCheckpointHandler(),
+        "data": grain.checkpoint.CheckpointHandler(),
+        "train_state": ocp.JsonCheckpointHandler(),
+    }
+
+
 def save_model(
     path: str | Path, model: RewardModel, config: Config, tokenizer_dir: Path | None = None
 ) -> Path:
-    """Writes a new model checkpoint at `path`; an existing non-empty `path` is refused.
-
-    Everything is written to a temporary sibling and renamed into place, so an interrupted or
-    failed save never leaves something that looks like a checkpoint.
-    """
+    """Writes a new model checkpoint at `path`; an existing non-empty `path` is refused."""
     path = require_new_dir(path, "checkpoint path")
-    with staged_directory(path) as staging:
-        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-        _checkpointer(params).save(staging / PARAMS_DIR, args=ocp.args.PyTreeSave(params))
-        copy_tokenizer(tokenizer_dir, staging / TOKENIZER_DIR)
-        (staging / CONFIG_FILE).write_text(dump_config(config))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    items = model_items(params, config, tokenizer_dir)
+    handlers = {name: item_handlers(params)[name] for name in items}
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler(**handlers)) as checkpointer:
+        checkpointer.save(path, ocp.args.Composite(**items), force=True)
     return path
+
+
+def _params_handler(params: dict) -> ocp.PyTreeCheckpointHandler:
+    """Moves as little at once as `params` allow.
+
+    Orbax stages arrays in host memory while it writes; capping that at the largest array shard
+    on this host (at least 1 GB) keeps a save from needing a second copy of the model.
+    """
+    shard_bytes = [
+        math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+        for x in jax.tree.leaves(params)
+        if hasattr(x, "sharding")
+    ]
+    limit_gb = max(1, math.ceil(max(shard_bytes, default=0) / 1e9))
+    return ocp.PyTreeCheckpointHandler(
+        save_concurrent_gb=limit_gb,
+        save_device_host_concurrent_gb=limit_gb,
+        restore_concurrent_gb=limit_gb,
+    )
 
 
 @contextlib.contextmanager
@@ -86,31 +164,34 @@ def require_new_dir(path: str | Path, what: str) -> Path:
     return path
 
 
-def _checkpointer(params: dict) -> ocp.Checkpointer:
-    """A synchronous checkpointer that moves as little at once as `params` allow.
+SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
-    Orbax stages arrays in host memory while it writes; capping that at the largest array shard
-    on this host (at least 1 GB) keeps a save from needing a second copy of the model.
-    """
-    shard_bytes = [
-        math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-        for x in jax.tree.leaves(params)
-    ]
-    limit_gb = max(1, math.ceil(max(shard_bytes, default=0) / 1e9))
-    handler = ocp.PyTreeCheckpointHandler(
-        save_concurrent_gb=limit_gb,
-        save_device_host_concurrent_gb=limit_gb,
-        restore_concurrent_gb=limit_gb,
-    )
-    return ocp.Checkpointer(handler)
+
+def tokenizer_files(source: Path | None) -> dict[str, bytes]:
+    """The tokenizer files of a directory, or of one tokenizer file (stored under its canonical
+    name, with the side files beside it)."""
+    if source is None:
+        return {}
+    if source.is_file():
+        main = "tokenizer.json" if source.suffix == ".json" else "tokenizer.model"
+        return {**_files_in(source.parent, SIDE_FILES), main: source.read_bytes()}
+    return _files_in(source, TOKENIZER_FILES)
+
+
+def _files_in(directory: Path, names: Sequence[str]) -> dict[str, bytes]:
+    return {name: (directory / name).read_bytes() for name in names if (directory / name).is_file()}
 
 
 def copy_tokenizer(source: Path | None, target: Path) -> None:
-    files = [source / name for name in TOKENIZER_FILES if source and (source / name).is_file()]
+    files = tokenizer_files(source)
     if files:
         target.mkdir(parents=True, exist_ok=True)
-        for file in files:
-            shutil.copy2(file, target / file.name)
+        for name, data in files.items():
+            (target / name).write_bytes(data)
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (path / CONFIG / CONFIG_FILE).is_file() and (path / PARAMS).is_dir()
 
 
 def find_checkpoint(path: str | Path) -> tuple[str, Path]:
@@ -118,23 +199,19 @@ def find_checkpoint(path: str | Path) -> tuple[str, Path]:
     path = Path(path)
     if not path.exists():
         raise UserError(f"checkpoint not found: {path}")
-    if (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir():
+    if is_checkpoint(path):
         return "jaxrm", path
     if (path / "config.json").is_file():
         return "hf", path
     steps = sorted(
-        (
-            p
-            for p in (path / "checkpoints").glob("*")
-            if p.name.isdigit() and (p / CONFIG_FILE).is_file()
-        ),
+        (p for p in (path / "checkpoints").glob("*") if p.name.isdigit() and is_checkpoint(p)),
         key=lambda p: int(p.name),
     )
     if steps:
         return "jaxrm", steps[-1]
     raise UserError(
-        f"{path}: not a jaxrm checkpoint ({CONFIG_FILE} + {PARAMS_DIR}/), a run directory with "
-        "checkpoints/ or a Hugging Face model directory (config.json)"
+        f"{path}: not a jaxrm checkpoint ({PARAMS}/ + {CONFIG}/{CONFIG_FILE}), a run directory "
+        "with checkpoints/ or a Hugging Face model directory (config.json)"
     )
 
 
@@ -151,16 +228,91 @@ def load_model(
         from jaxrm.hf import load_hf
 
         return load_hf(directory, mesh=mesh, rules=rules, overrides=overrides)
-    config = load_config(directory / CONFIG_FILE, overrides)
+    config = load_config(directory / CONFIG / CONFIG_FILE, overrides)
     mesh = mesh or make_mesh(fsdp=-1)
     rules = config.mesh.rules if rules is None else rules
     graphdef, target = abstract_model(config.model, mesh, rules)
+    params = restore_params(directory / PARAMS, target)
+    tokenizer = directory / TOKENIZER
+    return Loaded(nnx.merge(graphdef, params), config, tokenizer if tokenizer.is_dir() else None)
+
+
+def restore_params(directory: Path, target: dict) -> dict:
+    """Parameters into the shapes and shardings of `target` (ShapeDtypeStructs)."""
     restore = ocp.args.PyTreeRestore(target, ocp.checkpoint_utils.construct_restore_args(target))
     try:
-        params = _checkpointer(target).restore((directory / PARAMS_DIR).absolute(), args=restore)
+        with ocp.Checkpointer(_params_handler(target)) as checkpointer:
+            return checkpointer.restore(directory.absolute(), args=restore)
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise UserError(
-            f"{directory}: parameters do not match {CONFIG_FILE} ({str(e).splitlines()[0]})"
+            f"{directory}: parameters do not match the config ({str(e).splitlines()[0]})"
         ) from None
-    tokenizer = directory / TOKENIZER_DIR
-    return Loaded(nnx.merge(graphdef, params), config, tokenizer if tokenizer.is_dir() else None)
+
+
+class TrainCheckpoints:
+    """The run's training checkpoints: `RUN_DIR/checkpoints/<step>/`, saved in the background,
+    the last `checkpoint.keep` kept."""
+
+    def __init__(self, run_dir: Path, config: CheckpointConfig, params: dict):
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=config.keep,
+            enable_async_checkpointing=config.async_save,
+            create=False,
+        )
+        self.directory = (run_dir / "checkpoints").absolute()
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_handlers=item_handlers(params)
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def saved_config(self, step: int) -> str:
+        return (self.directory / str(step) / CONFIG / CONFIG_FILE).read_text()
+
+    def saved_tokenizer(self, step: int) -> dict[str, bytes]:
+        return tokenizer_files(self.directory / str(step) / TOKENIZER)
+
+    def save(
+        self,
+        step: int,
+        params: dict,
+        opt_state: Any,
+        data: grain.DatasetIterator,
+        train_state: dict,
+        config: Config,
+        tokenizer: Path | None,
+    ) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        items = model_items(params, config, tokenizer)
+        items["opt_state"] = ocp.args.PyTreeSave(opt_state)
+        items["data"] = grain.checkpoint.CheckpointSave(data)
+        items["train_state"] = ocp.args.JsonSave(train_state)
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def restore(
+        self, step: int, params: dict, opt_state: Any, data: grain.DatasetIterator
+    ) -> tuple[dict, Any, dict]:
+        """(params, opt_state, train_state) of `step`, into the shardings of the abstract
+        `params` and `opt_state`; `data` is moved to where the checkpoint left it."""
+        args = ocp.args.Composite(
+            params=_restore_args(params),
+            opt_state=_restore_args(opt_state),
+            data=grain.checkpoint.CheckpointRestore(data),
+            train_state=ocp.args.JsonRestore(),
+        )
+        restored = self.manager.restore(step, args=args)
+        return restored["params"], restored["opt_state"], restored["train_state"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def reached_preemption(self, step: int) -> bool:
+        return self.manager.reached_preemption(step)
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def _restore_args(target: Any) -> ocp.args.PyTreeRestore:
+    return ocp.args.PyTreeRestore(target, ocp.checkpoint_utils.construct_restore_args(target))

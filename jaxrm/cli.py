@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from jaxrm.builders import add_commands as add_builder_commands
 from jaxrm.errors import UserError
+from jaxrm.metrics import add_command as add_plot_command
 
 if TYPE_CHECKING:
     from jaxrm.config import Config
@@ -18,6 +19,20 @@ def cmd_config(args: argparse.Namespace) -> None:
     from jaxrm.config import dump_config, load_config
 
     print(dump_config(load_config(args.config, args.overrides)), end="")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from jaxrm.config import load_config
+    from jaxrm.train import Stopped, train
+
+    config = load_config(args.config, args.overrides)
+    try:
+        summary = train(config)
+    except Stopped as e:
+        print(f"jaxrm: {e}", file=sys.stderr)
+        raise SystemExit(e.exit_code) from None
+    shown = {k: round(v, 4) for k, v in summary.items() if k != "step"}
+    print(f"trained to step {summary['step']} in {config.output_dir}: {shown}")
 
 
 def cmd_presets(args: argparse.Namespace) -> None:
@@ -124,6 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("overrides", nargs="*", metavar="key=value")
     config.set_defaults(run=cmd_config)
 
+    train = commands.add_parser(
+        "train",
+        help="train a reward model, or resume the run in output_dir",
+        description="Train with the config's objective (polar, pairwise, codepmp). When "
+        "output_dir already holds checkpoints, the run resumes from the newest one. SIGTERM "
+        "and SIGINT save a checkpoint before stopping.",
+    )
+    train.add_argument("config", metavar="CONFIG.yaml")
+    train.add_argument("overrides", nargs="*", metavar="key=value")
+    train.set_defaults(run=cmd_train)
+
     presets = commands.add_parser(
         "presets",
         help="list model presets with their parameter counts",
@@ -204,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             sub.add_argument("--json", action="store_true", help="print the report as JSON")
     add_builder_commands(data_commands)
+    add_plot_command(commands)
     return parser
 
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from jaxrm.checkpoint import TOKENIZER_FILES, Loaded, copy_tokenizer, require_new_dir
 from jaxrm.config import ModelConfig, apply_overrides, config_from_dict, config_to_dict
 from jaxrm.errors import UserError
-from jaxrm.model import abstract_model
+from jaxrm.model import abstract_model, merge_lora
 from jaxrm.presets import PRESETS, preset_shape
 from jaxrm.sharding import Rules, make_mesh
 from jaxrm.weights_io import ShardedWriter, WeightReader
@@ -509,9 +509,11 @@ def export_hf(
         raise UserError(f"--dtype {dtype!r}: choose from {', '.join(EXPORT_DTYPES)}")
     out_dir = require_new_dir(out_dir, "export directory")
     hf = hf_config(config, arch, dtype, causal_lm)
-    hf["jaxrm"] = config_to_dict(loaded.config)
-
     params = nnx.to_pure_dict(nnx.state(loaded.model, nnx.Param))
+    if config.lora_rank:  # users get one ordinary model: adapters folded into the kernels
+        params = merge_lora(params, config)
+        config = dataclasses.replace(config, lora_rank=0)
+    hf["jaxrm"] = config_to_dict(dataclasses.replace(loaded.config, model=config))
     layout = config
     if arch == "qwen2" and not config.qkv_bias:  # Qwen2 always has q/k/v biases: write zeros
         layout = dataclasses.replace(config, qkv_bias=True)

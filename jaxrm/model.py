@@ -43,6 +43,74 @@ def _param(
     return nnx.Param(value.astype(dtype), out_sharding=tuple(axes), eager_sharding=False)
 
 
+def _add_lora(
+    module: nnx.Module, name: str, in_dims: int, config: ModelConfig, rngs: nnx.Rngs
+) -> None:
+    """LoRA factors for kernel `name` when targeted: A [in..., rank] random, B [rank, out...] zero,
+    so training starts from the base model exactly."""
+    if config.lora_rank == 0 or name not in config.lora_targets:
+        return
+    kernel = getattr(module, name)
+    axes = kernel.get_metadata()["out_sharding"]
+    shape, dtype, rank = kernel.shape, kernel.dtype, config.lora_rank
+    fan_in = math.prod(shape[:in_dims])
+    a = jax.random.normal(rngs.params(), (*shape[:in_dims], rank)) / math.sqrt(fan_in)
+    setattr(
+        module,
+        f"{name}_lora_a",
+        nnx.LoRAParam(a.astype(dtype), out_sharding=(*axes[:in_dims], None), eager_sharding=False),
+    )
+    setattr(
+        module,
+        f"{name}_lora_b",
+        nnx.LoRAParam(
+            jnp.zeros((rank, *shape[in_dims:]), dtype),
+            out_sharding=(None, *axes[in_dims:]),
+            eager_sharding=False,
+        ),
+    )
+
+
+def lora_scale(config: ModelConfig) -> float:
+    return config.lora_alpha / config.lora_rank if config.lora_rank else 0.0
+
+
+def lora_delta(a: Array, b: Array, scale: float) -> Array:
+    """The kernel update scale * A @ B, contracting the rank axis."""
+    return jnp.tensordot(a, b, axes=1) * scale
+
+
+def _kernel(module: nnx.Module, name: str, dtype: Any) -> Array:
+    kernel = getattr(module, name)[...]
+    a = getattr(module, f"{name}_lora_a", None)
+    if a is not None:
+        kernel = kernel + lora_delta(
+            a[...], getattr(module, f"{name}_lora_b")[...], module.lora_scale
+        )
+    return kernel.astype(dtype)
+
+
+def merge_lora(params: dict, config: ModelConfig) -> dict:
+    """Pure-dict params with every adapter folded into its kernel and removed (for export)."""
+
+    def merge(tree: dict) -> dict:
+        out = {}
+        for key, value in tree.items():
+            if key.endswith(("_lora_a", "_lora_b")):
+                continue
+            if isinstance(value, dict):
+                out[key] = merge(value)
+            elif f"{key}_lora_a" in tree:
+                a, b = tree[f"{key}_lora_a"], tree[f"{key}_lora_b"]
+                delta = jax.vmap(lambda x, y: lora_delta(x, y, lora_scale(config)))(a, b)
+                out[key] = (value + delta).astype(value.dtype)
+            else:
+                out[key] = value
+        return out
+
+    return merge(params)
+
+
 def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
     """Per-pair rotation speeds, with HF's linear / llama3 scaling applied.
 
@@ -114,6 +182,10 @@ class Attention(nnx.Module):
         self.wk = _param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"), param_dtype)
         self.wv = _param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"), param_dtype)
         self.wo = _param(rngs, (n, d, e), ("heads", "head_dim", "embed"), param_dtype)
+        self.lora_scale = lora_scale(config)
+        for name in ("wq", "wk", "wv"):
+            _add_lora(self, name, 1, config, rngs)
+        _add_lora(self, "wo", 2, config, rngs)
         if config.qkv_bias:
             self.bq = _param(rngs, (n, d), ("heads", "head_dim"), param_dtype, std=0)
             self.bk = _param(rngs, (k, d), ("kv_heads", "head_dim"), param_dtype, std=0)
@@ -121,17 +193,17 @@ class Attention(nnx.Module):
         else:
             self.bq = self.bk = self.bv = None
 
-    def _project(self, x: Array, kernel: nnx.Param, bias: nnx.Param | None) -> Array:
-        y = jnp.einsum("bte,ehd->bthd", x, kernel[...].astype(self.dtype))
+    def _project(self, x: Array, name: str, bias: nnx.Param | None) -> Array:
+        y = jnp.einsum("bte,ehd->bthd", x, _kernel(self, name, self.dtype))
         return y if bias is None else y + bias[...].astype(self.dtype)
 
     def __call__(
         self, x: Array, segment_ids: Array, positions: Array, prefix_ids: Array | None
     ) -> Array:
         inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
-        q = apply_rope(self._project(x, self.wq, self.bq), positions, inv_freq)
-        k = apply_rope(self._project(x, self.wk, self.bk), positions, inv_freq)
-        v = self._project(x, self.wv, self.bv)
+        q = apply_rope(self._project(x, "wq", self.bq), positions, inv_freq)
+        k = apply_rope(self._project(x, "wk", self.bk), positions, inv_freq)
+        v = self._project(x, "wv", self.bv)
         q = constrain(q, ("batch", "length", "act_heads", None))
         k = constrain(k, ("batch", "length", "act_kv_heads", None))
         v = constrain(v, ("batch", "length", "act_kv_heads", None))
@@ -144,7 +216,7 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, n, d)
         out = constrain(out, ("batch", "length", "act_heads", None))
-        return jnp.einsum("bthd,hde->bte", out, self.wo[...].astype(self.dtype))
+        return jnp.einsum("bthd,hde->bte", out, _kernel(self, "wo", self.dtype))
 
 
 class MLP(nnx.Module):
@@ -154,12 +226,15 @@ class MLP(nnx.Module):
         self.gate = _param(rngs, (e, m), ("embed", "mlp"), param_dtype)
         self.up = _param(rngs, (e, m), ("embed", "mlp"), param_dtype)
         self.down = _param(rngs, (m, e), ("mlp", "embed"), param_dtype)
+        self.lora_scale = lora_scale(config)
+        for name in ("gate", "up", "down"):
+            _add_lora(self, name, 1, config, rngs)
 
     def __call__(self, x: Array) -> Array:
-        gate = x @ self.gate[...].astype(self.dtype)
-        up = x @ self.up[...].astype(self.dtype)
+        gate = x @ _kernel(self, "gate", self.dtype)
+        up = x @ _kernel(self, "up", self.dtype)
         hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
-        return hidden @ self.down[...].astype(self.dtype)
+        return hidden @ _kernel(self, "down", self.dtype)
 
 
 class DecoderLayer(nnx.Module):

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxrm import losses
 from jaxrm.config import load_config
 from jaxrm.errors import UserError
-from jaxrm.losses import pairwise_loss
 from jaxrm.model import create_model
 from jaxrm.sharding import activation_sharding, batch_sharding, logical_to_spec, make_mesh
 
@@ -31,13 +31,15 @@ def pair_batch(rows=8, length=32, seed=0):
         "tokens": tokens,
         "segment_ids": segment_ids,
         "positions": positions,
-        "chosen_index": ends[:, [0, 2]],
-        "rejected_index": ends[:, [1, 3]],
+        "reward_index": np.stack([ends[:, [0, 2]], ends[:, [1, 3]]], axis=-1),
+        "margin": np.zeros((rows, 2), np.float32),
     }
 
 
 def loss_and_grads(model, batch):
-    return nnx.value_and_grad(lambda m: pairwise_loss(m, batch)[0])(model)
+    config = load_config(None, ["model.dtype=float32"])
+    loss = lambda m: losses.objective(m, batch, config, losses.totals(batch))[0]  # noqa: E731
+    return nnx.value_and_grad(loss)(model)
 
 
 def single_device(config, batch):

@@ -1,0 +1,520 @@
+"""The train loop: one jitted step, sharded batches, metrics, evaluation and checkpoints.
+
+    summary = train(load_config("configs/tiny_polar.yaml"))
+
+Each step takes a global batch of packed rows (every host contributes its rows, split over the
+mesh's `data` and `fsdp` axes), splits it into `train.micro_batches` parts whose gradients are
+summed, clips, and applies the optimizer. Losses are normalised by the whole batch's counts
+(examples, LM tokens), so accumulating micro-batches gives the gradient of the whole batch.
+
+Resuming is automatic: when `output_dir/checkpoints/` holds a checkpoint, the run continues from
+the newest one (parameters, optimizer state, step, data-iterator position), on whatever mesh this
+run has, after checking that the config is compatible. SIGTERM (TPU preemption) and SIGINT save a
+checkpoint at the current step before the process stops.
+"""
+
+import contextlib
+import dataclasses
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import yaml
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from jaxrm import losses
+from jaxrm.checkpoint import TrainCheckpoints, load_model, tokenizer_files
+from jaxrm.config import Config, config_to_dict, dump_config
+from jaxrm.errors import UserError
+from jaxrm.flops import peak_flops, train_flops_per_token
+from jaxrm.metrics import MetricsLogger
+from jaxrm.model import RewardModel, abstract_model, create_model
+from jaxrm.optim import learning_rate_schedule, make_optimizer
+from jaxrm.pipeline import eval_batches, template_spec, train_batches
+from jaxrm.sharding import activation_sharding, batch_sharding, make_mesh, tree_shardings
+
+# Keys that may change when a run resumes; any other difference stops the run.
+RESUMABLE_CHANGES = (
+    "output_dir",
+    "train.steps",
+    "train.log_every",
+    "train.eval_every",
+    "train.init_from",
+    "checkpoint.",
+    "mesh.",
+    "data.num_workers",
+    "data.eval",
+    "data.tfds_data_dir",
+    "data.tokenizer",
+    "model.remat",
+    "model.attention",
+)
+SHAPE_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "qkv_bias",
+    "tie_embeddings",
+)
+
+
+class TrainState(NamedTuple):
+    trainable: dict  # parameters the optimizer updates (all, or LoRA adapters + reward head)
+    frozen: dict  # the rest (empty without LoRA)
+    opt_state: Any
+
+
+def trainable_filter(config: Config) -> nnx.filterlib.Filter:
+    if config.model.lora_rank:
+        return nnx.Any(nnx.LoRAParam, nnx.PathContains("score"))
+    return nnx.Param
+
+
+class Trainer:
+    """The compiled train and eval steps of one config on one mesh."""
+
+    def __init__(self, config: Config, mesh: Mesh):
+        self.config = config
+        self.mesh = mesh
+        self.rules = config.mesh.rules
+        self.optimizer = make_optimizer(config.optimizer, config.train.steps)
+        self.schedule = learning_rate_schedule(config.optimizer, config.train.steps)
+        abstract = nnx.eval_shape(lambda: RewardModel(config.model, rngs=nnx.Rngs(0)))
+        self.graphdef, trainable, frozen = nnx.split(abstract, trainable_filter(config), ...)
+        self.shardings = TrainState(
+            self._pure_shardings(trainable), self._pure_shardings(frozen), None
+        )
+        self.abstract = TrainState(
+            _with_shardings(nnx.to_pure_dict(trainable), self.shardings.trainable),
+            _with_shardings(nnx.to_pure_dict(frozen), self.shardings.frozen),
+            None,
+        )
+        opt_abstract = jax.eval_shape(self.optimizer.init, self.abstract.trainable)
+        opt_shardings = self._opt_state_shardings(opt_abstract)
+        self.shardings = self.shardings._replace(opt_state=opt_shardings)
+        self.abstract = self.abstract._replace(
+            opt_state=_with_shardings(opt_abstract, opt_shardings)
+        )
+        self._step = None
+        self._eval = None
+
+    def _pure_shardings(self, state: nnx.State) -> dict:
+        return nnx.to_pure_dict(tree_shardings(state, self.rules, self.mesh))
+
+    def _opt_state_shardings(self, opt_abstract: Any) -> Any:
+        """Moments shard like their parameters; anything else (counts, factored statistics of
+        other shapes, keys) is replicated."""
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        return optax.tree_map_params(
+            self.optimizer,
+            lambda leaf, param, sharding: sharding if leaf.shape == param.shape else replicated,
+            opt_abstract,
+            self.abstract.trainable,
+            self.shardings.trainable,
+            transform_non_params=lambda _: replicated,
+            is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct),
+        )
+
+    def init_state(self, model: RewardModel) -> TrainState:
+        _, trainable, frozen = nnx.split(model, trainable_filter(self.config), ...)
+        trainable, frozen = nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen)
+        init = jax.jit(self.optimizer.init, out_shardings=self.shardings.opt_state)
+        return TrainState(trainable, frozen, init(trainable))
+
+    def model(self, state: TrainState) -> RewardModel:
+        return nnx.merge(self.graphdef, state.trainable, state.frozen)
+
+    def params(self, state: TrainState) -> dict:
+        return nnx.to_pure_dict(nnx.state(self.model(state), nnx.Param))
+
+    def split_params(self, params: dict) -> tuple[dict, dict]:
+        graphdef = nnx.split(
+            nnx.eval_shape(lambda: RewardModel(self.config.model, rngs=nnx.Rngs(0)))
+        )[0]
+        _, trainable, frozen = nnx.split(
+            nnx.merge(graphdef, params), trainable_filter(self.config), ...
+        )
+        return nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen)
+
+    def global_batch(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This host's rows -> arrays over all hosts' rows, split over the batch mesh axes."""
+        out = {}
+        for key, value in host_batch.items():
+            shape = (value.shape[0] * jax.process_count(), *value.shape[1:])
+            sharding = batch_sharding(self.mesh, self.rules, shape)
+            out[key] = jax.make_array_from_process_local_data(sharding, value, shape)
+        return out
+
+    def compile(self, state: TrainState, batch: dict[str, jax.Array]) -> None:
+        """Compiles the train step for these shapes (the first `step` does it otherwise)."""
+        with activation_sharding(self.mesh, self.rules):
+            self._step = (
+                jax.jit(
+                    self._train_step,
+                    in_shardings=(self.shardings, None, None),
+                    out_shardings=(self.shardings, None),
+                    donate_argnums=(0,),
+                )
+                .lower(state, batch, jnp.int32(0))
+                .compile()
+            )
+
+    def step(
+        self, state: TrainState, batch: dict[str, jax.Array], step: int
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
+        if self._step is None:
+            self.compile(state, batch)
+        # TrainState is donated as a whole; the frozen part comes back unchanged.
+        return self._step(state, batch, jnp.int32(step))
+
+    def _loss(
+        self, trainable: dict, frozen: dict, batch: dict, totals: dict
+    ) -> tuple[jax.Array, dict]:
+        model = nnx.merge(self.graphdef, trainable, frozen)
+        return losses.objective(model, batch, self.config, totals)
+
+    def _train_step(
+        self, state: TrainState, batch: dict, step: jax.Array
+    ) -> tuple[TrainState, dict]:
+        totals = losses.totals(batch)
+        parts = self.config.train.micro_batches
+        grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+
+        def accumulate(carry: tuple, micro: dict) -> tuple[tuple, None]:
+            (_, sums), grads = grad_fn(state.trainable, state.frozen, micro, totals)
+            return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+        micro_batches = jax.tree.map(lambda x: _split_rows(x, parts), batch)
+        first = jax.tree.map(lambda x: x[0], micro_batches)
+        if parts == 1:
+            (_, sums), grads = grad_fn(state.trainable, state.frozen, first, totals)
+        else:
+            zeros = jax.eval_shape(grad_fn, state.trainable, state.frozen, first, totals)
+            zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (zeros[1], zeros[0][1]))
+            (grads, sums), _ = jax.lax.scan(accumulate, zeros, micro_batches)
+
+        def objective(trainable: dict) -> jax.Array:  # Sophia's Hessian estimate (one part)
+            return self._loss(trainable, state.frozen, first, totals)[0]
+
+        updates, opt_state = self.optimizer.update(
+            grads, state.opt_state, state.trainable, obj_fn=objective
+        )
+        trainable = optax.apply_updates(state.trainable, updates)
+        metrics = {**sums, "grad_norm": optax.tree.norm(grads), "lr": self.schedule(step)}
+        return TrainState(trainable, state.frozen, opt_state), metrics
+
+    def evaluate(self, state: TrainState, batches: list[dict[str, np.ndarray]]) -> dict:
+        """Metrics over all of `batches` (host batches), as one sum."""
+        if self._eval is None:
+            with activation_sharding(self.mesh, self.rules):
+                self._eval = jax.jit(self._eval_step)
+        totals: dict[str, float] = {}
+        for host_batch in batches:
+            sums = self._eval(state.trainable, state.frozen, self.global_batch(host_batch))
+            for key, value in jax.device_get(sums).items():
+                totals[key] = totals.get(key, 0.0) + float(value)
+        return losses.summarize(totals, self.config.loss)
+
+    def _eval_step(self, trainable: dict, frozen: dict, batch: dict) -> dict:
+        return self._loss(trainable, frozen, batch, losses.totals(batch))[1]
+
+
+def _split_rows(x: jax.Array, parts: int) -> jax.Array:
+    """[rows, ...] -> [parts, rows / parts, ...], each part taking rows from every device."""
+    return x.reshape(x.shape[0] // parts, parts, *x.shape[1:]).swapaxes(0, 1)
+
+
+def _with_shardings(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
+
+
+def train(config: Config) -> dict[str, Any]:
+    """Trains (or resumes) the run `config.output_dir`; returns the final metrics."""
+    _check(config)
+    run_dir = Path(config.output_dir)
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    spec = template_spec(config)
+    config = _with_reward_token(config, spec.build())
+    tokenizer = Path(spec.tokenizer)
+    trainer = Trainer(config, mesh)
+    checkpoints = TrainCheckpoints(run_dir, config.checkpoint, trainer.abstract.trainable)
+    latest = checkpoints.latest_step()
+    if latest is not None:
+        _check_resumable(config, checkpoints.saved_config(latest))
+        if checkpoints.saved_tokenizer(latest) != tokenizer_files(tokenizer):
+            raise UserError(
+                f"data.tokenizer ({config.data.tokenizer}) differs from the tokenizer the run in "
+                f"{run_dir} was trained with"
+            )
+    data = train_batches(config)
+    first_batch = next(data)  # a malformed first window stops the run before anything is written
+    eval_data = eval_batches(config, config.data.eval) if config.data.eval else []
+
+    if latest is None:
+        state = trainer.init_state(_initial_model(config, mesh))
+        start = 0
+    else:
+        state, start = _restore(trainer, checkpoints, latest, data)
+        first_batch = next(data)
+    if start >= config.train.steps:
+        print(f"{run_dir} is already at step {start} of train.steps={config.train.steps}")
+        checkpoints.close()
+        return {"step": start}
+    if jax.process_index() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(config))
+    trainer.compile(state, trainer.global_batch(first_batch))  # kept out of the throughput
+    with contextlib.ExitStack() as stack:
+        received = stack.enter_context(_stop_signals())
+        stack.callback(checkpoints.close)
+        stack.callback(checkpoints.wait)
+        logger = None
+        if jax.process_index() == 0:
+            logger = stack.enter_context(MetricsLogger(run_dir, resume_step=start))
+        bar = stack.enter_context(
+            tqdm(
+                total=config.train.steps,
+                initial=start,
+                unit="step",
+                dynamic_ncols=True,
+                disable=jax.process_index() != 0,
+            )
+        )
+        loop = _Loop(config, trainer, checkpoints, data, tokenizer, logger, bar)
+        state, step, final = loop.run(state, start, first_batch, eval_data, received)
+    if received:
+        raise Stopped(received[0], step, run_dir)
+    return {"step": step, **final}
+
+
+class _Loop:
+    """The steps of one `train` call: log, evaluate and save on schedule."""
+
+    def __init__(
+        self,
+        config: Config,
+        trainer: Trainer,
+        checkpoints: TrainCheckpoints,
+        data: Any,
+        tokenizer: Path,
+        logger: MetricsLogger | None,
+        bar: tqdm,
+    ):
+        self.config, self.trainer, self.checkpoints = config, trainer, checkpoints
+        self.data, self.tokenizer, self.logger, self.bar = data, tokenizer, logger, bar
+        self.flops_per_token = train_flops_per_token(
+            config.model, config.data.seq_len, lm_head=config.objective == "codepmp"
+        )
+        self.peak = peak_flops(jax.devices()[0], config.model.dtype) * jax.device_count()
+
+    def run(
+        self, state: TrainState, step: int, batch: dict, eval_data: list, received: list[int]
+    ) -> tuple[TrainState, int, dict[str, float]]:
+        config, trainer = self.config, self.trainer
+        steps, every = config.train.steps, config.train.eval_every
+        pending: list[dict] = []
+        final: dict[str, float] = {}
+        interval_start = time.perf_counter()
+        while step < steps:
+            state, metrics = trainer.step(state, trainer.global_batch(batch), step)
+            step += 1
+            pending.append(metrics)
+            self.bar.update(1)
+            if step % config.train.log_every == 0 or step == steps:
+                final = self.log(pending, time.perf_counter() - interval_start, step)
+                pending, interval_start = [], time.perf_counter()
+            if eval_data and (step == steps or (every and step % every == 0)):
+                started = time.perf_counter()
+                final.update(self.evaluate(state, eval_data, step))
+                interval_start += time.perf_counter() - started  # not training time
+            multi_host_stop = jax.process_count() > 1 and self.checkpoints.reached_preemption(step)
+            stop = bool(received) or multi_host_stop
+            if step % config.checkpoint.every == 0 or step == steps or stop:
+                self.save(state, step)
+            if stop:
+                break
+            if step < steps:
+                batch = next(self.data)
+        return state, step, final
+
+    def log(self, pending: list[dict], seconds: float, step: int) -> dict[str, float]:
+        host = jax.device_get(pending)
+        sums = {key: sum(float(m[key]) for m in host) for key in host[0]}
+        metrics = losses.summarize(sums, self.config.loss)
+        metrics["grad_norm"] = sums["grad_norm"] / len(host)
+        metrics["lr"] = float(host[-1]["lr"])
+        metrics["tokens_per_sec"] = sums["tokens"] / seconds
+        metrics["examples_per_sec"] = sums["examples"] / seconds
+        metrics["mfu"] = metrics["tokens_per_sec"] * self.flops_per_token / self.peak
+        metrics["step_time"] = seconds / len(host)
+        metrics["bad_rows"] = sums["bad_rows"]
+        if self.logger:
+            self.logger.log(step, metrics)
+        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.3f}")
+        return metrics
+
+    def evaluate(self, state: TrainState, eval_data: list, step: int) -> dict[str, float]:
+        result = self.trainer.evaluate(state, eval_data)
+        if self.logger:
+            self.logger.log(step, result, prefix="eval/")
+        self.bar.write(f"step {step}: eval " + " ".join(f"{k}={v:.4g}" for k, v in result.items()))
+        return {f"eval/{k}": v for k, v in result.items()}
+
+    def save(self, state: TrainState, step: int) -> None:
+        train_state = {"step": step, "seed": self.config.train.seed}
+        self.checkpoints.save(
+            step,
+            self.trainer.params(state),
+            state.opt_state,
+            self.data,
+            train_state,
+            self.config,
+            self.tokenizer,
+        )
+
+
+class Stopped(Exception):
+    """Training stopped by a signal after saving a checkpoint."""
+
+    def __init__(self, signum: int, step: int, run_dir: Path):
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved in "
+            f"{run_dir}/checkpoints/{step}; run the same command again to resume"
+        )
+        self.exit_code = 128 + signum
+
+
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[list[int]]:
+    """Collects SIGTERM / SIGINT so the loop can save and stop; a second one acts at once."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def on_signal(signum: int, frame: Any) -> None:
+        received.append(signum)
+        signal.signal(signum, previous[signum])
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _check(config: Config) -> None:
+    if config.objective == "codepmp" and not config.model.lm_head:
+        raise UserError("objective codepmp needs an LM head: set model.lm_head: true")
+    if config.data.train is None:
+        raise UserError("data.train is not set")
+
+
+def _with_reward_token(config: Config, template: Any) -> Config:
+    """The config with `model.reward_token_id` = the id the template appends, so checkpoints
+    and exports say where the reward is read."""
+    model = config.model
+    if model.reward_token_id not in (None, template.reward_id):
+        raise UserError(
+            f"data.reward_token is id {template.reward_id} but model.reward_token_id is "
+            f"{model.reward_token_id}; set one of them only"
+        )
+    if template.tokenizer.vocab_size > model.vocab_size:
+        raise UserError(
+            f"the tokenizer has {template.tokenizer.vocab_size} tokens but model.vocab_size is "
+            f"{model.vocab_size}"
+        )
+    model = dataclasses.replace(model, reward_token_id=template.reward_id)
+    return dataclasses.replace(config, model=model)
+
+
+def _initial_model(config: Config, mesh: Mesh) -> RewardModel:
+    model = create_model(config.model, config.train.seed, mesh, config.mesh.rules)
+    if config.train.init_from is None:
+        return model
+    loaded = load_model(config.train.init_from, mesh, config.mesh.rules)
+    differing = [
+        key for key in SHAPE_KEYS if getattr(loaded.config.model, key) != getattr(config.model, key)
+    ]
+    if differing:
+        details = ", ".join(
+            f"{k}: {getattr(loaded.config.model, k)} there, {getattr(config.model, k)} here"
+            for k in differing
+        )
+        raise UserError(
+            f"train.init_from {config.train.init_from}: another model shape ({details})"
+        )
+    if config.model.lm_head and not loaded.config.model.lm_head:
+        raise UserError(
+            f"train.init_from {config.train.init_from} has no LM head; import it with "
+            "--keep-lm-head for the codepmp objective"
+        )
+    fresh = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    _update_from(fresh, nnx.to_pure_dict(nnx.state(loaded.model, nnx.Param)))
+    return nnx.merge(nnx.split(model)[0], fresh)
+
+
+def _update_from(target: dict, source: dict) -> None:
+    """Copies `source` into `target` where both have the key (LoRA adapters stay fresh)."""
+    for key, value in source.items():
+        if key not in target:
+            continue
+        if isinstance(value, dict):
+            _update_from(target[key], value)
+        else:
+            target[key] = value
+
+
+def _restore(
+    trainer: Trainer, checkpoints: TrainCheckpoints, step: int, data: Any
+) -> tuple[TrainState, int]:
+    _, params_target = abstract_model(trainer.config.model, trainer.mesh, trainer.rules)
+    params, opt_state, train_state = checkpoints.restore(
+        step, params_target, trainer.abstract.opt_state, data
+    )
+    trainable, frozen = trainer.split_params(params)
+    return TrainState(trainable, frozen, opt_state), int(train_state["step"])
+
+
+def _check_resumable(config: Config, saved_text: str) -> None:
+    saved = _flatten(yaml.safe_load(saved_text))
+    current = _flatten(config_to_dict(config))
+    differing = [
+        key
+        for key in sorted(saved.keys() | current.keys())
+        if saved.get(key) != current.get(key) and not key.startswith(RESUMABLE_CHANGES)
+    ]
+    if differing:
+        details = ", ".join(
+            f"{k}: {saved.get(k)!r} there, {current.get(k)!r} here" for k in differing
+        )
+        raise UserError(
+            f"{config.output_dir} holds a run with another config ({details}); use a new "
+            "output_dir or restore those settings"
+        )
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and key != "rules":
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

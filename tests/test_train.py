@@ -1,0 +1,259 @@
+"""The train loop against itself run other ways: sharded vs one device, accumulated vs whole,
+resumed (after SIGTERM, onto another mesh) vs uninterrupted; and the errors a user can cause."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import yaml
+from data_helpers import polar_rows, train_sentencepiece, write_jsonl
+from flax import nnx
+
+from jaxrm.checkpoint import find_checkpoint, load_model
+from jaxrm.config import dump_config, load_config
+from jaxrm.model import create_model
+from jaxrm.pipeline import train_batches
+from jaxrm.sharding import make_mesh
+from jaxrm.train import Trainer, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("train_data")
+    tokenizer = train_sentencepiece(directory)
+    write_jsonl(directory / "train.jsonl", polar_rows(120, seed=1))
+    write_jsonl(directory / "eval.jsonl", polar_rows(16, seed=2))
+    return directory, tokenizer
+
+
+def make_config(data, run_dir, *overrides):
+    directory, tokenizer = data
+    return load_config(
+        None,
+        [
+            f"output_dir={run_dir}",
+            f"data.train={directory / 'train.jsonl'}",
+            f"data.tokenizer={tokenizer}",
+            "data.reward_token=<|score|>",
+            "data.seq_len=128",
+            "train.batch_size=8",
+            "model.dtype=float32",
+            "optimizer.lr=3e-3",
+            "optimizer.weight_decay=0.01",
+            "train.log_every=1",
+            *overrides,
+        ],
+    )
+
+
+def run_steps(config, mesh, batches):
+    trainer = Trainer(config, mesh)
+    model = create_model(config.model, config.train.seed, mesh, config.mesh.rules)
+    state = trainer.init_state(model)
+    losses = []
+    for step, batch in enumerate(batches):
+        state, metrics = trainer.step(state, trainer.global_batch(batch), step)
+        losses.append(float(metrics["rank_loss"]) / float(metrics["examples"]))
+    return jax.device_get(trainer.params(state)), losses
+
+
+def first_batches(config, count):
+    iterator = train_batches(config)
+    return [next(iterator) for _ in range(count)]
+
+
+def assert_trees_close(a, b, atol):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)
+
+
+@pytest.mark.slow
+def test_sharded_steps_equal_single_device_steps(data, tmp_path):
+    config = make_config(data, tmp_path, "mesh.fsdp=4", "mesh.tensor=2")
+    batches = first_batches(config, 5)
+    sharded = run_steps(config, make_mesh(1, 4, 2), batches)
+    single = run_steps(config, make_mesh(1, 1, 1, devices=jax.devices()[:1]), batches)
+    np.testing.assert_allclose(sharded[1], single[1], atol=1e-4)
+    assert_trees_close(sharded[0], single[0], atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["polar", "codepmp"])
+def test_accumulating_micro_batches_equals_one_whole_batch(data, tmp_path, objective):
+    extra = ["model.lm_head=true"] if objective == "codepmp" else []
+    whole = make_config(data, tmp_path, f"objective={objective}", *extra)
+    parts = make_config(data, tmp_path, f"objective={objective}", "train.micro_batches=4", *extra)
+    batches = first_batches(whole, 2)
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    one = run_steps(whole, mesh, batches)
+    four = run_steps(parts, mesh, batches)
+    np.testing.assert_allclose(one[1], four[1], atol=1e-5)
+    assert_trees_close(one[0], four[0], atol=1e-5)
+
+
+def test_train_writes_run_dir_and_eval_metrics(data, tmp_path):
+    directory, _ = data
+    config = make_config(
+        data,
+        tmp_path / "run",
+        "train.steps=4",
+        "checkpoint.every=2",
+        "checkpoint.keep=1",
+        "train.eval_every=2",
+        f"data.eval={directory / 'eval.jsonl'}",
+    )
+    summary = train(config)
+    run = tmp_path / "run"
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [line for line in lines if "loss" in line]
+    eval_lines = [line for line in lines if "eval/accuracy" in line]
+    assert [line["step"] for line in train_lines] == [1, 2, 3, 4]
+    for key in ("loss", "accuracy", "lr", "tokens_per_sec", "mfu", "grad_norm", "reward_std"):
+        assert all(np.isfinite(line[key]) for line in train_lines), key
+    assert [line["step"] for line in eval_lines] == [2, 4]
+    assert summary["eval/accuracy"] == eval_lines[-1]["eval/accuracy"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["4"]  # keep=1
+    assert list((run / "tensorboard").iterdir())
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["reward_token_id"] == 5  # <|score|>, so exports know where to read
+    kind, step_dir = find_checkpoint(run)
+    assert (kind, step_dir.name) == ("jaxrm", "4")
+    loaded = load_model(run)
+    assert (loaded.tokenizer_dir / "tokenizer.model").is_file()
+    assert loaded.config.model.reward_token_id == 5
+
+
+@pytest.mark.slow
+def test_restore_onto_another_mesh_continues_the_same_run(data, tmp_path):
+    steps = ["train.steps=6", "checkpoint.every=3"]
+    full = train(make_config(data, tmp_path / "full", *steps, "mesh.fsdp=8"))
+    train(
+        make_config(data, tmp_path / "split", "train.steps=3", "checkpoint.every=3", "mesh.fsdp=8")
+    )
+    resumed = train(make_config(data, tmp_path / "split", *steps, "mesh.fsdp=2", "mesh.tensor=4"))
+    assert resumed["step"] == 6
+    # train.steps changed between the two halves, so the schedules differ: compare losses of
+    # the first, shared steps and that training went on from the checkpoint.
+    lines = [json.loads(x) for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines if "loss" in line] == [1, 2, 3, 4, 5, 6]
+    assert np.isfinite(full["loss"]) and np.isfinite(resumed["loss"])
+
+
+def test_incompatible_config_names_the_differing_keys(data, tmp_path):
+    train(make_config(data, tmp_path, "train.steps=1", "checkpoint.every=1"))
+    with pytest.raises(Exception, match=r"optimizer\.lr: 0\.003 there, 0\.01 here") as error:
+        train(make_config(data, tmp_path, "train.steps=2", "optimizer.lr=0.01"))
+    assert "model.hidden_size" not in str(error.value)
+
+
+def test_an_unfinished_save_is_never_picked_up(data, tmp_path):
+    train(make_config(data, tmp_path, "train.steps=2", "checkpoint.every=1", "checkpoint.keep=5"))
+    checkpoints = tmp_path / "checkpoints"
+    # What a save killed midway leaves: Orbax's temporary directory with some items in it.
+    partial = checkpoints / "3.orbax-checkpoint-tmp-1234"
+    (partial / "params").mkdir(parents=True)
+    assert find_checkpoint(tmp_path)[1].name == "2"
+    summary = train(make_config(data, tmp_path, "train.steps=3", "checkpoint.every=1"))
+    assert summary["step"] == 3
+
+
+def jaxrm_cli(*args, cwd=None, env=None):
+    return subprocess.Popen(
+        [sys.executable, "-m", "jaxrm", *args],
+        cwd=cwd,
+        env={**os.environ, "XLA_FLAGS": "", **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def write_config(data, path, run_dir, *overrides):
+    config = make_config(data, run_dir, *overrides)
+    path.write_text(dump_config(config))
+    return path
+
+
+def snapshot(directory: Path) -> dict:
+    return {
+        str(p.relative_to(directory)): (p.stat().st_mtime_ns, p.stat().st_size)
+        for p in sorted(directory.rglob("*"))
+    }
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_equals_an_uninterrupted_run(data, tmp_path):
+    common = ["train.steps=150", "checkpoint.every=1000", "mesh.fsdp=1"]
+    whole_cfg = write_config(data, tmp_path / "whole.yaml", tmp_path / "whole", *common)
+    cut_cfg = write_config(data, tmp_path / "cut.yaml", tmp_path / "cut", *common)
+    whole = jaxrm_cli("train", str(whole_cfg))
+
+    cut = jaxrm_cli("train", str(cut_cfg))
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if metrics.exists() and metrics.read_text().count("\n") >= 5:
+            break
+        time.sleep(0.01)
+    cut.send_signal(signal.SIGTERM)
+    _, err = cut.communicate(timeout=300)
+    assert cut.returncode == 128 + signal.SIGTERM, err
+    stopped_at = int(find_checkpoint(tmp_path / "cut")[1].name)
+    assert 5 <= stopped_at < 150, err
+    assert "run the same command again to resume" in err
+
+    resumed = jaxrm_cli("train", str(cut_cfg))
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    _, err = whole.communicate(timeout=300)
+    assert whole.returncode == 0, err
+
+    def logged(run):
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [(m["step"], m["loss"], m["accuracy"], m["lr"]) for m in map(json.loads, lines)]
+
+    assert logged("cut") == logged("whole")
+    a, b = (load_model(tmp_path / run).model for run in ("whole", "cut"))
+    for x, y in zip(jax.tree.leaves(nnx.state(a)), jax.tree.leaves(nnx.state(b)), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.slow
+def test_user_errors_are_one_line_and_leave_checkpoints_alone(data, tmp_path):
+    rows = tmp_path / "train.jsonl"
+    rows.write_text((data[0] / "train.jsonl").read_text())
+    run = tmp_path / "run"
+    config = write_config(data, tmp_path / "run.yaml", run, "train.steps=1", f"data.train={rows}")
+    done = jaxrm_cli("train", str(config))
+    _, err = done.communicate(timeout=300)
+    assert done.returncode == 0, err
+    before = snapshot(run / "checkpoints")
+
+    bad_key = jaxrm_cli("train", str(config), "train.stepz=3")
+    _, err = bad_key.communicate(timeout=120)
+    assert bad_key.returncode == 1
+    assert err.strip().splitlines() == [
+        "jaxrm: error: unknown config key 'train.stepz' (the command line); "
+        "did you mean 'train.steps'?"
+    ]
+
+    lines = rows.read_text().splitlines()
+    lines[6] = '{"prompt": "p", "reference": "r", "chosen": "c"}'
+    rows.write_text("\n".join(lines) + "\n")
+    for run_dir in (run, tmp_path / "fresh"):  # resuming the run, and a new run
+        bad_row = jaxrm_cli("train", str(config), "train.steps=3", f"output_dir={run_dir}")
+        _, err = bad_row.communicate(timeout=300)
+        assert bad_row.returncode == 1
+        (line,) = err.strip().splitlines()
+        assert line.startswith(f"jaxrm: error: {rows}:7: field 'rejected' is missing"), err
+    assert snapshot(run / "checkpoints") == before
+    assert not (tmp_path / "fresh" / "checkpoints").exists()
