@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from jaxrm.builders import add_commands as add_builder_commands
+from jaxrm.demo import add_command as add_demo_command
 from jaxrm.errors import UserError
 from jaxrm.metrics import add_command as add_plot_command
 
@@ -231,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--json", action="store_true", help="print the report as JSON")
     add_builder_commands(data_commands)
     add_plot_command(commands)
+    add_demo_command(commands)
     return parser
 
 

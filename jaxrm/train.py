@@ -320,7 +320,10 @@ class _Loop:
         self.flops_per_token = train_flops_per_token(
             config.model, config.data.seq_len, lm_head=config.objective == "codepmp"
         )
-        self.peak = peak_flops(jax.devices()[0], config.model.dtype) * jax.device_count()
+        device = jax.devices()[0]
+        # A CPU "device" count can be faked; the measured peak is the whole host's.
+        chips = jax.process_count() if device.platform == "cpu" else jax.device_count()
+        self.peak = peak_flops(device, config.model.dtype) * chips
 
     def run(
         self, state: TrainState, step: int, batch: dict, eval_data: list, received: list[int]
@@ -329,6 +332,8 @@ class _Loop:
         steps, every = config.train.steps, config.train.eval_every
         pending: list[dict] = []
         final: dict[str, float] = {}
+        if eval_data and step == 0:  # where training starts from
+            final.update(self.evaluate(state, eval_data, step))
         interval_start = time.perf_counter()
         while step < steps:
             state, metrics = trainer.step(state, trainer.global_batch(batch), step)
@@ -336,6 +341,7 @@ class _Loop:
             pending.append(metrics)
             self.bar.update(1)
             if step % config.train.log_every == 0 or step == steps:
+                jax.block_until_ready(pending)  # steps run asynchronously: time them done
                 final = self.log(pending, time.perf_counter() - interval_start, step)
                 pending, interval_start = [], time.perf_counter()
             if eval_data and (step == steps or (every and step % every == 0)):

@@ -119,7 +119,7 @@ def test_train_writes_run_dir_and_eval_metrics(data, tmp_path):
     assert [line["step"] for line in train_lines] == [1, 2, 3, 4]
     for key in ("loss", "accuracy", "lr", "tokens_per_sec", "mfu", "grad_norm", "reward_std"):
         assert all(np.isfinite(line[key]) for line in train_lines), key
-    assert [line["step"] for line in eval_lines] == [2, 4]
+    assert [line["step"] for line in eval_lines] == [0, 2, 4]  # 0: the starting point
     assert summary["eval/accuracy"] == eval_lines[-1]["eval/accuracy"]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["4"]  # keep=1
     assert list((run / "tensorboard").iterdir())
