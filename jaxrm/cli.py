@@ -9,6 +9,7 @@ from jaxrm.builders import add_commands as add_builder_commands
 from jaxrm.demo import add_command as add_demo_command
 from jaxrm.errors import UserError
 from jaxrm.metrics import add_command as add_plot_command
+from jaxrm.toy import add_command as add_toy_command
 
 if TYPE_CHECKING:
     from jaxrm.config import Config
@@ -231,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             sub.add_argument("--json", action="store_true", help="print the report as JSON")
     add_builder_commands(data_commands)
+    add_toy_command(data_commands)
     add_plot_command(commands)
     add_demo_command(commands)
     return parser

@@ -25,7 +25,6 @@ DEMO_CONFIG: dict[str, Any] = {
     "train": {"steps": 300, "batch_size": 8, "log_every": 10, "eval_every": 100},
     "optimizer": {"lr": 2e-3, "weight_decay": 0.01},
     "checkpoint": {"every": 100, "keep": 1},
-    "mesh": {"fsdp": 1},
 }
 
 

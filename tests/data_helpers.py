@@ -4,7 +4,7 @@ import json
 import random
 from pathlib import Path
 
-import sentencepiece as spm
+from jaxrm.toy import train_tokenizer
 
 WORDS = [
     "the",
@@ -43,28 +43,10 @@ def sentence(rng: random.Random, length: int) -> str:
 
 
 def train_sentencepiece(directory: Path, vocab_size: int = 300) -> Path:
-    """A byte-fallback unigram model that keeps newlines, with <|reward|> and <|score|> added."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """jaxrm's toy tokenizer (<|reward|> and <|score|> added) trained on generated sentences."""
     rng = random.Random(0)
     lines = [sentence(rng, rng.randint(3, 15)) for _ in range(3000)]
-    corpus = directory / "corpus.txt"
-    corpus.write_text("\n".join(lines))
-    spm.SentencePieceTrainer.train(
-        input=str(corpus),
-        model_prefix=str(directory / "tokenizer"),
-        vocab_size=vocab_size,
-        user_defined_symbols=["<|reward|>", "<|score|>"],
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=3,
-        byte_fallback=True,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        minloglevel=2,
-    )
-    corpus.unlink()
-    return directory / "tokenizer.model"
+    return train_tokenizer(lines, directory, vocab_size)
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

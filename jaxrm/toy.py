@@ -1,0 +1,499 @@
+"""Toy datasets that a tiny model learns in a minute on a CPU, and a tokenizer for them.
+
+    paths = write_toy_data("data/toy")      # polar_{train,eval}.jsonl, codepmp_{train,eval}.jsonl,
+                                            # tokenizer.model + tokenizer_config.json
+
+POLAR: six toy policies answer short questions about household things, each in its own style
+(formal, casual, pirate, terse, numbered list, shouting), which shows in its words, punctuation,
+length and layout. Each prompt gets two samples from every policy (`trajectory_rows`), and
+`jaxrm.builders.polar_triples` turns them into triples: reference and chosen are two different
+samples of policy A (the row's `category`), rejected is a sample of policy B. Every policy serves
+as A and as B equally often, so a candidate's style alone says nothing: only comparing it with the
+reference does.
+
+CodePMP: a strong coder writes a correct, documented function for a small task; a weak coder
+writes the same function with one or two visible flaws (no docstring, garbled names, a print
+instead of the return, debug output, a TODO, two-space indents, a missing colon) and sometimes a
+subtle bug as well.
+
+Evaluation rows ask about things (POLAR) and tasks (CodePMP) that training rows never mention.
+Everything is drawn from `random.Random` with fixed seeds: the same arguments give the same rows.
+The copy in `configs/toy/` is `write_toy_data` with its defaults.
+"""
+
+import argparse
+import dataclasses
+import io
+import json
+import random
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+Row = dict[str, Any]
+
+# ----------------------------------------------------------------------------- POLAR
+
+NOUNS = (
+    "garden", "bicycle", "kettle", "violin", "laptop", "tent", "boat", "lamp", "piano", "camera",
+    "sofa", "window", "fence", "bucket", "helmet", "clock", "drone", "ladder", "oven", "guitar",
+    "kite", "drum", "radio", "hammer",
+)  # fmt: skip
+VERBS = ("clean", "fix", "paint", "check", "oil", "wash", "polish", "test")
+ADJECTIVES = ("small", "rusty", "noisy", "shiny", "wet", "heavy", "quiet", "dusty")
+# A prompt asks about a topic (an adjective and a thing). Evaluation prompts ask about the fifth
+# of the topics that training prompts never ask about; their words do occur in training, since a
+# model trained from scratch knows nothing of a word it never saw.
+TOPICS = [(adj, noun) for adj in ADJECTIVES for noun in NOUNS]
+EVAL_TOPICS = [t for i, t in enumerate(TOPICS) if i % 5 == 0]
+TRAIN_TOPICS = [t for i, t in enumerate(TOPICS) if i % 5]
+QUESTIONS = (
+    "How do I {verb} my {adj} {noun}?",
+    "Best way to {verb} a {adj} {noun}?",
+    "Why is my {noun} so {adj}?",
+    "Tips for a {adj} {noun}?",
+    "Is a {adj} {noun} worth it?",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """A way of answering: openers, sentences ({noun}, {verb}, {adj} filled in) and closers."""
+
+    openers: tuple[str, ...]
+    sentences: tuple[str, ...]
+    closers: tuple[str, ...]
+    count: tuple[int, int]  # sentences per answer, inclusive
+    joiner: str = " "
+    numbered: bool = False
+    case: Callable[[str], str] | None = None
+
+
+POLICIES = {
+    "formal": Policy(
+        ("Certainly.", "Indeed.", "Kindly note:"),
+        (
+            "One should treat the {noun} with care.",
+            "I advise regular maintenance.",
+            "Such matters merit attention.",
+        ),
+        ("Regards.", "Respectfully.", ""),
+        (1, 1),
+    ),
+    "casual": Policy(
+        ("hey", "lol ok", "omg"),
+        ("just wing it tbh", "ur {noun} is fine lol", "dont stress haha"),
+        (":)", "!!", ""),
+        (1, 1),
+    ),
+    "pirate": Policy(
+        ("Arr!", "Ahoy!", "Avast!"),
+        ("Ye must guard yer {noun}.", "That be gold, matey.", "Mind yer booty, ye dog."),
+        ("Yo ho!", ""),
+        (1, 1),
+    ),
+    "terse": Policy(("",), ("Yes.", "No.", "Fine.", "Depends.", "Maybe.", "Sure."), ("",), (1, 2)),
+    "lister": Policy(
+        ("Steps:", "Plan:"),
+        ("{verb} the {noun}", "check twice", "wait a bit", "repeat"),
+        ("",),
+        (2, 3),
+        joiner="\n",
+        numbered=True,
+    ),
+    "shouting": Policy(
+        ("WOW!!!", "HEY!!!"),
+        ("love the {noun}!!!", "best thing ever!!!", "never give up!!!"),
+        ("YES!!!", ""),
+        (1, 1),
+        case=str.upper,
+    ),
+}
+
+
+def _fill(template: str, rng: random.Random, noun: str, adj: str | None = None) -> str:
+    return template.format(noun=noun, verb=rng.choice(VERBS), adj=adj or rng.choice(ADJECTIVES))
+
+
+def answer(policy: Policy, noun: str, rng: random.Random) -> str:
+    """One sample of `policy` answering a question about `noun`."""
+    picked = rng.sample(policy.sentences, rng.randint(*policy.count))
+    lines = [_fill(s, rng, noun) for s in picked]
+    if policy.numbered:
+        lines = [f"{i}) {line}" for i, line in enumerate(lines, 1)]
+    parts = [rng.choice(policy.openers), *lines, rng.choice(policy.closers)]
+    text = policy.joiner.join(p for p in parts if p)
+    return policy.case(text) if policy.case else text
+
+
+def trajectory_rows(prompts: int, seed: int = 0, held_out: bool = False) -> list[Row]:
+    """Rows {prompt, policy, response}: per prompt, two samples of each of two policies.
+
+    `prompts` different prompts about TRAIN_TOPICS, or about EVAL_TOPICS when `held_out`. The
+    rows of a prompt are four in a row: policy A's two different samples, then policy B's.
+    """
+    split = "eval" if held_out else "train"
+    rng = random.Random(f"toy-polar-{split}-{seed}")
+    topics = EVAL_TOPICS if held_out else TRAIN_TOPICS
+    asked: set[str] = set()
+    rows = []
+    while len(asked) < prompts:
+        adj, noun = rng.choice(topics)
+        prompt = _fill(rng.choice(QUESTIONS), rng, noun, adj)
+        if prompt in asked:
+            continue
+        asked.add(prompt)
+        for name in rng.sample(sorted(POLICIES), 2):
+            first = second = answer(POLICIES[name], noun, rng)
+            while second == first:
+                second = answer(POLICIES[name], noun, rng)
+            rows += [{"prompt": prompt, "policy": name, "response": r} for r in (first, second)]
+    return rows
+
+
+def polar_rows(count: int, seed: int = 0, held_out: bool = False) -> list[Row]:
+    """`count` rows {prompt, reference, chosen, rejected, category}, two per prompt.
+
+    With A1 A2 B1 B2 the samples of `trajectory_rows`, a prompt gives (A1, A2, B1) and then
+    (B1, B2, A1) as (reference, chosen, rejected). Each style is chosen once and rejected once
+    per prompt, so nothing but the reference tells the candidates apart: a model cannot score
+    well by learning which styles (or topics) tend to win.
+    """
+    samples = trajectory_rows((count + 1) // 2, seed, held_out)
+    rows = []
+    for i in range(0, len(samples), 4):
+        a1, a2, b1, b2 = samples[i : i + 4]
+        for reference, chosen, rejected in ((a1, a2, b1), (b1, b2, a1)):
+            rows.append(
+                {
+                    "prompt": reference["prompt"],
+                    "reference": reference["response"],
+                    "chosen": chosen["response"],
+                    "rejected": rejected["response"],
+                    "category": reference["policy"],
+                }
+            )
+    return rows[:count]
+
+
+# ----------------------------------------------------------------------------- CodePMP
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """A small function to write. {xs} {s} {n} {d} are parameters, {k} a number, {c} a letter."""
+
+    category: str
+    name: str
+    params: str
+    doc: str
+    body: str  # indented by four spaces per level, relative to the function body
+
+
+TASKS = (
+    Task("lists", "sum_even", "{xs}", "Return the sum of the even numbers in {xs}.",
+         "total = 0\nfor x in {xs}:\n    if x % 2 == 0:\n        total += x\nreturn total"),
+    Task("lists", "count_above", "{xs}", "Return how many numbers in {xs} are greater than {k}.",
+         "count = 0\nfor x in {xs}:\n    if x > {k}:\n        count += 1\nreturn count"),
+    Task("lists", "add_to_all", "{xs}", "Return {xs} with {k} added to every number.",
+         "return [x + {k} for x in {xs}]"),
+    Task("lists", "largest", "{xs}", "Return the largest number in {xs}, or None if empty.",
+         "if not {xs}:\n    return None\nbest = {xs}[0]\nfor x in {xs}:\n    if x > best:\n"
+         "        best = x\nreturn best"),
+    Task("lists", "mean", "{xs}", "Return the mean of {xs}, or 0.0 if it is empty.",
+         "if not {xs}:\n    return 0.0\nreturn sum({xs}) / len({xs})"),
+    Task("lists", "multiples", "{xs}", "Return the numbers in {xs} that are multiples of {k}.",
+         "return [x for x in {xs} if x % {k} == 0]"),
+    Task("lists", "cap_all", "{xs}", "Return {xs} with every number limited to at most {k}.",
+         "return [min(x, {k}) for x in {xs}]"),
+    Task("lists", "product", "{xs}", "Return the product of the numbers in {xs}.",
+         "result = 1\nfor x in {xs}:\n    result *= x\nreturn result"),
+    Task("lists", "running_totals", "{xs}", "Return the running totals of {xs}.",
+         "totals = []\ntotal = 0\nfor x in {xs}:\n    total += x\n    totals.append(total)\n"
+         "return totals"),
+    Task("lists", "find_index", "{xs}", "Return the index of the first {k} in {xs}, or -1.",
+         "for i, x in enumerate({xs}):\n    if x == {k}:\n        return i\nreturn -1"),
+    Task("lists", "unique", "{xs}", "Return {xs} without repeated numbers, in order.",
+         "seen = set()\nresult = []\nfor x in {xs}:\n    if x not in seen:\n        seen.add(x)\n"
+         "        result.append(x)\nreturn result"),
+    Task("numbers", "factorial", "{n}", "Return the factorial of {n}.",
+         "result = 1\nfor i in range(2, {n} + 1):\n    result *= i\nreturn result"),
+    Task("numbers", "is_prime", "{n}", "Return True if {n} is a prime number.",
+         "if {n} < 2:\n    return False\nfor i in range(2, int({n} ** 0.5) + 1):\n"
+         "    if {n} % i == 0:\n        return False\nreturn True"),
+    Task("numbers", "digit_sum", "{n}", "Return the sum of the digits of {n}.",
+         "total = 0\nwhile {n} > 0:\n    total += {n} % 10\n    {n} //= 10\nreturn total"),
+    Task("numbers", "fizz", "{n}", "Return 'fizz' if {k} divides {n}, else {n} as text.",
+         "if {n} % {k} == 0:\n    return 'fizz'\nreturn str({n})"),
+    Task("numbers", "fibonacci", "{n}", "Return the {n}-th Fibonacci number.",
+         "a, b = 0, 1\nfor _ in range({n}):\n    a, b = b, a + b\nreturn a"),
+    Task("numbers", "gcd_with", "{n}", "Return the greatest common divisor of {n} and {k}.",
+         "a, b = {n}, {k}\nwhile b:\n    a, b = b, a % b\nreturn a"),
+    Task("strings", "count_vowels", "{s}", "Return the number of vowels in {s}.",
+         "return sum(1 for ch in {s} if ch in 'aeiou')"),
+    Task("strings", "reverse_words", "{s}", "Return {s} with its words in reverse order.",
+         "return ' '.join(reversed({s}.split()))"),
+    Task("strings", "is_palindrome", "{s}", "Return True if {s} reads the same backwards.",
+         "cleaned = {s}.lower()\nreturn cleaned == cleaned[::-1]"),
+    Task("strings", "title_words", "{s}", "Return {s} with every word capitalised.",
+         "return ' '.join(w.capitalize() for w in {s}.split())"),
+    Task("strings", "shorten", "{s}", "Return {s} cut to at most {k} characters.",
+         "return {s}[:{k}]"),
+    Task("strings", "count_letter", "{s}", "Return how often the letter '{c}' is in {s}.",
+         "return {s}.count('{c}')"),
+    Task("dicts", "invert", "{d}", "Return {d} with keys and values swapped.",
+         "return {value: key for key, value in {d}.items()}"),
+    Task("dicts", "sum_values", "{d}", "Return the sum of the values in {d}.",
+         "return sum({d}.values())"),
+    Task("dicts", "above", "{d}", "Return the items of {d} whose value is above {k}.",
+         "return {key: value for key, value in {d}.items() if value > {k}}"),
+    # Held out for evaluation, two per category.
+    Task("lists", "chunks", "{xs}", "Split {xs} into lists of {k} numbers.",
+         "return [{xs}[i : i + {k}] for i in range(0, len({xs}), {k})]"),
+    Task("lists", "is_sorted", "{xs}", "Return True if {xs} never decreases.",
+         "for i in range(1, len({xs})):\n    if {xs}[i - 1] > {xs}[i]:\n        return False\n"
+         "return True"),
+    Task("numbers", "power", "{n}", "Return {n} raised to the power {k}.",
+         "result = 1\nfor _ in range({k}):\n    result *= {n}\nreturn result"),
+    Task("numbers", "count_digits", "{n}", "Return how many digits {n} has.",
+         "count = 1\nwhile {n} >= 10:\n    {n} //= 10\n    count += 1\nreturn count"),
+    Task("strings", "longest_word", "{s}", "Return the longest word in {s}.",
+         "words = {s}.split()\nif not words:\n    return ''\nreturn max(words, key=len)"),
+    Task("strings", "initials", "{s}", "Return the first letter of each word in {s}, upper case.",
+         "return ''.join(w[0].upper() for w in {s}.split())"),
+    Task("dicts", "key_of_max", "{d}", "Return the key of {d} with the largest value.",
+         "best = None\nfor key, value in {d}.items():\n    if best is None or value > {d}[best]:\n"
+         "        best = key\nreturn best"),
+    Task("dicts", "sorted_keys", "{d}", "Return the keys of {d}, smallest value first.",
+         "return sorted({d}, key={d}.get)"),
+)  # fmt: skip
+EVAL_TASKS = 8  # the last ones
+
+# Parameter names a strong coder picks, and what a weak one garbles them into.
+GOOD_NAMES = {
+    "xs": ("values", "numbers", "nums", "items"),
+    "s": ("text", "line", "sentence", "phrase"),
+    "n": ("n", "number", "num"),
+    "d": ("counts", "table", "scores", "mapping"),
+}
+BAD_NAMES = ("x", "lst", "a1", "thing", "inp", "tmp")
+BAD_FUNCTION_NAMES = ("f", "func", "do_it", "foo", "my_func2", "solve")
+# Subtle bugs: the first text replaced by the second, somewhere in the body.
+MUTATIONS = (
+    (" > ", " < "),
+    (" >= ", " > "),
+    (" + ", " - "),
+    (" == ", " != "),
+    (" *= ", " += "),
+    ("[::-1]", "[::1]"),
+    ("range(2,", "range(1,"),
+    ("return True", "return False"),
+)
+PLACEHOLDER = re.compile(r"\{(xs|s|n|d|k|c)\}")
+
+
+def _substitute(text: str, names: dict[str, str]) -> str:
+    # Not str.format: the code holds literal braces (dict comprehensions).
+    return PLACEHOLDER.sub(lambda m: names[m.group(1)], text)
+
+
+def _function(task: Task, name: str, names: dict[str, str]) -> list[str]:
+    header = f"def {name}({_substitute(task.params, names)}):"
+    body = _substitute(task.body, names).split("\n")
+    return [header, f'    """{_substitute(task.doc, names)}"""', *("    " + b for b in body)]
+
+
+def _print_not_return(lines: list[str], rng: random.Random) -> list[str]:
+    *head, last = lines
+    return [*head, "    print(" + last.removeprefix("    return ") + ")"]
+
+
+def _todo(lines: list[str], rng: random.Random) -> list[str]:
+    comment = rng.choice(("# TODO fix this", "# not sure this works", "# hack"))
+    return [*lines[:-1], "    " + comment, lines[-1]]
+
+
+def _debug_print(lines: list[str], rng: random.Random) -> list[str]:
+    return [lines[0], "    print(" + rng.choice(("'here'", "'debug'", "'ok'")) + ")", *lines[1:]]
+
+
+def _no_docstring(lines: list[str], rng: random.Random) -> list[str]:
+    return [line for line in lines if not line.startswith('    """')]
+
+
+def _two_space_indent(lines: list[str], rng: random.Random) -> list[str]:
+    return [re.sub("^((?:    )+)", lambda m: "  " * (len(m.group(1)) // 4), s) for s in lines]
+
+
+def _no_colon(lines: list[str], rng: random.Random) -> list[str]:
+    return [lines[0].removesuffix(":"), *lines[1:]]
+
+
+# Visible flaws, in the order they are applied: each finds what it changes (the final return,
+# the docstring, four-space indents, the header's colon) before a later one alters it.
+FLAWS = (_print_not_return, _todo, _debug_print, _no_docstring, _two_space_indent, _no_colon)
+
+
+def _mutation(lines: list[str], rng: random.Random) -> list[str]:
+    """A subtle bug: one operator or constant of the body changed, where the body has one."""
+    header, *body = lines
+    code = "\n".join(body)
+    found = [m for m in MUTATIONS if m[0] in code]
+    if not found:
+        return lines
+    old, new = rng.choice(found)
+    return [header, *code.replace(old, new, 1).split("\n")]
+
+
+def codepmp_row(task: Task, rng: random.Random) -> Row:
+    """A strong coder's function (chosen) and a weak coder's (rejected) for one draw of `task`."""
+    names = {key: rng.choice(choices) for key, choices in GOOD_NAMES.items()}
+    names |= {"k": str(rng.randint(2, 9)), "c": rng.choice("aeiou")}
+    weak_name, weak_names = task.name, names
+    if rng.random() < 0.4:  # garbled names: a flaw beside the others
+        weak_name = rng.choice(BAD_FUNCTION_NAMES)
+        weak_names = {**names, **{key: rng.choice(BAD_NAMES) for key in GOOD_NAMES}}
+    weak = _function(task, weak_name, weak_names)
+    if rng.random() < 0.5:
+        weak = _mutation(weak, rng)
+    for i in sorted(rng.sample(range(len(FLAWS)), rng.randint(1, 2))):
+        weak = FLAWS[i](weak, rng)
+    signature = f"{task.name}({_substitute(task.params, names)})"
+    return {
+        "prompt": f"Write a Python function {signature}. {_substitute(task.doc, names)}",
+        "chosen": "\n".join(_function(task, task.name, names)),
+        "rejected": "\n".join(weak),
+        "category": task.category,
+    }
+
+
+def codepmp_rows(count: int, seed: int = 0, held_out: bool = False) -> list[Row]:
+    """`count` CodePMP rows {prompt, chosen, rejected, category}, cycling through the tasks.
+
+    `held_out` draws from the last EVAL_TASKS tasks, which training rows never use.
+    """
+    split = "eval" if held_out else "train"
+    rng = random.Random(f"toy-codepmp-{split}-{seed}")
+    tasks = TASKS[-EVAL_TASKS:] if held_out else TASKS[:-EVAL_TASKS]
+    return [codepmp_row(tasks[i % len(tasks)], rng) for i in range(count)]
+
+
+# ----------------------------------------------------------------------------- files
+
+REWARD_MARKER = "<|reward|>"
+REWARD_TOKEN = "<|score|>"  # the toy configs' data.reward_token
+# SentencePiece's ids for these, then the two user symbols: 4 and 5.
+SPECIAL_TOKENS = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}
+
+
+def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 1024) -> Path:
+    """Trains a BPE SentencePiece model (the kind Llama and InternLM2 use) on `texts`; returns
+    out_dir/tokenizer.model.
+
+    At most `vocab_size` pieces (fewer where the texts cannot fill more). <unk> <s> </s> <pad>
+    are ids 0-3 and `<|reward|>` `<|score|>` ids 4-5, each always one token. Byte fallback covers
+    any text (newlines included), and identity normalisation keeps text as it is, whitespace
+    too. Beside the model, a `tokenizer_config.json` as transformers' LlamaTokenizer writes it:
+    BOS added, no EOS, the special tokens and their ids.
+    """
+    import sentencepiece as spm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        # SentencePiece reads sentences; a newline inside one would only be split off again.
+        sentence_iterator=(line for text in texts for line in text.splitlines() if line),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,
+        user_defined_symbols=[REWARD_MARKER, REWARD_TOKEN],
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        num_threads=1,  # one thread: the same texts give the same model bytes
+        minloglevel=2,
+    )
+    path = out_dir / "tokenizer.model"
+    path.write_bytes(model.getvalue())
+    tokens = [*SPECIAL_TOKENS.values(), REWARD_MARKER, REWARD_TOKEN]
+    settings = {
+        "tokenizer_class": "LlamaTokenizer",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        **{f"{role}_token": token for role, token in SPECIAL_TOKENS.items()},
+        "added_tokens_decoder": {
+            str(i): {"content": t, "special": True, "normalized": False}
+            for i, t in enumerate(tokens)
+        },
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+    return path
+
+
+def write_toy_data(
+    out_dir: str | Path,
+    seed: int = 0,
+    polar_train: int = 960,
+    polar_eval: int = 100,
+    codepmp_train: int = 120,
+    codepmp_eval: int = 32,
+) -> dict[str, Path]:
+    """Writes the four JSONL files and a tokenizer trained on the training rows into `out_dir`.
+
+    Returns their paths by name: polar_train, polar_eval, codepmp_train, codepmp_eval, tokenizer.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    datasets = {
+        "polar_train": polar_rows(polar_train, seed),
+        "polar_eval": polar_rows(polar_eval, seed, held_out=True),
+        "codepmp_train": codepmp_rows(codepmp_train, seed),
+        "codepmp_eval": codepmp_rows(codepmp_eval, seed, held_out=True),
+    }
+    paths = {}
+    for name, rows in datasets.items():
+        paths[name] = out_dir / f"{name}.jsonl"
+        lines = (json.dumps(r, ensure_ascii=False, separators=(",", ":")) + "\n" for r in rows)
+        paths[name].write_text("".join(lines))
+    texts = [
+        text
+        for name in ("polar_train", "codepmp_train")
+        for row in datasets[name]
+        for key, text in row.items()
+        if key != "category"
+    ]
+    paths["tokenizer"] = train_tokenizer(texts, out_dir)
+    return paths
+
+
+def add_command(data_commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """Registers `toy` under `jaxrm data`."""
+    toy = data_commands.add_parser(
+        "toy",
+        help="write the toy POLAR and CodePMP datasets and a tokenizer for them",
+        description="Write polar_train.jsonl, polar_eval.jsonl (toy policies that differ in "
+        "style), codepmp_train.jsonl, codepmp_eval.jsonl (a strong and a weak coder's "
+        "functions) and a SentencePiece tokenizer trained on the training rows into a new "
+        "directory. Evaluation rows use prompts that training rows never use.",
+    )
+    toy.add_argument("--out", required=True, metavar="DIR", help="new (or empty) directory")
+    toy.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
+    toy.set_defaults(run=cmd_toy)
+
+
+def cmd_toy(args: argparse.Namespace) -> None:
+    # Imported here: checkpoint brings in orbax, which generating data does not need.
+    from jaxrm.checkpoint import require_new_dir, staged_directory
+
+    out = require_new_dir(args.out, "--out directory")
+    with staged_directory(out) as staging:
+        paths = write_toy_data(staging, args.seed)
+    for name, path in paths.items():
+        print(f"{name}: {out / path.name}")
