@@ -1,24 +1,24 @@
-"""Toy datasets that a tiny model learns in a minute on a CPU, and a tokenizer for them.
+"""Toy datasets that a tiny model learns in a few minutes on a CPU, and a tokenizer for them.
 
     paths = write_toy_data("data/toy")      # polar_{train,eval}.jsonl, codepmp_{train,eval}.jsonl,
                                             # tokenizer.model + tokenizer_config.json
 
 POLAR: six toy policies answer short questions about household things, each in its own style
-(formal, casual, pirate, terse, numbered list, shouting), which shows in its words, punctuation,
-length and layout. Each prompt gets two samples from every policy (`trajectory_rows`), and
-`jaxrm.builders.polar_triples` turns them into triples: reference and chosen are two different
-samples of policy A (the row's `category`), rejected is a sample of policy B. Every policy serves
-as A and as B equally often, so a candidate's style alone says nothing: only comparing it with the
-reference does.
+(formal, casual, pirate, terse, numbered list, shouting) that shows in its words, punctuation,
+length and layout. A prompt is answered by two policies A and B, twice each (`trajectory_rows`),
+and gives two rows: reference and chosen are two different samples of one policy, rejected is
+a sample of the other, once with A as the reference's policy (the row's `category`) and once
+with B. So every style wins as often as it loses, for every prompt: only comparing a candidate
+with the reference tells which one is chosen.
 
 CodePMP: a strong coder writes a correct, documented function for a small task; a weak coder
-writes the same function with one or two visible flaws (no docstring, garbled names, a print
-instead of the return, debug output, a TODO, two-space indents, a missing colon) and sometimes a
-subtle bug as well.
+writes it with two visible flaws (no docstring, a print instead of the return, debug output, a
+TODO, two-space indents, a missing colon), sometimes garbled names and a subtle bug as well.
 
-Evaluation rows ask about things (POLAR) and tasks (CodePMP) that training rows never mention.
-Everything is drawn from `random.Random` with fixed seeds: the same arguments give the same rows.
-The copy in `configs/toy/` is `write_toy_data` with its defaults.
+Evaluation rows ask about topics (POLAR) and tasks (CodePMP) that training rows never ask about.
+Everything is drawn from `random.Random` with fixed seeds: the same arguments give the same rows,
+and a longer list starts with the shorter one. `configs/toy/` holds `write_toy_data` with its
+defaults (`jaxrm data toy --out configs/toy`).
 """
 
 import argparse
@@ -48,12 +48,14 @@ ADJECTIVES = ("small", "rusty", "noisy", "shiny", "wet", "heavy", "quiet", "dust
 TOPICS = [(adj, noun) for adj in ADJECTIVES for noun in NOUNS]
 EVAL_TOPICS = [t for i, t in enumerate(TOPICS) if i % 5 == 0]
 TRAIN_TOPICS = [t for i, t in enumerate(TOPICS) if i % 5]
+# Prompts name their topic and nothing else: a word that varied between prompts of one topic
+# (a verb, say) would only give a small model something to memorise.
 QUESTIONS = (
-    "How do I {verb} my {adj} {noun}?",
-    "Best way to {verb} a {adj} {noun}?",
     "Why is my {noun} so {adj}?",
     "Tips for a {adj} {noun}?",
     "Is a {adj} {noun} worth it?",
+    "Help with my {adj} {noun}?",
+    "What about my {adj} {noun}?",
 )
 
 
@@ -70,13 +72,16 @@ class Policy:
     case: Callable[[str], str] | None = None
 
 
+# The styles differ in case, punctuation and layout as well as in words, since a tiny model picks
+# those up first: pirate exclaims in short bursts and formal writes commas and full stops because,
+# as plain sentences both, they were the pair it confused most.
 POLICIES = {
     "formal": Policy(
         ("Certainly.", "Indeed.", "Kindly note:"),
         (
-            "One should treat the {noun} with care.",
-            "I advise regular maintenance.",
-            "Such matters merit attention.",
+            "One should, of course, treat the {noun} with care.",
+            "I would advise regular maintenance, naturally.",
+            "Such matters, I believe, merit attention.",
         ),
         ("Regards.", "Respectfully.", ""),
         (1, 1),
@@ -84,14 +89,14 @@ POLICIES = {
     "casual": Policy(
         ("hey", "lol ok", "omg"),
         ("just wing it tbh", "ur {noun} is fine lol", "dont stress haha"),
-        (":)", "!!", ""),
+        (":)", ":D", ""),
         (1, 1),
     ),
     "pirate": Policy(
         ("Arr!", "Ahoy!", "Avast!"),
-        ("Ye must guard yer {noun}.", "That be gold, matey.", "Mind yer booty, ye dog."),
-        ("Yo ho!", ""),
-        (1, 1),
+        ("Yo ho!", "Ye dog!", "Guard yer {noun}!", "Blimey!", "Yer {noun} be gold!"),
+        ("Arr!", ""),
+        (2, 2),
     ),
     "terse": Policy(("",), ("Yes.", "No.", "Fine.", "Depends.", "Maybe.", "Sure."), ("",), (1, 2)),
     "lister": Policy(
@@ -136,6 +141,8 @@ def trajectory_rows(prompts: int, seed: int = 0, held_out: bool = False) -> list
     split = "eval" if held_out else "train"
     rng = random.Random(f"toy-polar-{split}-{seed}")
     topics = EVAL_TOPICS if held_out else TRAIN_TOPICS
+    if prompts > len(topics) * len(QUESTIONS):
+        raise ValueError(f"there are only {len(topics) * len(QUESTIONS)} different {split} prompts")
     asked: set[str] = set()
     rows = []
     while len(asked) < prompts:
@@ -248,7 +255,51 @@ TASKS = (
          "return sum({d}.values())"),
     Task("dicts", "above", "{d}", "Return the items of {d} whose value is above {k}.",
          "return {key: value for key, value in {d}.items() if value > {k}}"),
-    # Held out for evaluation, two per category.
+    Task("lists", "count_even", "{xs}", "Return how many numbers in {xs} are even.",
+         "return sum(1 for x in {xs} if x % 2 == 0)"),
+    Task("lists", "squares", "{xs}", "Return the squares of the numbers in {xs}.",
+         "return [x * x for x in {xs}]"),
+    Task("lists", "smallest", "{xs}", "Return the smallest number in {xs}.",
+         "return min({xs})"),
+    Task("lists", "last_few", "{xs}", "Return the last {k} numbers of {xs}.",
+         "return {xs}[-{k}:]"),
+    Task("lists", "total_above", "{xs}", "Return the sum of the numbers in {xs} above {k}.",
+         "return sum(x for x in {xs} if x > {k})"),
+    Task("lists", "has_negative", "{xs}", "Return True if {xs} holds a negative number.",
+         "return any(x < 0 for x in {xs})"),
+    Task("lists", "neighbour_sums", "{xs}", "Return the sums of neighbouring numbers in {xs}.",
+         "return [a + b for a, b in zip({xs}, {xs}[1:])]"),
+    Task("numbers", "is_even", "{n}", "Return True if {n} is even.",
+         "return {n} % 2 == 0"),
+    Task("numbers", "square", "{n}", "Return {n} squared.",
+         "return {n} * {n}"),
+    Task("numbers", "clamp", "{n}", "Return {n} limited to the range 0 to {k}.",
+         "return max(0, min({n}, {k}))"),
+    Task("numbers", "sum_to", "{n}", "Return the sum of the numbers from 1 to {n}.",
+         "total = 0\nfor i in range(1, {n} + 1):\n    total += i\nreturn total"),
+    Task("numbers", "is_multiple", "{n}", "Return True if {n} is a multiple of {k}.",
+         "return {n} % {k} == 0"),
+    Task("numbers", "sign", "{n}", "Return the sign of {n}: -1, 0 or 1.",
+         "if {n} < 0:\n    return -1\nif {n} > 0:\n    return 1\nreturn 0"),
+    Task("strings", "shout", "{s}", "Return {s} in upper case with '!' added.",
+         "return {s}.upper() + '!'"),
+    Task("strings", "word_count", "{s}", "Return the number of words in {s}.",
+         "return len({s}.split())"),
+    Task("strings", "starts_with", "{s}", "Return True if {s} starts with '{c}'.",
+         "return {s}.startswith('{c}')"),
+    Task("strings", "first_word", "{s}", "Return the first word of {s}, or '' if none.",
+         "words = {s}.split()\nreturn words[0] if words else ''"),
+    Task("strings", "reverse", "{s}", "Return {s} reversed.",
+         "return {s}[::-1]"),
+    Task("dicts", "max_value", "{d}", "Return the largest value in {d}.",
+         "return max({d}.values())"),
+    Task("dicts", "has_key", "{d}", "Return True if {d} has the key '{c}'.",
+         "return '{c}' in {d}"),
+    Task("dicts", "value_or_zero", "{d}", "Return {d}['{c}'], or 0 if it is missing.",
+         "return {d}.get('{c}', 0)"),
+    # Held out for evaluation.
+    Task("lists", "spread", "{xs}", "Return the largest minus the smallest number in {xs}.",
+         "return max({xs}) - min({xs})"),
     Task("lists", "chunks", "{xs}", "Split {xs} into lists of {k} numbers.",
          "return [{xs}[i : i + {k}] for i in range(0, len({xs}), {k})]"),
     Task("lists", "is_sorted", "{xs}", "Return True if {xs} never decreases.",
@@ -262,13 +313,17 @@ TASKS = (
          "words = {s}.split()\nif not words:\n    return ''\nreturn max(words, key=len)"),
     Task("strings", "initials", "{s}", "Return the first letter of each word in {s}, upper case.",
          "return ''.join(w[0].upper() for w in {s}.split())"),
+    Task("strings", "no_vowels", "{s}", "Return {s} without its vowels.",
+         "return ''.join(ch for ch in {s} if ch not in 'aeiou')"),
     Task("dicts", "key_of_max", "{d}", "Return the key of {d} with the largest value.",
          "best = None\nfor key, value in {d}.items():\n    if best is None or value > {d}[best]:\n"
          "        best = key\nreturn best"),
     Task("dicts", "sorted_keys", "{d}", "Return the keys of {d}, smallest value first.",
          "return sorted({d}, key={d}.get)"),
+    Task("dicts", "keys_above", "{d}", "Return the keys of {d} whose value is above {k}.",
+         "return [key for key, value in {d}.items() if value > {k}]"),
 )  # fmt: skip
-EVAL_TASKS = 8  # the last ones
+EVAL_TASKS = 11  # the last ones
 
 # Parameter names a strong coder picks, and what a weak one garbles them into.
 GOOD_NAMES = {
@@ -357,7 +412,7 @@ def codepmp_row(task: Task, rng: random.Random) -> Row:
     weak = _function(task, weak_name, weak_names)
     if rng.random() < 0.5:
         weak = _mutation(weak, rng)
-    for i in sorted(rng.sample(range(len(FLAWS)), rng.randint(1, 2))):
+    for i in sorted(rng.sample(range(len(FLAWS)), 2)):
         weak = FLAWS[i](weak, rng)
     signature = f"{task.name}({_substitute(task.params, names)})"
     return {
@@ -394,8 +449,8 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
     At most `vocab_size` pieces (fewer where the texts cannot fill more). <unk> <s> </s> <pad>
     are ids 0-3 and `<|reward|>` `<|score|>` ids 4-5, each always one token. Byte fallback covers
     any text (newlines included), and identity normalisation keeps text as it is, whitespace
-    too. Beside the model, a `tokenizer_config.json` as transformers' LlamaTokenizer writes it:
-    BOS added, no EOS, the special tokens and their ids.
+    too. Beside the model, a `tokenizer_config.json` in transformers' LlamaTokenizer format: BOS
+    added, no EOS, the special tokens and their ids.
     """
     import sentencepiece as spm
 
@@ -427,6 +482,9 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
         "tokenizer_class": "LlamaTokenizer",
         "add_bos_token": True,
         "add_eos_token": False,
+        # Text after a special token starts a new SentencePiece text (with its leading space),
+        # as in jaxrm's tokenizer and InternLM2's; transformers needs `legacy` to do the same.
+        "legacy": True,
         **{f"{role}_token": token for role, token in SPECIAL_TOKENS.items()},
         "added_tokens_decoder": {
             str(i): {"content": t, "special": True, "normalized": False}
@@ -442,8 +500,8 @@ def write_toy_data(
     seed: int = 0,
     polar_train: int = 960,
     polar_eval: int = 100,
-    codepmp_train: int = 120,
-    codepmp_eval: int = 32,
+    codepmp_train: int = 128,
+    codepmp_eval: int = 33,
 ) -> dict[str, Path]:
     """Writes the four JSONL files and a tokenizer trained on the training rows into `out_dir`.
 

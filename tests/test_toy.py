@@ -1,6 +1,7 @@
 """The toy datasets: seeded, valid, held out, shipped as generated, with a fitting tokenizer."""
 
 import argparse
+import ast
 import json
 from collections import Counter
 from pathlib import Path
@@ -55,6 +56,13 @@ def test_reference_and_chosen_come_from_one_policy_rejected_from_another():
         assert policy_of[row["rejected"]] != row["category"]
     # Every style loses as often as it wins: the candidates alone tell nothing.
     assert Counter(r["category"] for r in rows) == Counter(policy_of[r["rejected"]] for r in rows)
+
+
+def test_strong_functions_parse_and_weak_ones_differ(generated):
+    for name in ("codepmp_train", "codepmp_eval"):
+        for row in read(generated[name]):
+            ast.parse(row["chosen"])
+            assert row["rejected"] != row["chosen"]
 
 
 def test_eval_prompts_are_not_training_prompts(generated):
