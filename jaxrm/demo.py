@@ -9,6 +9,7 @@
 """
 
 import argparse
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ DEMO_CONFIG: dict[str, Any] = {
 
 
 def demo_config(out: Path, paths: dict[str, Path], steps: int, seed: int) -> Config:
-    raw = json.loads(json.dumps(DEMO_CONFIG))
+    raw = copy.deepcopy(DEMO_CONFIG)
     raw["output_dir"] = str(out / "run")
     raw["data"].update(
         train=str(paths["polar_train"]),

@@ -133,9 +133,3 @@ def summarize(sums: dict[str, Any], config: LossConfig) -> dict[str, float]:
         metrics["lm_loss"] = float(sums["lm_loss"]) / max(float(sums["lm_tokens"]), 1.0)
         metrics["loss"] += config.lm_weight * metrics["lm_loss"]
     return metrics
-
-
-def pair_rewards(model: RewardModel, batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(chosen, rejected, valid), each [rows, slots]: the two best responses of each example."""
-    _, rewards, valid = ranked_rewards(model, batch)
-    return rewards[..., 0], rewards[..., 1], _ranked(valid)

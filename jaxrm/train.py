@@ -40,7 +40,7 @@ from jaxrm.metrics import MetricsLogger
 from jaxrm.model import RewardModel, abstract_model, create_model
 from jaxrm.optim import learning_rate_schedule, make_optimizer
 from jaxrm.pipeline import eval_batches, template_spec, train_batches
-from jaxrm.sharding import activation_sharding, batch_sharding, make_mesh, tree_shardings
+from jaxrm.sharding import activation_sharding, batch_sharding, make_mesh
 
 # Keys that may change when a run resumes; any other difference stops the run.
 RESUMABLE_CHANGES = (
@@ -92,27 +92,23 @@ class Trainer:
         self.rules = config.mesh.rules
         self.optimizer = make_optimizer(config.optimizer, config.train.steps)
         self.schedule = learning_rate_schedule(config.optimizer, config.train.steps)
-        abstract = nnx.eval_shape(lambda: RewardModel(config.model, rngs=nnx.Rngs(0)))
+        self.full_graphdef, self.abstract_params = abstract_model(config.model, mesh, self.rules)
+        abstract = nnx.merge(self.full_graphdef, self.abstract_params)
         self.graphdef, trainable, frozen = nnx.split(abstract, trainable_filter(config), ...)
-        self.shardings = TrainState(
-            self._pure_shardings(trainable), self._pure_shardings(frozen), None
-        )
-        self.abstract = TrainState(
-            _with_shardings(nnx.to_pure_dict(trainable), self.shardings.trainable),
-            _with_shardings(nnx.to_pure_dict(frozen), self.shardings.frozen),
-            None,
-        )
-        opt_abstract = jax.eval_shape(self.optimizer.init, self.abstract.trainable)
+        trainable, frozen = nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen)
+        opt_abstract = jax.eval_shape(self.optimizer.init, trainable)
+        self.abstract = TrainState(trainable, frozen, opt_abstract)
         opt_shardings = self._opt_state_shardings(opt_abstract)
-        self.shardings = self.shardings._replace(opt_state=opt_shardings)
+        self.shardings = TrainState(_shardings(trainable), _shardings(frozen), opt_shardings)
         self.abstract = self.abstract._replace(
-            opt_state=_with_shardings(opt_abstract, opt_shardings)
+            opt_state=jax.tree.map(
+                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                opt_abstract,
+                opt_shardings,
+            )
         )
         self._step = None
         self._eval = None
-
-    def _pure_shardings(self, state: nnx.State) -> dict:
-        return nnx.to_pure_dict(tree_shardings(state, self.rules, self.mesh))
 
     def _opt_state_shardings(self, opt_abstract: Any) -> Any:
         """Moments shard like their parameters; anything else (counts, factored statistics of
@@ -120,10 +116,9 @@ class Trainer:
         replicated = NamedSharding(self.mesh, PartitionSpec())
         return optax.tree_map_params(
             self.optimizer,
-            lambda leaf, param, sharding: sharding if leaf.shape == param.shape else replicated,
+            lambda leaf, param: param.sharding if leaf.shape == param.shape else replicated,
             opt_abstract,
             self.abstract.trainable,
-            self.shardings.trainable,
             transform_non_params=lambda _: replicated,
             is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct),
         )
@@ -141,11 +136,8 @@ class Trainer:
         return nnx.to_pure_dict(nnx.state(self.model(state), nnx.Param))
 
     def split_params(self, params: dict) -> tuple[dict, dict]:
-        graphdef = nnx.split(
-            nnx.eval_shape(lambda: RewardModel(self.config.model, rngs=nnx.Rngs(0)))
-        )[0]
         _, trainable, frozen = nnx.split(
-            nnx.merge(graphdef, params), trainable_filter(self.config), ...
+            nnx.merge(self.full_graphdef, params), trainable_filter(self.config), ...
         )
         return nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen)
 
@@ -237,10 +229,8 @@ def _split_rows(x: jax.Array, parts: int) -> jax.Array:
     return x.reshape(x.shape[0] // parts, parts, *x.shape[1:]).swapaxes(0, 1)
 
 
-def _with_shardings(tree: Any, shardings: Any) -> Any:
-    return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
-    )
+def _shardings(tree: Any) -> Any:
+    return jax.tree.map(lambda x: x.sharding, tree)
 
 
 def train(config: Config) -> dict[str, Any]:
@@ -252,7 +242,7 @@ def train(config: Config) -> dict[str, Any]:
     config = _with_reward_token(config, spec.build())
     tokenizer = Path(spec.tokenizer)
     trainer = Trainer(config, mesh)
-    checkpoints = TrainCheckpoints(run_dir, config.checkpoint, trainer.abstract.trainable)
+    checkpoints = TrainCheckpoints(run_dir, config.checkpoint, trainer.abstract_params)
     latest = checkpoints.latest_step()
     if latest is not None:
         _check_resumable(config, checkpoints.saved_config(latest))
@@ -428,8 +418,6 @@ def _stop_signals() -> Iterator[list[int]]:
 def _check(config: Config) -> None:
     if config.objective == "codepmp" and not config.model.lm_head:
         raise UserError("objective codepmp needs an LM head: set model.lm_head: true")
-    if config.data.train is None:
-        raise UserError("data.train is not set")
 
 
 def _with_reward_token(config: Config, template: Any) -> Config:
@@ -490,9 +478,8 @@ def _update_from(target: dict, source: dict) -> None:
 def _restore(
     trainer: Trainer, checkpoints: TrainCheckpoints, step: int, data: Any
 ) -> tuple[TrainState, int]:
-    _, params_target = abstract_model(trainer.config.model, trainer.mesh, trainer.rules)
     params, opt_state, train_state = checkpoints.restore(
-        step, params_target, trainer.abstract.opt_state, data
+        step, trainer.abstract_params, trainer.abstract.opt_state, data
     )
     trainable, frozen = trainer.split_params(params)
     return TrainState(trainable, frozen, opt_state), int(train_state["step"])
