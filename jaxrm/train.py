@@ -257,9 +257,9 @@ def train(config: Config) -> dict[str, Any]:
 
     if latest is None:
         state = trainer.init_state(_initial_model(config, mesh))
-        start = 0
+        start, tokens = 0, 0
     else:
-        state, start = _restore(trainer, checkpoints, latest, data)
+        state, start, tokens = _restore(trainer, checkpoints, latest, data)
         first_batch = next(data)
     if start >= config.train.steps:
         print(f"{run_dir} is already at step {start} of train.steps={config.train.steps}")
@@ -285,7 +285,7 @@ def train(config: Config) -> dict[str, Any]:
                 disable=jax.process_index() != 0,
             )
         )
-        loop = _Loop(config, trainer, checkpoints, data, tokenizer, logger, bar)
+        loop = _Loop(config, trainer, checkpoints, data, tokenizer, logger, bar, tokens)
         state, step, final = loop.run(state, start, first_batch, eval_data, received)
     if received:
         raise Stopped(received[0], step, run_dir)
@@ -304,9 +304,11 @@ class _Loop:
         tokenizer: Path,
         logger: MetricsLogger | None,
         bar: tqdm,
+        tokens: int,
     ):
         self.config, self.trainer, self.checkpoints = config, trainer, checkpoints
         self.data, self.tokenizer, self.logger, self.bar = data, tokenizer, logger, bar
+        self.tokens = tokens  # trained so far, up to the last logged step
         self.flops_per_token = train_flops_per_token(
             config.model, config.data.seq_len, lm_head=config.objective == "codepmp"
         )
@@ -341,7 +343,7 @@ class _Loop:
             multi_host_stop = jax.process_count() > 1 and self.checkpoints.reached_preemption(step)
             stop = bool(received) or multi_host_stop
             if step % config.checkpoint.every == 0 or step == steps or stop:
-                self.save(state, step)
+                self.save(state, step, pending)
             if stop:
                 break
             if step < steps:
@@ -354,6 +356,8 @@ class _Loop:
         metrics = losses.summarize(sums, self.config.loss)
         metrics["grad_norm"] = sums["grad_norm"] / len(host)
         metrics["lr"] = float(host[-1]["lr"])
+        self.tokens += int(sums["tokens"])
+        metrics["tokens"] = self.tokens
         metrics["tokens_per_sec"] = sums["tokens"] / seconds
         metrics["examples_per_sec"] = sums["examples"] / seconds
         metrics["mfu"] = metrics["tokens_per_sec"] * self.flops_per_token / self.peak
@@ -371,8 +375,13 @@ class _Loop:
         self.bar.write(f"step {step}: eval " + " ".join(f"{k}={v:.4g}" for k, v in result.items()))
         return {f"eval/{k}": v for k, v in result.items()}
 
-    def save(self, state: TrainState, step: int) -> None:
-        train_state = {"step": step, "seed": self.config.train.seed}
+    def save(self, state: TrainState, step: int, pending: list[dict]) -> None:
+        not_logged = sum(int(m["tokens"]) for m in jax.device_get(pending))
+        train_state = {
+            "step": step,
+            "seed": self.config.train.seed,
+            "tokens": self.tokens + not_logged,
+        }
         self.checkpoints.save(
             step,
             self.trainer.params(state),
@@ -477,12 +486,14 @@ def _update_from(target: dict, source: dict) -> None:
 
 def _restore(
     trainer: Trainer, checkpoints: TrainCheckpoints, step: int, data: Any
-) -> tuple[TrainState, int]:
+) -> tuple[TrainState, int, int]:
+    """(state, step, tokens trained) of the checkpoint at `step`."""
     params, opt_state, train_state = checkpoints.restore(
         step, trainer.abstract_params, trainer.abstract.opt_state, data
     )
     trainable, frozen = trainer.split_params(params)
-    return TrainState(trainable, frozen, opt_state), int(train_state["step"])
+    state = TrainState(trainable, frozen, opt_state)
+    return state, int(train_state["step"]), int(train_state.get("tokens", 0))
 
 
 def _check_resumable(config: Config, saved_text: str) -> None:

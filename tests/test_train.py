@@ -119,6 +119,8 @@ def test_train_writes_run_dir_and_eval_metrics(data, tmp_path):
     assert [line["step"] for line in train_lines] == [1, 2, 3, 4]
     for key in ("loss", "accuracy", "lr", "tokens_per_sec", "mfu", "grad_norm", "reward_std"):
         assert all(np.isfinite(line[key]) for line in train_lines), key
+    tokens = [line["tokens"] for line in train_lines]  # trained so far, for scaling fits
+    assert 0 < tokens[0] < tokens[1] < tokens[2] < tokens[3]
     assert [line["step"] for line in eval_lines] == [0, 2, 4]  # 0: the starting point
     assert summary["eval/accuracy"] == eval_lines[-1]["eval/accuracy"]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["4"]  # keep=1
@@ -219,7 +221,8 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(data, tmp_path):
 
     def logged(run):
         lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
-        return [(m["step"], m["loss"], m["accuracy"], m["lr"]) for m in map(json.loads, lines)]
+        keys = ("step", "loss", "accuracy", "lr", "tokens")
+        return [tuple(m.get(k) for k in keys) for m in map(json.loads, lines)]
 
     assert logged("cut") == logged("whole")
     a, b = (load_model(tmp_path / run).model for run in ("whole", "cut"))
