@@ -20,6 +20,7 @@ checkpoint, a run directory (its newest checkpoint) or a Hugging Face model dire
 import contextlib
 import dataclasses
 import math
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -154,6 +155,19 @@ def staged_directory(path: Path) -> Iterator[Path]:
         staging.rename(path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_file(path: Path) -> Iterator[Path]:
+    """A temporary sibling of `path` to write, renamed to `path` only if the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
+    try:
+        yield Path(staging)
+        os.replace(staging, path)
+    finally:
+        Path(staging).unlink(missing_ok=True)
 
 
 def require_new_dir(path: str | Path, what: str) -> Path:

@@ -8,7 +8,11 @@ from typing import TYPE_CHECKING
 from jaxrm.builders import add_commands as add_builder_commands
 from jaxrm.demo import add_command as add_demo_command
 from jaxrm.errors import UserError
+from jaxrm.evaluate import add_commands as add_eval_commands
 from jaxrm.metrics import add_command as add_plot_command
+from jaxrm.scaling import add_command as add_scaling_command
+from jaxrm.scoring import add_command as add_score_command
+from jaxrm.serve import add_command as add_serve_command
 from jaxrm.toy import add_command as add_toy_command
 
 if TYPE_CHECKING:
@@ -233,7 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--json", action="store_true", help="print the report as JSON")
     add_builder_commands(data_commands)
     add_toy_command(data_commands)
+    add_eval_commands(commands)
+    add_score_command(commands)
+    add_serve_command(commands)
     add_plot_command(commands)
+    add_scaling_command(commands)
     add_demo_command(commands)
     return parser
 
