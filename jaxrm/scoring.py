@@ -239,13 +239,19 @@ def score_file(scorer: Scorer, data: str, out: str | Path) -> dict[str, Any]:
             bar = bar or tqdm(desc="scoring", total=0, unit="seq", dynamic_ncols=True)
             bar.total += len(sequences)
             for row, reward in zip(checked, scorer.rewards(sequences, bar), strict=True):
-                f.write(json.dumps({**row, "reward": float(reward)}, ensure_ascii=False) + "\n")
+                scored = {**row, "reward": float(reward)}
+                f.write(json.dumps(scored, ensure_ascii=False, default=_plain) + "\n")
             rows += len(checked)
         if bar is not None:
             bar.close()
         if rows == 0:
             raise UserError(f"{data}: no rows to score")
     return {"rows": rows, "out": str(out), **scorer.counts.summary()}
+
+
+def _plain(value: Any) -> Any:
+    """JSON for the values Parquet and TFDS rows may hold besides JSON's own (arrays, dates)."""
+    return value.tolist() if hasattr(value, "tolist") else str(value)
 
 
 def add_scorer_options(parser: argparse.ArgumentParser) -> None:

@@ -22,6 +22,7 @@ from jaxrm.evaluate import (
     preference_report,
     top_of_subset_accuracy,
 )
+from jaxrm.hf import export_hf
 from jaxrm.model import create_model
 from jaxrm.pipeline import template_spec
 from jaxrm.scoring import bucket_length, plan_batches
@@ -161,6 +162,21 @@ def test_score_writes_one_reward_per_row_equal_to_unbatched_rewards(
     np.testing.assert_allclose([r["reward"] for r in scored], expected, atol=1e-5, rtol=0)
     assert summary["rows"] == 40 and summary["tokens_per_sec"] > 0
     assert summary["batches"] >= 2  # the long row has a bucket of its own
+
+
+def test_a_hugging_face_export_scores_the_same(polar_checkpoint, tmp_path, capsys):
+    rows = [
+        {"prompt": r["prompt"], "reference": r["reference"], "response": r["chosen"]}
+        for r in read_rows(TOY / "polar_eval.jsonl")[:8]
+    ]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    export_hf(load_model(polar_checkpoint), tmp_path / "hf")
+    scored = {}
+    for name, checkpoint in (("jaxrm", polar_checkpoint), ("hf", tmp_path / "hf")):
+        out = tmp_path / f"{name}.jsonl"
+        run_json(capsys, "score", str(checkpoint), "--data", str(data), "--out", str(out))
+        scored[name] = [r["reward"] for r in read_rows(out)]
+    np.testing.assert_allclose(scored["hf"], scored["jaxrm"], atol=1e-5, rtol=0)
 
 
 def test_score_errors_name_the_row_and_write_nothing(polar_checkpoint, tmp_path, capsys):
