@@ -238,10 +238,12 @@ def best_of_n_report(
     answers = [
         [flatten(a).strip() for a in row.get("answers") or row["candidates"]] for row in rows
     ]
-    report: dict[str, Any] = {"rows": len(rows), "n": n_values(max_n)}
-    report["majority_over"] = "answers" if all("answers" in row for row in rows) else "mixed"
-    if not any("answers" in row for row in rows):
-        report["majority_over"] = "candidate texts"
+    with_answers = sum("answers" in row for row in rows)
+    report: dict[str, Any] = {
+        "rows": len(rows),
+        "n": n_values(max_n),
+        "majority_over": {0: "candidate texts", len(rows): "answers"}.get(with_answers, "mixed"),
+    }
     for name in ("reward", "majority", "random", "oracle"):
         report[name] = []
     for n in report["n"]:

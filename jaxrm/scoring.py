@@ -33,6 +33,7 @@ from tqdm import tqdm
 from jaxrm.checkpoint import Loaded, load_model, staged_file
 from jaxrm.errors import UserError
 from jaxrm.model import rewards_at
+from jaxrm.pipeline import template_spec
 from jaxrm.sharding import activation_sharding, batch_sharding, make_mesh
 from jaxrm.sources import BadRow, check_row, open_source
 from jaxrm.templates import Template
@@ -112,8 +113,6 @@ class Scorer:
         self.batch_tokens, self.max_rows = batch_tokens, max_rows
         self.row_multiple = mesh.shape["data"] * mesh.shape["fsdp"]
         self.max_length = loaded.config.data.max_length
-        from jaxrm.pipeline import template_spec
-
         self.template: Template = template_spec(loaded.config, loaded.tokenizer_dir).build()
         self.graphdef, self.state = nnx.split(loaded.model)
         self.counts = Counts()
