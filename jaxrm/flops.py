@@ -1,14 +1,20 @@
-"""Model FLOPs per token and the peak they are measured against (model FLOPs utilisation).
+"""Model FLOPs of training, and the peak they are measured against (model FLOPs utilisation).
 
-Training FLOPs per token = 6 x (non-embedding matmul parameters) + 6 x layers x heads x head_dim
-x seq_len. The first term is the forward (2 per multiply-add) and backward (4) matmuls; the
-second is causal attention, whose scores and weighted sum cost 2 x 2 x heads x head_dim per
-query-key pair with seq_len / 2 keys per query on average, times 3 for the backward pass. The
-embedding lookup costs no FLOPs; the vocabulary projection counts only when an LM loss uses it
-(CodePMP); the reward head is one dot product per token. Tokens are the non-padding tokens.
+Training FLOPs = 6 x (non-embedding matmul parameters) x tokens
+               + 12 x layers x heads x head_dim x (query-key pairs attended).
+
+The first term is the forward (2 per multiply-add) and backward (4) matmuls. The second is
+attention: per query-key pair and head, the score and the weighted sum cost 2 x head_dim each
+forward, times 3 with the backward pass. A token attends to every earlier token of its sequence
+(in a packed row: of its segment, plus the shared prefix it continues), so it contributes
+`position + 1` pairs; a full causal sequence of n tokens has n(n+1)/2. Only the pairs the model
+needs are counted, not those a masked dense kernel computes and throws away. The embedding
+lookup costs no FLOPs; the vocabulary projection counts only when an LM loss uses it (CodePMP);
+the reward head is one dot product per token. Tokens are the non-padding tokens.
 """
 
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -42,9 +48,19 @@ def matmul_params(config: ModelConfig, lm_head: bool) -> int:
     return config.num_layers * per_layer + e + (e * config.vocab_size if lm_head else 0)
 
 
+def train_flops(config: ModelConfig, tokens: float, attention_pairs: float, lm_head: bool) -> float:
+    attention = 12.0 * config.num_layers * config.num_heads * config.head_dim * attention_pairs
+    return 6.0 * matmul_params(config, lm_head) * tokens + attention
+
+
+def attention_pairs(positions: Any, segment_ids: Any) -> Any:
+    """Query-key pairs attended in packed rows (numpy or jax arrays): position + 1 per token."""
+    return ((positions + 1) * (segment_ids != 0)).sum()
+
+
 def train_flops_per_token(config: ModelConfig, seq_len: int, lm_head: bool) -> float:
-    attention = 6 * config.num_layers * config.num_heads * config.head_dim * seq_len
-    return 6.0 * matmul_params(config, lm_head) + attention
+    """Per token of full causal sequences of `seq_len` tokens (about seq_len / 2 pairs each)."""
+    return train_flops(config, 1, (seq_len + 1) / 2, lm_head)
 
 
 def peak_flops(device: jax.Device, dtype: str) -> float:

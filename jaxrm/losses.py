@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrm.config import Config, LossConfig
+from jaxrm.flops import attention_pairs
 from jaxrm.model import RewardModel, rewards_at
 
 Batch = dict[str, jax.Array]
@@ -92,6 +93,9 @@ def objective(
         "rewards": jnp.sum(valid),
         "margin_sum": jnp.sum(jnp.where(examples, rewards[..., 0] - rewards[..., 1], 0.0)),
         "tokens": jnp.sum(batch["segment_ids"] != 0),
+        "attention_pairs": attention_pairs(
+            batch["positions"].astype(jnp.float32), batch["segment_ids"]
+        ),
     }
     if "bad_rows" in batch:
         sums["bad_rows"] = jnp.sum(batch["bad_rows"])

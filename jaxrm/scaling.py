@@ -6,8 +6,9 @@ Each RUN_DIR is an output_dir of `jaxrm train` and gives one point (N, C, L):
 - L: the metric (default eval/loss) at the last line of `metrics.jsonl` that has it.
 - N: non-embedding parameters, as Kaplan et al. count them: every parameter of the model minus
   the embedding table and minus an untied LM head; LoRA adapters are not counted.
-- C: training FLOPs, `jaxrm.flops.train_flops_per_token` (with the LM head for CodePMP) times
-  `tokens`, the cumulative non-padding tokens, of the last train line at or before L's step.
+- C: training FLOPs, `flops` of the last train line at or before L's step: what the run logged
+  as done so far, counted as in jaxrm/flops.py (matmuls, and the attention pairs its packed
+  sequences actually attend).
 `fit_power_law` fits L = a·X^b by least squares on log L = log a + b·log X; R² is that
 regression's, in log space.
 """
@@ -74,7 +75,6 @@ def fit_power_law(x: Sequence[float], y: Sequence[float], variable: str = "x") -
 def run_point(run_dir: str | Path, metric: str = "eval/loss") -> RunPoint:
     """N, C and L (see the module docstring) of the run written to `run_dir`."""
     from jaxrm.config import load_config
-    from jaxrm.flops import train_flops_per_token
     from jaxrm.metrics import read_metrics
     from jaxrm.model import count_params
 
@@ -88,20 +88,17 @@ def run_point(run_dir: str | Path, metric: str = "eval/loss") -> RunPoint:
     value, step = at[metric], int(at["step"])
     if not (math.isfinite(value) and value > 0):
         raise UserError(f"{run_dir}: {metric} at step {step} is {value}; a power law needs L > 0")
-    trained = next((r for r in reversed(records) if "tokens" in r and r["step"] <= step), None)
-    if trained is None or not trained["tokens"] > 0:
+    trained = next((r for r in reversed(records) if "flops" in r and r["step"] <= step), None)
+    if trained is None or not trained["flops"] > 0:
         raise UserError(
-            f"{run_dir}: metrics.jsonl has no train line with `tokens` at or before step "
-            f"{step}; C needs the number of tokens trained"
+            f"{run_dir}: metrics.jsonl has no train line with `flops` at or before step "
+            f"{step}; C is the training FLOPs a run logs"
         )
     model = dataclasses.replace(config.model, lora_rank=0)
     embedding = model.vocab_size * model.hidden_size
     untied_lm_head = model.lm_head and not model.tie_embeddings
     params = count_params(model) - embedding * (2 if untied_lm_head else 1)
-    per_token = train_flops_per_token(
-        model, config.data.seq_len, lm_head=config.objective == "codepmp"
-    )
-    return RunPoint(str(run_dir), metric, step, value, params, per_token * trained["tokens"])
+    return RunPoint(str(run_dir), metric, step, value, params, trained["flops"])
 
 
 def fit_runs(points: Sequence[RunPoint]) -> dict[str, PowerLaw]:

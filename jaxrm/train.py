@@ -35,7 +35,7 @@ from jaxrm import losses
 from jaxrm.checkpoint import TrainCheckpoints, load_model, tokenizer_files
 from jaxrm.config import Config, config_to_dict, dump_config
 from jaxrm.errors import UserError
-from jaxrm.flops import peak_flops, train_flops_per_token
+from jaxrm.flops import peak_flops, train_flops
 from jaxrm.metrics import MetricsLogger
 from jaxrm.model import RewardModel, abstract_model, create_model
 from jaxrm.optim import learning_rate_schedule, make_optimizer
@@ -257,9 +257,9 @@ def train(config: Config) -> dict[str, Any]:
 
     if latest is None:
         state = trainer.init_state(_initial_model(config, mesh))
-        start, tokens = 0, 0
+        start, trained = 0, {"tokens": 0, "flops": 0.0}
     else:
-        state, start, tokens = _restore(trainer, checkpoints, latest, data)
+        state, start, trained = _restore(trainer, checkpoints, latest, data)
         first_batch = next(data)
     if start >= config.train.steps:
         print(f"{run_dir} is already at step {start} of train.steps={config.train.steps}")
@@ -285,11 +285,14 @@ def train(config: Config) -> dict[str, Any]:
                 disable=jax.process_index() != 0,
             )
         )
-        loop = _Loop(config, trainer, checkpoints, data, tokenizer, logger, bar, tokens)
+        loop = _Loop(config, trainer, checkpoints, data, tokenizer, logger, bar, trained)
         state, step, final = loop.run(state, start, first_batch, eval_data, received)
     if received:
         raise Stopped(received[0], step, run_dir)
     return {"step": step, **final}
+
+
+WORK_SUMS = ("tokens", "attention_pairs")
 
 
 class _Loop:
@@ -304,14 +307,11 @@ class _Loop:
         tokenizer: Path,
         logger: MetricsLogger | None,
         bar: tqdm,
-        tokens: int,
+        trained: dict[str, float],
     ):
         self.config, self.trainer, self.checkpoints = config, trainer, checkpoints
         self.data, self.tokenizer, self.logger, self.bar = data, tokenizer, logger, bar
-        self.tokens = tokens  # trained so far, up to the last logged step
-        self.flops_per_token = train_flops_per_token(
-            config.model, config.data.seq_len, lm_head=config.objective == "codepmp"
-        )
+        self.trained = trained  # tokens and model FLOPs so far, up to the last logged step
         device = jax.devices()[0]
         # A CPU "device" count can be faked; the measured peak is the whole host's.
         chips = jax.process_count() if device.platform == "cpu" else jax.device_count()
@@ -356,17 +356,25 @@ class _Loop:
         metrics = losses.summarize(sums, self.config.loss)
         metrics["grad_norm"] = sums["grad_norm"] / len(host)
         metrics["lr"] = float(host[-1]["lr"])
-        self.tokens += int(sums["tokens"])
-        metrics["tokens"] = self.tokens
+        work = self._work(sums)
+        self.trained = {key: self.trained[key] + work[key] for key in work}
+        metrics.update(self.trained)
         metrics["tokens_per_sec"] = sums["tokens"] / seconds
         metrics["examples_per_sec"] = sums["examples"] / seconds
-        metrics["mfu"] = metrics["tokens_per_sec"] * self.flops_per_token / self.peak
+        metrics["mfu"] = work["flops"] / seconds / self.peak
         metrics["step_time"] = seconds / len(host)
         metrics["bad_rows"] = sums["bad_rows"]
         if self.logger:
             self.logger.log(step, metrics)
         self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.3f}")
         return metrics
+
+    def _work(self, sums: dict[str, float]) -> dict[str, float]:
+        """Tokens and model FLOPs (jaxrm/flops.py) of steps whose statistics add up to `sums`."""
+        config = self.config
+        lm_head = config.objective == "codepmp"
+        flops = train_flops(config.model, sums["tokens"], sums["attention_pairs"], lm_head)
+        return {"tokens": int(sums["tokens"]), "flops": flops}
 
     def evaluate(self, state: TrainState, eval_data: list, step: int) -> dict[str, float]:
         result = self.trainer.evaluate(state, eval_data)
@@ -376,12 +384,10 @@ class _Loop:
         return {f"eval/{k}": v for k, v in result.items()}
 
     def save(self, state: TrainState, step: int, pending: list[dict]) -> None:
-        not_logged = sum(int(m["tokens"]) for m in jax.device_get(pending))
-        train_state = {
-            "step": step,
-            "seed": self.config.train.seed,
-            "tokens": self.tokens + not_logged,
-        }
+        host = jax.device_get(pending)
+        not_logged = self._work({k: sum(float(m[k]) for m in host) for k in WORK_SUMS})
+        train_state = {"step": step, "seed": self.config.train.seed}
+        train_state.update({key: self.trained[key] + not_logged[key] for key in self.trained})
         self.checkpoints.save(
             step,
             self.trainer.params(state),
@@ -486,14 +492,15 @@ def _update_from(target: dict, source: dict) -> None:
 
 def _restore(
     trainer: Trainer, checkpoints: TrainCheckpoints, step: int, data: Any
-) -> tuple[TrainState, int, int]:
-    """(state, step, tokens trained) of the checkpoint at `step`."""
+) -> tuple[TrainState, int, dict[str, float]]:
+    """(state, step, tokens and FLOPs trained) of the checkpoint at `step`."""
     params, opt_state, train_state = checkpoints.restore(
         step, trainer.abstract_params, trainer.abstract.opt_state, data
     )
     trainable, frozen = trainer.split_params(params)
     state = TrainState(trainable, frozen, opt_state)
-    return state, int(train_state["step"]), int(train_state.get("tokens", 0))
+    trained = {"tokens": int(train_state["tokens"]), "flops": float(train_state["flops"])}
+    return state, int(train_state["step"]), trained
 
 
 def _check_resumable(config: Config, saved_text: str) -> None:

@@ -41,10 +41,18 @@ def flops(shape: tuple[int, int, int], tokens: int) -> float:
     return train_flops_per_token(model, SEQ_LEN, lm_head=False) * tokens
 
 
-def metrics_lines(loss: float, tokens: int) -> list[dict]:
-    """Train lines every 10 steps to 110 whose cumulative tokens reach `tokens` at step 100, and
-    eval lines at steps 50 and 100, the last with `loss`."""
-    train = [{"step": s, "loss": 1.0, "tokens": tokens * s // 100} for s in range(10, 120, 10)]
+def metrics_lines(loss: float, tokens: int, shape: tuple[int, int, int]) -> list[dict]:
+    """Train lines every 10 steps to 110 whose cumulative tokens reach `tokens` at step 100 (and
+    FLOPs those of a `shape` model), and eval lines at steps 50 and 100, the last with `loss`."""
+    train = [
+        {
+            "step": s,
+            "loss": 1.0,
+            "tokens": tokens * s // 100,
+            "flops": flops(shape, tokens * s // 100),
+        }
+        for s in range(10, 120, 10)
+    ]
     evals = [{"step": 50, "eval/loss": 9.0}, {"step": 100, "eval/loss": loss}]
     return [*train[:5], evals[0], *train[5:10], evals[1], train[10]]
 
@@ -99,7 +107,7 @@ def test_run_point_takes_the_last_eval_loss_and_the_tokens_trained_by_then(
     tmp_path: Path,
 ) -> None:
     shape = SHAPES[1]
-    point = run_point(write_run(tmp_path / "run", shape, metrics_lines(2.5, 40_000)))
+    point = run_point(write_run(tmp_path / "run", shape, metrics_lines(2.5, 40_000, shape)))
     assert (point.step, point.value, point.metric) == (100, 2.5, "eval/loss")
     assert point.params == non_embedding_params(shape)
     assert point.flops == pytest.approx(flops(shape, 40_000))  # not the 44,000 of step 110
@@ -117,7 +125,9 @@ def test_run_point_takes_the_last_eval_loss_and_the_tokens_trained_by_then(
     ],
 )
 def test_params_leave_out_embeddings_lm_head_and_adapters(tmp_path: Path, config: dict) -> None:
-    point = run_point(write_run(tmp_path / "run", SHAPES[2], metrics_lines(2.0, 1000), **config))
+    point = run_point(
+        write_run(tmp_path / "run", SHAPES[2], metrics_lines(2.0, 1000, SHAPES[2]), **config)
+    )
     assert point.params == non_embedding_params(SHAPES[2])
 
 
@@ -125,7 +135,7 @@ def test_fit_command_recovers_a_law_in_parameters(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     runs = [
-        write_run(tmp_path / f"n{i}", shape, metrics_lines(2.4 * n**-0.076, 50_000))
+        write_run(tmp_path / f"n{i}", shape, metrics_lines(2.4 * n**-0.076, 50_000, shape))
         for i, shape in enumerate(SHAPES)
         for n in [non_embedding_params(shape)]
     ]
@@ -142,7 +152,9 @@ def test_fit_command_recovers_a_law_in_compute_as_json(
 ) -> None:
     tokens = [10_000 * 3**i for i in range(len(SHAPES))]
     runs = [
-        write_run(tmp_path / f"c{i}", shape, metrics_lines(1.7 * flops(shape, t) ** -0.05, t))
+        write_run(
+            tmp_path / f"c{i}", shape, metrics_lines(1.7 * flops(shape, t) ** -0.05, t, shape)
+        )
         for i, (shape, t) in enumerate(zip(SHAPES, tokens, strict=True))
     ]
     monkeypatch.chdir(tmp_path)
@@ -163,7 +175,7 @@ def test_fit_command_recovers_a_law_in_compute_as_json(
         ("missing", r"{bad} is not a directory"),
         ("no metrics", r"{bad}/metrics.jsonl does not exist"),
         ("no eval", r"{bad}: no line of metrics.jsonl has eval/loss"),
-        ("no tokens", r"{bad}: metrics.jsonl has no train line with `tokens` at or before"),
+        ("no flops", r"{bad}: metrics.jsonl has no train line with `flops` at or before"),
         ("single", r"fitting L against C needs at least 2 runs with distinct C; got 1 run"),
     ],
 )
@@ -174,13 +186,13 @@ def test_fit_command_errors_are_one_line(
     case: str,
     message: str,
 ) -> None:
-    good = write_run(tmp_path / "good", SHAPES[0], metrics_lines(2.0, 1000))
+    good = write_run(tmp_path / "good", SHAPES[0], metrics_lines(2.0, 1000, SHAPES[0]))
     bad = tmp_path / "bad"
     if case == "no metrics":
         write_run(bad, SHAPES[1], []).joinpath("metrics.jsonl").unlink()
     elif case == "no eval":
-        write_run(bad, SHAPES[1], [{"step": 10, "loss": 1.0, "tokens": 100}])
-    elif case == "no tokens":
+        write_run(bad, SHAPES[1], [{"step": 10, "loss": 1.0, "flops": 1e9}])
+    elif case == "no flops":
         write_run(bad, SHAPES[1], [{"step": 10, "loss": 1.0}, {"step": 10, "eval/loss": 2.0}])
     runs = [good] if case == "single" else [good, bad]
     argv = ["scaling", "fit", *map(str, runs), "--out", str(tmp_path / "s.png")]
@@ -199,7 +211,9 @@ def test_a_compute_sweep_of_one_model_size_fits_compute_only(
     tokens = [10_000 * 2**i for i in range(4)]
     runs = [
         write_run(
-            tmp_path / f"t{i}", SHAPES[0], metrics_lines(2.4 * flops(SHAPES[0], t) ** -0.03, t)
+            tmp_path / f"t{i}",
+            SHAPES[0],
+            metrics_lines(2.4 * flops(SHAPES[0], t) ** -0.03, t, SHAPES[0]),
         )
         for i, t in enumerate(tokens)
     ]

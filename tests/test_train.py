@@ -221,7 +221,7 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(data, tmp_path):
 
     def logged(run):
         lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
-        keys = ("step", "loss", "accuracy", "lr", "tokens")
+        keys = ("step", "loss", "accuracy", "lr", "tokens", "flops")
         return [tuple(m.get(k) for k in keys) for m in map(json.loads, lines)]
 
     assert logged("cut") == logged("whole")
