@@ -53,7 +53,7 @@ class ModelConfig:
     dtype: DType = "bfloat16"
     param_dtype: DType = "float32"
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
-    attention: Literal["xla"] = "xla"
+    attention: Literal["xla", "splash", "cudnn"] = "xla"  # see jaxrm/attention.py
     # LoRA: rank 0 trains every parameter; rank > 0 adds adapters (alpha / rank scaling) to the
     # kernels named in lora_targets and trains only them and the reward head.
     lora_rank: int = 0
@@ -72,6 +72,11 @@ class ModelConfig:
         if unknown:
             raise UserError(
                 f"model.lora_targets: {', '.join(unknown)} not among {', '.join(LORA_TARGETS)}"
+            )
+        if self.attention == "cudnn" and self.dtype == "float32":
+            raise UserError(
+                "model.attention: cudnn has no float32 kernel; set model.dtype to bfloat16 or "
+                "float16, or use model.attention: xla"
             )
         if self.head_dim % 2:
             raise UserError(f"model.head_dim ({self.head_dim}) must be even for RoPE")

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxrm.attention import attention
 from jaxrm.config import ModelConfig
 from jaxrm.sharding import Rules, constrain, tree_shardings
 
@@ -148,18 +149,6 @@ def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
     return x * cos + rotated * sin
 
 
-def attention_mask(segment_ids: Array, prefix_ids: Array | None = None) -> Array:
-    """[batch, query, key]: not in the future, and in the query's own non-padding segment or in
-    the shared-prefix segment the query continues (`prefix_ids`, 0 for none)."""
-    length = segment_ids.shape[-1]
-    causal = jnp.arange(length)[:, None] >= jnp.arange(length)[None, :]
-    visible = segment_ids[:, :, None] == segment_ids[:, None, :]
-    if prefix_ids is not None:
-        continues = prefix_ids[:, :, None] == segment_ids[:, None, :]
-        visible |= continues & (prefix_ids[:, :, None] != 0)
-    return visible & causal & (segment_ids[:, :, None] != 0)
-
-
 class RMSNorm(nnx.Module):
     def __init__(self, size: int, eps: float, param_dtype: Any):
         self.eps = eps
@@ -177,6 +166,7 @@ class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
         e, n, k, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
         self.dtype = dtype
+        self.implementation = config.attention
         self.inv_freq = tuple(float(f) for f in rope_inverse_frequencies(config))
         self.wq = _param(rngs, (e, n, d), ("embed", "heads", "head_dim"), param_dtype)
         self.wk = _param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"), param_dtype)
@@ -207,14 +197,7 @@ class Attention(nnx.Module):
         q = constrain(q, ("batch", "length", "act_heads", None))
         k = constrain(k, ("batch", "length", "act_kv_heads", None))
         v = constrain(v, ("batch", "length", "act_kv_heads", None))
-        b, t, n, d = q.shape
-        groups = q.reshape(b, t, k.shape[2], n // k.shape[2], d)
-        scores = jnp.einsum("btkgd,bskd->bkgts", groups, k, preferred_element_type=jnp.float32)
-        scores = scores * (d**-0.5)
-        mask = attention_mask(segment_ids, prefix_ids)[:, None, None]
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, n, d)
+        out = attention(q, k, v, segment_ids, prefix_ids, self.implementation)
         out = constrain(out, ("batch", "length", "act_heads", None))
         return jnp.einsum("bthd,hde->bte", out, _kernel(self, "wo", self.dtype))
 

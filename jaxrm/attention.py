@@ -1,0 +1,248 @@
+"""Attention behind `model.attention`: xla (any backend), splash (TPU) and cudnn (GPU).
+
+    out = attention(q, k, v, segment_ids, prefix_ids, implementation="xla")
+
+q is [batch, length, heads, head_dim]; k and v are [batch, length, kv_heads, head_dim] with
+`heads` a multiple of `kv_heads` (grouped-query: query head h reads kv head h // (heads //
+kv_heads)). All three compute what `attention_mask` allows: earlier tokens of the query's own
+segment and of the shared-prefix segment it continues. Outputs at padding (segment 0) are finite
+but differ between implementations; nothing reads them.
+"""
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel
+
+from jaxrm.errors import UserError
+from jaxrm.sharding import active_mesh, logical_to_spec
+
+Array = jax.Array
+
+# Set to 1 to run the splash kernel in Pallas interpret mode on any backend (tests; slow).
+INTERPRET_ENV = "JAXRM_SPLASH_INTERPRET"
+
+
+def attention_mask(segment_ids: Array, prefix_ids: Array | None = None) -> Array:
+    """[batch, query, key]: not in the future, and in the query's own non-padding segment or in
+    the shared-prefix segment the query continues (`prefix_ids`, 0 for none)."""
+    length = segment_ids.shape[-1]
+    causal = jnp.arange(length)[:, None] >= jnp.arange(length)[None, :]
+    visible = segment_ids[:, :, None] == segment_ids[:, None, :]
+    if prefix_ids is not None:
+        continues = prefix_ids[:, :, None] == segment_ids[:, None, :]
+        visible |= continues & (prefix_ids[:, :, None] != 0)
+    return visible & causal & (segment_ids[:, :, None] != 0)
+
+
+def attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    segment_ids: Array,
+    prefix_ids: Array | None,
+    implementation: str,
+) -> Array:
+    """Dispatches to the implementation named by `model.attention`."""
+    if implementation == "xla":
+        return xla_attention(q, k, v, segment_ids, prefix_ids)
+    if implementation == "splash":
+        interpret = os.environ.get(INTERPRET_ENV) == "1"
+        if not interpret:
+            _require_platform("splash", "tpu")
+        return splash_attention(q, k, v, segment_ids, prefix_ids, interpret=interpret)
+    if implementation == "cudnn":
+        _require_platform("cudnn", "gpu")
+        return cudnn_attention(q, k, v, segment_ids, prefix_ids)
+    raise ValueError(f"unknown attention implementation {implementation!r}")
+
+
+def _require_platform(implementation: str, platform: str) -> None:
+    # The active mesh's devices, not the default backend: a TPU step compiled ahead of time on a
+    # CPU host has a mesh of TPU device descriptions.
+    active = active_mesh()
+    found = active[0].devices.flat[0].platform if active else jax.default_backend()
+    if found != platform:
+        raise UserError(
+            f"model.attention: {implementation} runs only on {platform.upper()}, but the backend "
+            f"is {found}; use model.attention: xla"
+        )
+
+
+def xla_attention(
+    q: Array, k: Array, v: Array, segment_ids: Array, prefix_ids: Array | None = None
+) -> Array:
+    """Plain einsums with float32 scores and a dense [batch, length, length] mask."""
+    b, t, n, d = q.shape
+    groups = q.reshape(b, t, k.shape[2], n // k.shape[2], d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", groups, k, preferred_element_type=jnp.float32)
+    scores = scores * (d**-0.5)
+    mask = attention_mask(segment_ids, prefix_ids)[:, None, None]
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, n, d)
+
+
+def cudnn_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    segment_ids: Array,
+    prefix_ids: Array | None = None,
+    implementation: str = "cudnn",
+) -> Array:
+    """`jax.nn.dot_product_attention`, cuDNN flash attention by default (bf16 / fp16 only).
+
+    Its public entry point takes packed segments only as a dense boolean mask, which jax turns
+    into an additive [batch, 1, length, length] bias (cuDNN also returns that bias's gradient);
+    `is_causal` still lets cuDNN skip the blocks above the diagonal. `implementation="xla"` runs
+    the same call without cuDNN.
+    """
+    mask = attention_mask(segment_ids, prefix_ids)[:, None]
+    return jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        mask=mask,
+        scale=q.shape[-1] ** -0.5,
+        is_causal=True,
+        implementation=implementation,
+    )
+
+
+def splash_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    segment_ids: Array,
+    prefix_ids: Array | None = None,
+    *,
+    interpret: bool = False,
+) -> Array:
+    """The Pallas splash kernel (TPU; `interpret=True` anywhere), causal with segment ids.
+
+    Under `activation_sharding` the kernel runs per shard through `shard_map`: rows split as the
+    `batch` rule says, heads as `act_heads`, length whole. Where kv heads are not split like the
+    query heads, each query head gets its own copy of its kv head so the shards line up.
+    """
+    active = active_mesh()
+    run = functools.partial(_splash_rows, interpret=interpret)
+    if active is None:
+        return run(q, k, v, segment_ids, prefix_ids)
+    mesh, rules = active
+    q_spec = logical_to_spec(("batch", None, "act_heads", None), q.shape, rules, mesh)
+    kv_spec = logical_to_spec(("batch", None, "act_kv_heads", None), k.shape, rules, mesh)
+    if kv_spec[2] != q_spec[2]:
+        k, v = (jnp.repeat(x, q.shape[2] // k.shape[2], axis=2) for x in (k, v))
+        kv_spec = q_spec
+    ids_spec = jax.P(q_spec[0], None)
+    return jax.shard_map(
+        run,
+        mesh=mesh,
+        in_specs=(q_spec, kv_spec, kv_spec, ids_spec, ids_spec),
+        out_specs=q_spec,
+        check_vma=False,  # the splash kernel's outputs carry no varying-axes annotation
+    )(q, k, v, segment_ids, prefix_ids)
+
+
+def _splash_rows(
+    q: Array,
+    k: Array,
+    v: Array,
+    segment_ids: Array,
+    prefix_ids: Array | None,
+    interpret: bool,
+) -> Array:
+    """The kernel over local rows, the length padded to a multiple of 128 (padding segment 0).
+
+    Segment ids make the kernel need kv blocks of a multiple of 128 tokens; the block is the
+    largest of 512, 256, 128 that divides the padded length. The padded tokens are segment 0:
+    they see only each other and are sliced off.
+    """
+    t, d = q.shape[1], q.shape[-1]
+    padded = -(-t // 128) * 128
+    block = next(size for size in (512, 256, 128) if padded % size == 0)
+    pad = lambda x: jnp.pad(x, [(0, 0), (0, padded - t)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
+    heads_first = lambda x: pad(x).swapaxes(1, 2)  # noqa: E731  [rows, heads, length, head_dim]
+    # The kernel does not scale the scores.
+    q, k, v = heads_first(q * d**-0.5), heads_first(k), heads_first(v)
+    segment_ids = pad(segment_ids)
+    if prefix_ids is None:
+        kernel = _kernel(q.shape[1], padded, block, interpret, residuals=False)
+        one_row = lambda q, k, v, ids: kernel(q, k, v, splash.SegmentIds(ids, ids))  # noqa: E731
+        out = jax.vmap(one_row)(q, k, v, segment_ids)
+    else:
+        prefix = functools.partial(_with_prefix, block=block, interpret=interpret)
+        out = jax.vmap(prefix)(q, k, v, segment_ids, pad(prefix_ids))
+    return out.swapaxes(1, 2)[:, :t]
+
+
+def _kernel(
+    heads: int, length: int, block: int, interpret: bool, residuals: bool
+) -> splash_attention_kernel.SplashAttentionKernel:
+    mask = splash.MultiHeadMask([splash.CausalMask((length, length))] * heads)
+    return splash.make_splash_mha(
+        mask,
+        block_sizes=splash.BlockSizes(*[block] * 8),  # forward, dkv and dq blocks alike
+        head_shards=1,  # shard_map hands the kernel its shard's heads and rows only
+        q_seq_shards=1,
+        save_residuals=residuals,
+        interpret=interpret,
+    )
+
+
+# Shared prefixes: a candidate token attends to its own segment and to the prefix segment it
+# continues, which segment ids (equality) cannot say in one call. Two calls, one with the query's
+# own segment ids and one with its prefix ids as query ids, are merged by their log-sum-exps. The
+# kernel's public VJP refuses `save_residuals` (which returns the log-sum-exp), so the backward
+# pass is written here: the flash backward of each call, given the merged output and log-sum-exp,
+# is exactly that call's share of the gradient of the merged softmax, so the shares add up. It
+# uses `_splash_attention_bwd`, private to jax's splash module (jax is pinned to 0.10.2).
+
+
+def _prefix_ids(segment_ids: Array, prefix_ids: Array) -> tuple[splash.SegmentIds, ...]:
+    # Prefix id 0 (none) must match nothing, not the padding segment 0.
+    no_prefix = jnp.where(prefix_ids > 0, prefix_ids, -1)
+    return splash.SegmentIds(segment_ids, segment_ids), splash.SegmentIds(no_prefix, segment_ids)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _with_prefix(
+    q: Array, k: Array, v: Array, segment_ids: Array, prefix_ids: Array, block: int, interpret: bool
+) -> Array:
+    return _with_prefix_fwd(q, k, v, segment_ids, prefix_ids, block, interpret)[0]
+
+
+def _with_prefix_fwd(
+    q: Array, k: Array, v: Array, segment_ids: Array, prefix_ids: Array, block: int, interpret: bool
+) -> tuple[Array, tuple]:
+    kernel = _kernel(q.shape[0], q.shape[1], block, interpret, residuals=True)
+    own_ids, continue_ids = _prefix_ids(segment_ids, prefix_ids)
+    own, (own_lse,) = kernel(q, k, v, own_ids)
+    pre, (pre_lse,) = kernel(q, k, v, continue_ids)
+    # Rows without a prefix get pre_lse near the kernel's mask value (-0.7 x float32 max) and so
+    # weight 0, not NaN.
+    lse = jnp.logaddexp(own_lse, pre_lse)
+    weight = lambda part_lse: jnp.exp(part_lse - lse)[..., None]  # noqa: E731
+    out = (own * weight(own_lse) + pre * weight(pre_lse)).astype(q.dtype)
+    return out, (q, k, v, segment_ids, prefix_ids, out, lse)
+
+
+def _with_prefix_bwd(block: int, interpret: bool, residuals: tuple, grad: Array) -> tuple:
+    q, k, v, segment_ids, prefix_ids, out, lse = residuals
+    kernel = _kernel(q.shape[0], q.shape[1], block, interpret, residuals=False)
+    shares = []
+    for ids in _prefix_ids(segment_ids, prefix_ids):
+        kernel_residuals = (q, k, v, ids, None, out, lse, kernel.dq_mask_info, kernel.dkv_mask_info)
+        _, _, _, dq, dk, dv, _, _ = splash_attention_kernel._splash_attention_bwd(
+            **kernel.kwargs, res=kernel_residuals, do=grad
+        )
+        shares.append((dq, dk, dv))
+    dq, dk, dv = (a + b for a, b in zip(*shares, strict=True))
+    return dq, dk, dv, None, None
+
+
+_with_prefix.defvjp(_with_prefix_fwd, _with_prefix_bwd)

@@ -1,0 +1,142 @@
+"""`model.attention`: splash (Pallas interpret mode on CPU) and the cuDNN call path (through its
+XLA implementation) compute what the plain XLA attention computes, values and gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxrm.attention import (
+    INTERPRET_ENV,
+    attention,
+    cudnn_attention,
+    splash_attention,
+    xla_attention,
+)
+from jaxrm.config import load_config
+from jaxrm.errors import UserError
+from jaxrm.model import create_model, last_token_index, rewards_at
+from jaxrm.sharding import DEFAULT_RULES, activation_sharding, make_mesh
+
+LENGTH = 200  # not a multiple of the kernel's 128-token blocks
+
+
+def packed_segments(shared_prefix: bool) -> tuple[jax.Array, jax.Array | None]:
+    """Rows of several segments, padding at the end; with a shared prefix, row 0 packs a prefix
+    (segment 1) once and two candidates (segments 2 and 3) that continue it."""
+    segments = np.zeros((3, LENGTH), np.int32)
+    prefixes = np.zeros((3, LENGTH), np.int32)
+    segments[0, :50], segments[0, 50:100], segments[0, 100:170], segments[0, 170:185] = 1, 2, 3, 4
+    prefixes[0, 50:170] = 1 if shared_prefix else 0
+    segments[1, :199] = 1
+    segments[2, :60], segments[2, 60:130] = 1, 2
+    return jnp.asarray(segments), jnp.asarray(prefixes) if shared_prefix else None
+
+
+def qkv(heads: int = 4, kv_heads: int = 2, head_dim: int = 16) -> list[jax.Array]:
+    rng = np.random.default_rng(0)
+    shapes = [(3, LENGTH, h, head_dim) for h in (heads, kv_heads, kv_heads)]
+    return [jnp.asarray(rng.normal(size=s), jnp.float32) for s in shapes]
+
+
+def assert_same_as_xla(implementation, shared_prefix: bool) -> None:
+    """Outputs at non-padding tokens and gradients of a weighted sum of them match xla."""
+    segments, prefixes = packed_segments(shared_prefix)
+    q, k, v = qkv()
+    weights = jax.random.normal(jax.random.key(1), q.shape) * (segments != 0)[..., None, None]
+
+    def loss(fn, q, k, v):
+        return jnp.sum(fn(q, k, v, segments, prefixes) * weights)
+
+    want_grads = jax.grad(lambda *a: loss(xla_attention, *a), (0, 1, 2))(q, k, v)
+    got_grads = jax.jit(jax.grad(lambda *a: loss(implementation, *a), (0, 1, 2)))(q, k, v)
+    real = (segments != 0)[..., None, None]
+    out = implementation(q, k, v, segments, prefixes)
+    assert bool(jnp.isfinite(out).all())
+    np.testing.assert_allclose(
+        jnp.where(real, out, 0),
+        jnp.where(real, xla_attention(q, k, v, segments, prefixes), 0),
+        atol=2e-6,
+    )
+    for g, w in zip(got_grads, want_grads, strict=True):
+        np.testing.assert_allclose(g, w, atol=2e-5 * float(jnp.abs(w).max()))
+
+
+def splash_interpret(*args):
+    return splash_attention(*args, interpret=True)
+
+
+def cudnn_via_xla(*args):
+    return cudnn_attention(*args, implementation="xla")
+
+
+@pytest.mark.parametrize("shared_prefix", [False, True])
+def test_splash_equals_xla(shared_prefix):
+    assert_same_as_xla(splash_interpret, shared_prefix)
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 2, 4), (2, 2, 2)])
+def test_splash_runs_per_shard_under_a_mesh(mesh_shape):
+    # tensor=4 splits the 4 query heads but not the 2 kv heads; tensor=2 splits both.
+    with activation_sharding(make_mesh(*mesh_shape), DEFAULT_RULES):
+        assert_same_as_xla(splash_interpret, shared_prefix=True)
+
+
+@pytest.mark.parametrize("shared_prefix", [False, True])
+def test_cudnn_call_path_equals_xla(shared_prefix):
+    assert_same_as_xla(cudnn_via_xla, shared_prefix)
+
+
+def test_cudnn_path_traces_where_cudnn_is_present():
+    segments, _ = packed_segments(False)
+    q, k, v = (x.astype(jnp.bfloat16) for x in qkv())
+    try:
+        jax.jit(cudnn_attention).lower(q, k, v, segments)
+    except RuntimeError as e:  # jax checks for cuDNN while tracing
+        pytest.skip(f"jax will not trace cuDNN attention here: {e}")
+
+
+@pytest.mark.parametrize(("implementation", "platform"), [("splash", "TPU"), ("cudnn", "GPU")])
+def test_kernel_off_its_backend_is_a_user_error(implementation, platform):
+    segments, _ = packed_segments(False)
+    with pytest.raises(UserError, match=rf"model.attention: {implementation} .*{platform}.* cpu"):
+        attention(*qkv(), segments, None, implementation)
+
+
+@pytest.mark.parametrize("shared_prefix", [False, True])
+def test_whole_model_with_splash_gives_xla_rewards_and_gradients(monkeypatch, shared_prefix):
+    monkeypatch.setenv(INTERPRET_ENV, "1")
+    segments, prefixes = packed_segments(shared_prefix)
+    tokens = jax.random.randint(jax.random.key(2), segments.shape, 1, 1024) * (segments != 0)
+    starts = 50 * (prefixes > 0) if shared_prefix else 0  # candidates continue the 50-token prefix
+    index = jnp.arange(LENGTH)
+    first = jax.vmap(lambda s: jnp.argmax(s[None, :] == s[:, None], axis=-1))(segments)
+    positions = (index - first + starts) * (segments != 0)
+
+    def rewards(implementation):
+        config = load_config(None, ["model.dtype=float32", f"model.attention={implementation}"])
+        model = create_model(config.model, seed=0)
+        graphdef, params = nnx.split(model)
+
+        def total(params):
+            model = nnx.merge(graphdef, params)
+            scores = model.token_rewards(model(tokens, segments, positions, prefixes))
+            found = rewards_at(scores, last_token_index(segments, num_segments=4))
+            return found.sum(), found
+
+        return jax.jit(jax.value_and_grad(total, has_aux=True))(params)
+
+    (_, want), want_grads = rewards("xla")
+    (_, got), got_grads = rewards("splash")
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-5 * max(1.0, float(jnp.abs(w).max())))
+
+
+def test_config_names_unknown_attention_and_cudnn_in_float32():
+    with pytest.raises(UserError, match=r"model.attention.*'xla', 'splash', 'cudnn'"):
+        load_config(None, ["model.attention=flash"])
+    with pytest.raises(UserError, match=r"model.attention: cudnn .*model.dtype"):
+        load_config(None, ["model.attention=cudnn", "model.dtype=float32"])
+    assert load_config(None, ["model.attention=splash"]).model.attention == "splash"
