@@ -18,10 +18,13 @@ from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel
 
 from jaxrm.errors import UserError
-from jaxrm.sharding import active_mesh, logical_to_spec
+from jaxrm.sharding import active_mesh, logical_to_spec, target_platform
 
 Array = jax.Array
 
+# xla_attention's query blocks: at least this many queries each, at most this many blocks.
+MIN_QUERY_BLOCK = 128
+MAX_QUERY_BLOCKS = 16
 # Set to 1 to run the splash kernel in Pallas interpret mode on any backend (tests; slow).
 INTERPRET_ENV = "JAXRM_SPLASH_INTERPRET"
 
@@ -63,8 +66,7 @@ def attention(
 def _require_platform(implementation: str, platform: str) -> None:
     # The active mesh's devices, not the default backend: a TPU step compiled ahead of time on a
     # CPU host has a mesh of TPU device descriptions.
-    active = active_mesh()
-    found = active[0].devices.flat[0].platform if active else jax.default_backend()
+    found = target_platform()
     if found != platform:
         raise UserError(
             f"model.attention: {implementation} runs only on {platform.upper()}, but the backend "
@@ -75,15 +77,29 @@ def _require_platform(implementation: str, platform: str) -> None:
 def xla_attention(
     q: Array, k: Array, v: Array, segment_ids: Array, prefix_ids: Array | None = None
 ) -> Array:
-    """Plain einsums with float32 scores and a dense [batch, length, length] mask."""
+    """Plain einsums with float32 scores and a dense mask, a block of queries at a time.
+
+    A block attends only to the keys up to its last query (the later ones are never visible),
+    which skips nearly half of the scores; on CPU it more than halves the time of attention.
+    """
     b, t, n, d = q.shape
-    groups = q.reshape(b, t, k.shape[2], n // k.shape[2], d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", groups, k, preferred_element_type=jnp.float32)
-    scores = scores * (d**-0.5)
+    groups = (q * d**-0.5).reshape(b, t, k.shape[2], n // k.shape[2], d)
     mask = attention_mask(segment_ids, prefix_ids)[:, None, None]
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, n, d)
+    blocks = min(MAX_QUERY_BLOCKS, -(-t // MIN_QUERY_BLOCK))
+    size = -(-t // blocks)
+    outs = []
+    for start in range(0, t, size):
+        end = min(start + size, t)
+        scores = jnp.einsum(
+            "btkgd,bskd->bkgts",
+            groups[:, start:end],
+            k[:, :end],
+            preferred_element_type=jnp.float32,
+        )
+        scores = jnp.where(mask[..., start:end, :end], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        outs.append(jnp.einsum("bkgts,bskd->btkgd", probs, v[:, :end]))
+    return jnp.concatenate(outs, axis=1).reshape(b, t, n, d)
 
 
 def cudnn_attention(

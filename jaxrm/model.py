@@ -26,6 +26,7 @@ from flax import nnx
 
 from jaxrm.attention import attention
 from jaxrm.config import ModelConfig
+from jaxrm.matmul import dense
 from jaxrm.sharding import Rules, constrain, tree_shardings
 
 Array = jax.Array
@@ -184,7 +185,7 @@ class Attention(nnx.Module):
             self.bq = self.bk = self.bv = None
 
     def _project(self, x: Array, name: str, bias: nnx.Param | None) -> Array:
-        y = jnp.einsum("bte,ehd->bthd", x, _kernel(self, name, self.dtype))
+        y = dense(x, _kernel(self, name, self.dtype))
         return y if bias is None else y + bias[...].astype(self.dtype)
 
     def __call__(
@@ -199,7 +200,7 @@ class Attention(nnx.Module):
         v = constrain(v, ("batch", "length", "act_kv_heads", None))
         out = attention(q, k, v, segment_ids, prefix_ids, self.implementation)
         out = constrain(out, ("batch", "length", "act_heads", None))
-        return jnp.einsum("bthd,hde->bte", out, _kernel(self, "wo", self.dtype))
+        return dense(out, _kernel(self, "wo", self.dtype), contract=2)
 
 
 class MLP(nnx.Module):
@@ -214,10 +215,10 @@ class MLP(nnx.Module):
             _add_lora(self, name, 1, config, rngs)
 
     def __call__(self, x: Array) -> Array:
-        gate = x @ _kernel(self, "gate", self.dtype)
-        up = x @ _kernel(self, "up", self.dtype)
+        gate = dense(x, _kernel(self, "gate", self.dtype))
+        up = dense(x, _kernel(self, "up", self.dtype))
         hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
-        return hidden @ _kernel(self, "down", self.dtype)
+        return dense(hidden, _kernel(self, "down", self.dtype))
 
 
 class DecoderLayer(nnx.Module):

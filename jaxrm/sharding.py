@@ -140,6 +140,13 @@ def active_mesh() -> tuple[Mesh, Rules] | None:
     return _ACTIVE.get()
 
 
+def target_platform() -> str:
+    """The platform being compiled for: the active mesh's (an ahead-of-time TPU compile on a CPU
+    host has a mesh of TPU devices), else the default backend."""
+    active = _ACTIVE.get()
+    return active[0].devices.flat[0].platform if active else jax.default_backend()
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     active = _ACTIVE.get()
     if active is None:

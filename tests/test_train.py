@@ -260,3 +260,39 @@ def test_user_errors_are_one_line_and_leave_checkpoints_alone(data, tmp_path):
         assert line.startswith(f"jaxrm: error: {rows}:7: field 'rejected' is missing"), err
     assert snapshot(run / "checkpoints") == before
     assert not (tmp_path / "fresh" / "checkpoints").exists()
+
+
+def test_steps_after_the_first_compile_nothing(data, tmp_path, monkeypatch):
+    compiles = []
+
+    def count(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(count)
+    calls = {"step": [], "evaluate": []}
+    for name in calls:
+        original = getattr(Trainer, name)
+
+        def counted(self, *args, _original=original, _name=name):
+            before = len(compiles)
+            result = _original(self, *args)
+            calls[_name].append(len(compiles) - before)
+            return result
+
+        monkeypatch.setattr(Trainer, name, counted)
+    config = make_config(
+        data,
+        tmp_path / "run",
+        "train.steps=6",
+        "train.eval_every=2",
+        "checkpoint.every=3",
+        f"data.eval={data[0] / 'eval.jsonl'}",
+    )
+    try:
+        train(config)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count)
+    assert len(calls["step"]) == 6 and len(calls["evaluate"]) == 4  # evals at 0, 2, 4, 6
+    assert calls["step"] == [0] * 6  # compiled ahead of the loop, once
+    assert calls["evaluate"][0] > 0 and calls["evaluate"][1:] == [0, 0, 0]  # counted: compiled once

@@ -1,0 +1,62 @@
+"""Matrix products whose backward pass XLA's CPU backend runs well.
+
+    y = einsum("bte,ehd->bthd", x, kernel)       # as jnp.einsum, two operands
+    y = dense(x, kernel)                          # x's last axis times the kernel's first
+
+On CPU the backward pass first materialises the incoming gradient. Left alone, XLA fuses the
+elementwise work that produced it (SwiGLU's derivative, the residual sums, the softmax's) into
+the transposes the weight gradient needs; those fused transposes ran several times slower than
+the matmuls themselves. Elsewhere (TPU, GPU) these are plain `jnp.einsum`.
+"""
+
+import functools
+import string
+
+import jax
+import jax.numpy as jnp
+
+from jaxrm.sharding import target_platform
+
+Array = jax.Array
+
+
+def einsum(spec: str, a: Array, b: Array, preferred_element_type: jnp.dtype | None = None) -> Array:
+    """`jnp.einsum(spec, a, b)` for specs whose every index appears in two of the three terms."""
+    if target_platform() == "cpu":
+        return _einsum_cpu(spec, preferred_element_type, a, b)
+    return jnp.einsum(spec, a, b, preferred_element_type=preferred_element_type)
+
+
+def dense(x: Array, kernel: Array, contract: int = 1) -> Array:
+    """x's last `contract` axes times the kernel's first `contract` axes."""
+    letters = iter(string.ascii_letters)
+    batch = "".join(next(letters) for _ in range(x.ndim - contract))
+    inner = "".join(next(letters) for _ in range(contract))
+    out = "".join(next(letters) for _ in range(kernel.ndim - contract))
+    return einsum(f"{batch}{inner},{inner}{out}->{batch}{out}", x, kernel)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _einsum_cpu(spec: str, preferred: jnp.dtype | None, a: Array, b: Array) -> Array:
+    return jnp.einsum(spec, a, b, preferred_element_type=preferred)
+
+
+def _einsum_cpu_fwd(
+    spec: str, preferred: jnp.dtype | None, a: Array, b: Array
+) -> tuple[Array, tuple]:
+    return _einsum_cpu(spec, preferred, a, b), (a, b)
+
+
+def _einsum_cpu_bwd(
+    spec: str, preferred: jnp.dtype | None, residuals: tuple, grad: Array
+) -> tuple[Array, Array]:
+    a, b = residuals
+    inputs, out = spec.split("->")
+    a_spec, b_spec = inputs.split(",")
+    grad = jax.lax.optimization_barrier(grad)
+    da = jnp.einsum(f"{out},{b_spec}->{a_spec}", grad, b.astype(grad.dtype))
+    db = jnp.einsum(f"{a_spec},{out}->{b_spec}", a.astype(grad.dtype), grad)
+    return da.astype(a.dtype), db.astype(b.dtype)
+
+
+_einsum_cpu.defvjp(_einsum_cpu_fwd, _einsum_cpu_bwd)
