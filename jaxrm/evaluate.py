@@ -7,7 +7,8 @@
 reference), builds each response's sequence exactly as training does, and reports as JSON:
 accuracy (the best response must score strictly above every other: ties count as wrong), the
 rewards' mean / std / min / max, the mean margin (best minus second-ranked), for ranked lists the
-share of correctly ordered pairs, per-group accuracy with `--by FIELD`, and, when rows carry
+share of correctly ordered pairs, per-group accuracy with `--by FIELD` (rows without the field
+form the group "(none)"), and, when rows carry
 `subset`, RewardBench's scores: per subset, per section (Chat, Chat Hard, Safety, Reasoning;
 subsets weighted by RewardBench's example counts, prm-math upweighted as there) and their mean.
 Subsets RewardBench does not name form a section "Other", weighted by their own counts.
@@ -161,14 +162,14 @@ def evaluate_file(scorer: Scorer, data: str, by: str | None = None) -> dict[str,
     rows, sequences, counts = [], [], []
     for where, row in read_rows(data):
         check_row(row, scorer.objective, where)
-        if by is not None and by not in row:
-            raise BadRow(f"{where}: field '{by}' (--by) is missing")
         example = scorer.template(row)
         rows.append(row)
         sequences.extend(example.sequences)
         counts.append(len(example.sequences))
     if not rows:
         raise UserError(f"{data}: no rows to evaluate")
+    if by is not None and not any(by in row for row in rows):
+        raise UserError(f"--by {by}: no row of {data} has a field '{by}'")
     rewards = _split(scorer.rewards(sequences, _bar("evaluating", len(sequences))), counts)
     return {**preference_report(rows, rewards, by), "scoring": scorer.counts.summary()}
 

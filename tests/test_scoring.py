@@ -275,3 +275,19 @@ def test_best_of_n_command(polar_checkpoint, tmp_path, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{**rows[0], "correct": [True]}])
     assert main(["best-of-n", str(polar_checkpoint), "--data", str(bad)]) == 1
     assert f"{bad}:1: field 'correct'" in capsys.readouterr().err
+
+
+def test_by_groups_rows_without_the_field_and_refuses_a_field_no_row_has(
+    polar_checkpoint, tmp_path, capsys
+):
+    report = preference_report(
+        [{"category": "a"}, {}], [np.array([1.0, 0.0]), np.array([0.0, 1.0])], by="category"
+    )
+    assert report["by"]["category"] == {
+        "(none)": {"examples": 1, "accuracy": 0.0, "margin": -1.0},
+        "a": {"examples": 1, "accuracy": 1.0, "margin": 1.0},
+    }
+    data = TOY / "polar_eval.jsonl"
+    assert main(["eval", str(polar_checkpoint), "--data", str(data), "--by", "categroy"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"jaxrm: error: --by categroy: no row of {data} has a field 'categroy'"
