@@ -50,7 +50,7 @@ REWARD_TOKEN = 2
 PAD_TOKEN = 0
 
 
-def make_config(args: argparse.Namespace, seq_len: int) -> Config:
+def make_config(args: argparse.Namespace, seq_len: int, max_length: int) -> Config:
     return config_from_dict(
         {
             "objective": "polar" if args.polar else "pairwise",
@@ -68,7 +68,7 @@ def make_config(args: argparse.Namespace, seq_len: int) -> Config:
                 "pad_token_id": PAD_TOKEN,
                 "attention": args.attention,
             },
-            "data": {"seq_len": seq_len, "max_length": seq_len, "shared_prefix": args.polar},
+            "data": {"seq_len": seq_len, "max_length": max_length, "shared_prefix": args.polar},
             "train": {"batch_size": args.pairs, "steps": 1_000_000},
             "optimizer": {"name": "adamw", "lr": 1e-5, "weight_decay": 0.0, "grad_clip": 1.0},
             "mesh": {"fsdp": 1},
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
     examples = make_examples(args, np.random.default_rng(0))
     # A row holds one example: its pair, or its triple with the shared prefix once.
     seq_len = max(layout(e, shared_prefix=args.polar).length for e in examples)
-    config = make_config(args, seq_len)
+    config = make_config(args, seq_len, max(len(s) for e in examples for s in e.sequences))
     batch = packed_batch(examples, config)
 
     peak_jax = measured_matmul_peak(jax.devices()[0], "float32")

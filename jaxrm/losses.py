@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxrm.config import Config, LossConfig
+from jaxrm.config import Config, DataConfig, LossConfig
 from jaxrm.flops import attention_pairs
 from jaxrm.model import RewardModel, rewards_at
 
@@ -32,10 +32,19 @@ Batch = dict[str, jax.Array]
 NO_REWARD = -1e9  # stands for a missing response; exp() of it is 0, and it stays finite
 
 
-def ranked_rewards(model: RewardModel, batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:
+def attention_span(data: DataConfig) -> int:
+    """How far back a token of a packed row can attend: its sequence is at most
+    data.max_length tokens, and with a shared prefix the example's other candidates may sit
+    between it and the prefix."""
+    return data.max_length * (data.max_candidates if data.shared_prefix else 1)
+
+
+def ranked_rewards(
+    model: RewardModel, batch: Batch, span: int | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(hidden states, rewards [rows, slots, K], valid [rows, slots, K])."""
     hidden = model(
-        batch["tokens"], batch["segment_ids"], batch["positions"], batch.get("prefix_ids")
+        batch["tokens"], batch["segment_ids"], batch["positions"], batch.get("prefix_ids"), span
     )
     index = batch["reward_index"]
     rows, slots, k = index.shape
@@ -72,7 +81,7 @@ def objective(
     model: RewardModel, batch: Batch, config: Config, totals: dict[str, jax.Array]
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(this part's share of the batch loss, summed statistics)."""
-    hidden, rewards, valid = ranked_rewards(model, batch)
+    hidden, rewards, valid = ranked_rewards(model, batch, attention_span(config.data))
     examples = _ranked(valid)
     margin = batch["margin"] if config.loss.margin else jnp.zeros_like(batch["margin"])
     rank_losses = jnp.where(examples, plackett_luce(rewards, valid, margin), 0.0)

@@ -189,7 +189,12 @@ class Attention(nnx.Module):
         return y if bias is None else y + bias[...].astype(self.dtype)
 
     def __call__(
-        self, x: Array, segment_ids: Array, positions: Array, prefix_ids: Array | None
+        self,
+        x: Array,
+        segment_ids: Array,
+        positions: Array,
+        prefix_ids: Array | None,
+        span: int | None = None,
     ) -> Array:
         inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
         q = apply_rope(self._project(x, "wq", self.bq), positions, inv_freq)
@@ -198,7 +203,7 @@ class Attention(nnx.Module):
         q = constrain(q, ("batch", "length", "act_heads", None))
         k = constrain(k, ("batch", "length", "act_kv_heads", None))
         v = constrain(v, ("batch", "length", "act_kv_heads", None))
-        out = attention(q, k, v, segment_ids, prefix_ids, self.implementation)
+        out = attention(q, k, v, segment_ids, prefix_ids, self.implementation, span)
         out = constrain(out, ("batch", "length", "act_heads", None))
         return dense(out, _kernel(self, "wo", self.dtype), contract=2)
 
@@ -230,9 +235,15 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(config, dtype, param_dtype, rngs)
 
     def __call__(
-        self, x: Array, segment_ids: Array, positions: Array, prefix_ids: Array | None
+        self,
+        x: Array,
+        segment_ids: Array,
+        positions: Array,
+        prefix_ids: Array | None,
+        span: int | None = None,
     ) -> Array:
-        x = x + self.attention(self.attention_norm(x), segment_ids, positions, prefix_ids)
+        normed = self.attention_norm(x)
+        x = x + self.attention(normed, segment_ids, positions, prefix_ids, span)
         x = x + self.mlp(self.mlp_norm(x))
         return constrain(x, ("batch", "length", "act_embed"))
 
@@ -269,17 +280,21 @@ class RewardModel(nnx.Module):
         segment_ids: Array,
         positions: Array,
         prefix_ids: Array | None = None,
+        span: int | None = None,
     ) -> Array:
         """Final-normed hidden states [batch, length, embed] in the compute dtype.
 
         `prefix_ids` (optional) gives, per token, the shared-prefix segment it also attends to.
+        `span` (optional, static) promises that no token attends further back than that many
+        tokens, which lets attention skip the keys before (see `losses.attention_span`).
         """
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
         x = constrain(x, ("batch", "length", "act_embed"))
         graphdef, layer_states = nnx.split(self.layers)
 
         def one_layer(h: Array, layer_state: Any) -> tuple[Array, None]:
-            return nnx.merge(graphdef, layer_state)(h, segment_ids, positions, prefix_ids), None
+            layer = nnx.merge(graphdef, layer_state)
+            return layer(h, segment_ids, positions, prefix_ids, span), None
 
         if self.remat != "none":
             one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[self.remat])

@@ -140,3 +140,30 @@ def test_config_names_unknown_attention_and_cudnn_in_float32():
     with pytest.raises(UserError, match=r"model.attention: cudnn .*model.dtype"):
         load_config(None, ["model.attention=cudnn", "model.dtype=float32"])
     assert load_config(None, ["model.attention=splash"]).model.attention == "splash"
+
+
+def test_a_span_skips_only_keys_no_token_reaches():
+    rng = np.random.default_rng(3)
+    length, span = 600, 48
+    segments = np.zeros((2, length), np.int32)
+    prefixes = np.zeros((2, length), np.int32)
+    start, segment = 0, 0
+    while start < length - span:  # row 0: sequences of 1 to `span` tokens
+        size = int(rng.integers(1, span + 1))
+        segment += 1
+        segments[0, start : start + size] = segment
+        start += size
+    # row 1: prefixes of 20 tokens, each continued by two candidates of 14 (20 + 14 <= 34)
+    for i, first in enumerate(range(0, 540, 48)):
+        segments[1, first : first + 20] = 3 * i + 1
+        segments[1, first + 20 : first + 34] = 3 * i + 2
+        segments[1, first + 34 : first + 48] = 3 * i + 3
+        prefixes[1, first + 20 : first + 48] = 3 * i + 1
+    q, k, v = (jnp.asarray(rng.normal(size=(2, length, h, 8)), jnp.float32) for h in (4, 2, 2))
+    ids, prefix = jnp.asarray(segments), jnp.asarray(prefixes)
+    real = np.asarray(segments != 0)[..., None, None]
+    whole = xla_attention(q, k, v, ids, prefix)
+    spanned = xla_attention(q, k, v, ids, prefix, span=2 * 34)  # two sequences' worth
+    np.testing.assert_allclose(np.where(real, spanned, 0), np.where(real, whole, 0), atol=1e-6)
+    too_short = xla_attention(q, k, v, ids, prefix, span=10)
+    assert not np.allclose(np.where(real, too_short, 0), np.where(real, whole, 0), atol=1e-3)

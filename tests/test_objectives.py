@@ -49,7 +49,7 @@ class FixedRewards:
     def __init__(self, scores):
         self.scores = jnp.asarray(scores, jnp.float32)
 
-    def __call__(self, tokens, segment_ids, positions, prefix_ids=None):
+    def __call__(self, tokens, segment_ids, positions, prefix_ids=None, span=None):
         return self.scores[..., None]
 
     def token_rewards(self, hidden):
