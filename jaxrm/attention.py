@@ -66,8 +66,6 @@ def attention(
 
 
 def _require_platform(implementation: str, platform: str) -> None:
-    # The active mesh's devices, not the default backend: a TPU step compiled ahead of time on a
-    # CPU host has a mesh of TPU device descriptions.
     found = target_platform()
     if found != platform:
         raise UserError(
