@@ -27,10 +27,11 @@ import argparse
 import json
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from jaxrm.errors import UserError
 from jaxrm.scoring import Scorer, add_scorer_options, open_scorer, read_rows
@@ -159,29 +160,40 @@ def rewardbench_scores(
 
 
 def evaluate_file(scorer: Scorer, data: str, by: str | None = None) -> dict[str, Any]:
-    rows, sequences, counts = [], [], []
-    for where, row in read_rows(data):
+    def sequences(row: Any, where: str) -> list[np.ndarray]:
         check_row(row, scorer.objective, where)
-        example = scorer.template(row)
-        rows.append(row)
-        sequences.extend(example.sequences)
-        counts.append(len(example.sequences))
-    if not rows:
-        raise UserError(f"{data}: no rows to evaluate")
+        return scorer.template(row).sequences
+
+    rows, every, counts = read_rows_as_sequences(data, sequences)
     if by is not None and not any(by in row for row in rows):
         raise UserError(f"--by {by}: no row of {data} has a field '{by}'")
-    rewards = _split(scorer.rewards(sequences, _bar("evaluating", len(sequences))), counts)
+    rewards = rewards_per_row(scorer, every, counts)
     return {**preference_report(rows, rewards, by), "scoring": scorer.counts.summary()}
 
 
-def _split(values: np.ndarray, counts: Sequence[int]) -> list[np.ndarray]:
-    return np.split(values, np.cumsum(counts)[:-1])
+def read_rows_as_sequences(
+    data: str, sequences: Callable[[Any, str], list[np.ndarray]]
+) -> tuple[list[dict], list[np.ndarray], list[int]]:
+    """(rows, all their token sequences, how many each row has): every row of `data`, checked
+    and turned into sequences by `sequences(row, where)`."""
+    rows, every, counts = [], [], []
+    for where, row in read_rows(data):
+        row_sequences = sequences(row, where)
+        rows.append(row)
+        every.extend(row_sequences)
+        counts.append(len(row_sequences))
+    if not rows:
+        raise UserError(f"{data}: no rows to evaluate")
+    return rows, every, counts
 
 
-def _bar(what: str, total: int) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(desc=what, total=total, unit="seq", dynamic_ncols=True)
+def rewards_per_row(
+    scorer: Scorer, sequences: list[np.ndarray], counts: list[int]
+) -> list[np.ndarray]:
+    bar = tqdm(desc="scoring", total=len(sequences), unit="seq", dynamic_ncols=True)
+    with bar:
+        rewards = scorer.rewards(sequences, bar)
+    return np.split(rewards, np.cumsum(counts)[:-1])
 
 
 # --- Best-of-N -----------------------------------------------------------------------------------
@@ -264,7 +276,7 @@ def best_of_n_report(
     return report
 
 
-def check_best_of_n_row(row: Any, objective: str, where: str) -> dict[str, Any]:
+def check_best_of_n_row(row: Any, scorer: Scorer, where: str) -> dict[str, Any]:
     if not isinstance(row, dict):
         raise BadRow(f"{where}: a row must be a JSON object, got {type(row).__name__}")
     for field in ("prompt", "candidates", "correct"):
@@ -287,24 +299,17 @@ def check_best_of_n_row(row: Any, objective: str, where: str) -> dict[str, Any]:
     if answers is not None and (not isinstance(answers, list) or len(answers) != len(candidates)):
         raise BadRow(f"{where}: field 'answers' must be a list with one entry per candidate")
     for response in candidates:
-        check_row({**row, "response": response}, "score", where)
-    if objective == "polar" and row.get("reference") is None:
-        raise BadRow(f"{where}: field 'reference' is missing (a POLAR model scores against one)")
+        scorer.check_score_row({**row, "response": response}, where)
     return row
 
 
 def best_of_n_file(scorer: Scorer, data: str, samples: int, seed: int) -> dict[str, Any]:
-    rows, sequences, counts = [], [], []
-    for where, row in read_rows(data):
-        check_best_of_n_row(row, scorer.objective, where)
-        rows.append(row)
-        for response in row["candidates"]:
-            sequences.append(scorer.score_sequence({**row, "response": response}))
-        counts.append(len(row["candidates"]))
-    if not rows:
-        raise UserError(f"{data}: no rows to evaluate")
-    rewards = _split(scorer.rewards(sequences, _bar("scoring candidates", len(sequences))), counts)
-    report = best_of_n_report(rows, rewards, samples, seed)
+    def sequences(row: Any, where: str) -> list[np.ndarray]:
+        check_best_of_n_row(row, scorer, where)
+        return [scorer.score_sequence({**row, "response": c}) for c in row["candidates"]]
+
+    rows, every, counts = read_rows_as_sequences(data, sequences)
+    report = best_of_n_report(rows, rewards_per_row(scorer, every, counts), samples, seed)
     return {**report, "scoring": scorer.counts.summary()}
 
 

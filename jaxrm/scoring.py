@@ -185,13 +185,9 @@ class Scorer:
         return row
 
     def score_sequence(self, row: dict[str, Any]) -> np.ndarray:
-        """The tokens of a checked scoring row, as the model's template builds them."""
-        wrapper = row.get("wrapper")
-        if self.objective == "polar":
-            return self.template.polar(row["prompt"], row["reference"], [row["response"]], wrapper)[
-                0
-            ]
-        return self.template.pairwise(row["prompt"], [row["response"]], wrapper)[0][0]
+        """The tokens of a checked scoring row, as the model's template builds them: its response
+        as the only candidate, so no other response shortens it."""
+        return self.template({**row, "ranked": [row["response"]]}).sequences[0]
 
     def text_sequence(self, text: str) -> tuple[np.ndarray, bool]:
         """(tokens, truncated) of an already formatted text: BOS + text + the reward token, its
