@@ -97,20 +97,18 @@ class Trainer:
         self.graphdef, trainable, frozen = nnx.split(abstract, trainable_filter(config), ...)
         trainable, frozen = nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen)
         opt_abstract = jax.eval_shape(self.optimizer.init, trainable)
-        self.abstract = TrainState(trainable, frozen, opt_abstract)
-        opt_shardings = self._opt_state_shardings(opt_abstract)
-        self.shardings = TrainState(_shardings(trainable), _shardings(frozen), opt_shardings)
-        self.abstract = self.abstract._replace(
-            opt_state=jax.tree.map(
-                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                opt_abstract,
-                opt_shardings,
-            )
+        opt_shardings = self._opt_state_shardings(opt_abstract, trainable)
+        opt_state = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            opt_abstract,
+            opt_shardings,
         )
+        self.abstract = TrainState(trainable, frozen, opt_state)
+        self.shardings = TrainState(_shardings(trainable), _shardings(frozen), opt_shardings)
         self._step = None
         self._eval = None
 
-    def _opt_state_shardings(self, opt_abstract: Any) -> Any:
+    def _opt_state_shardings(self, opt_abstract: Any, trainable: dict) -> Any:
         """Moments shard like their parameters; anything else (counts, factored statistics of
         other shapes, keys) is replicated."""
         replicated = NamedSharding(self.mesh, PartitionSpec())
@@ -118,7 +116,7 @@ class Trainer:
             self.optimizer,
             lambda leaf, param: param.sharding if leaf.shape == param.shape else replicated,
             opt_abstract,
-            self.abstract.trainable,
+            trainable,
             transform_non_params=lambda _: replicated,
             is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct),
         )
