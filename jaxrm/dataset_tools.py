@@ -22,13 +22,13 @@ from jaxrm.checkpoint import require_new_dir, staged_directory
 from jaxrm.config import Config, config_to_dict
 from jaxrm.pipeline import (
     MANIFEST,
-    PACK_WINDOW,
     PREPARED_FORMAT,
     RowSource,
     Skipped,
     ToExample,
     encode_example,
     pack_rows,
+    pack_window,
     template_spec,
 )
 from jaxrm.templates import Example
@@ -112,11 +112,12 @@ def stats(config: Config, spec: str | Sequence[str]) -> dict[str, Any]:
         return report
     report["sequence_tokens"] = _length_summary(lengths)
     report["length_histogram"] = _histogram(lengths)
+    window = pack_window(config)
     for shared in (False, True):
         rows = [
             row
-            for i in range(0, len(examples), PACK_WINDOW)
-            for row in pack_rows(examples[i : i + PACK_WINDOW], config, shared)
+            for i in range(0, len(examples), window)
+            for row in pack_rows(examples[i : i + window], config, shared)
         ]
         tokens = sum(int((row["segment_ids"] > 0).sum()) for row in rows)
         report["shared_prefix" if shared else "unshared"] = {

@@ -1,16 +1,19 @@
 """The per-host Grain pipeline: rows -> checked -> templated -> packed rows -> host batches.
 
     batches = train_batches(config, tokenizer)          # endless, shuffled anew each epoch
-    batch = next(batches)                               # dict of [rows_per_host, ...] numpy
+    batch = next(batches)                               # dict of [rows per host, ...] numpy
     state = batches.get_state()                         # store with the checkpoint ...
     batches.set_state(state)                            # ... and resume exactly there
 
-The shuffle is one global permutation per epoch (seeded by `train.seed`); host `i` of `n` takes
-every n-th example of it, so hosts see disjoint examples that together cover the data. Rows are
-parsed, checked and templated in `data.num_workers` worker processes (or in threads of this
-process when 0) and packed by first-fit decreasing over windows of examples. The iterator state is
-the position of the current window plus the rows already taken from it, so a restored iterator
-yields exactly the batches an uninterrupted one would.
+The shuffle is one global permutation per epoch (seeded by `train.seed`). Row `j` of every global
+batch of R = `train.batch_size` rows is packed from its own stream: examples j, j + R, j + 2R, ...
+of that order, packed by first-fit decreasing over windows of `pack_window` examples. A host reads
+only the streams of its rows (host i of n: rows i·R/n to (i+1)·R/n - 1), so hosts see disjoint
+examples that together cover the data, and a global batch is the same on any number of hosts: a
+run on a pod equals the same run on one host. Rows are parsed, checked and templated in
+`data.num_workers` worker processes (or in threads of this process when 0). The iterator state is,
+per stream, the position of its current window plus the rows already taken from it, so a restored
+iterator yields exactly the batches an uninterrupted one would.
 
 A malformed row stops the run with its file, line and field, unless `data.skip_bad_rows`: then it
 is counted, and each batch reports the rows skipped since the previous one in `bad_rows`.
@@ -33,7 +36,10 @@ from jaxrm.sources import BadRow, check_row, open_source
 from jaxrm.templates import Example, Template
 from jaxrm.tokenizer import load_tokenizer
 
-PACK_WINDOW = 1024  # examples packed together; larger packs tighter, restores replay more
+# Examples packed together over a batch's streams (at least MIN_STREAM_WINDOW per stream): larger
+# windows pack tighter, and a restore replays more.
+PACK_WINDOW = 1024
+MIN_STREAM_WINDOW = 64
 MANIFEST = "manifest.json"
 PREPARED_FORMAT = "jaxrm-examples/1"
 # The settings a prepared (tokenised) dataset was made with; they must match the run's.
@@ -232,12 +238,18 @@ def examples_dataset(
     return rows.map(ToExample(template, data.skip_bad_rows, data.max_candidates))
 
 
+def pack_window(config: Config) -> int:
+    """Examples one row stream packs together: PACK_WINDOW shared by a batch's streams."""
+    return max(MIN_STREAM_WINDOW, PACK_WINDOW // config.train.batch_size)
+
+
 class PackIterDataset(grain.IterDataset):
     """Packs the Examples of its parent into rows, window by window (see the module doc)."""
 
     def __init__(self, parent: grain.IterDataset, config: Config):
         super().__init__(parent)
         self.config = config
+        self.window = pack_window(config)
 
     def __iter__(self) -> "PackIterator":
         return PackIterator(self._parent.__iter__(), self)
@@ -247,6 +259,7 @@ class PackIterator(grain.DatasetIterator):
     def __init__(self, parent: grain.DatasetIterator, packer: PackIterDataset):
         super().__init__(parent)
         self.config = packer.config
+        self.window = packer.window
         self.window_start = parent.get_state()
         self.rows: list[dict[str, np.ndarray]] = []
         self.taken = 0
@@ -266,7 +279,7 @@ class PackIterator(grain.DatasetIterator):
                 skipped += 1
             else:
                 examples.append(item)
-            if len(examples) + skipped == PACK_WINDOW:
+            if len(examples) + skipped == self.window:
                 break
         if not examples and not skipped:
             raise StopIteration
@@ -284,22 +297,62 @@ class PackIterator(grain.DatasetIterator):
         self.taken = state["taken"]
 
 
+class StackRows(grain.IterDataset):
+    """Batches whose row k comes from stream k; a stream that ends gives padding rows until the
+    last one ends."""
+
+    def __init__(self, streams: Sequence[grain.IterDataset], config: Config):
+        super().__init__(streams)
+        self.config = config
+
+    def __iter__(self) -> "StackRowsIterator":
+        return StackRowsIterator([stream.__iter__() for stream in self.parents], self.config)
+
+
+class StackRowsIterator(grain.DatasetIterator):
+    def __init__(self, streams: list[grain.DatasetIterator], config: Config):
+        super().__init__(streams)
+        self.padding = padding_row(config)
+        self.ended = [False] * len(streams)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        rows = [self._next_row(k) for k in range(len(self._parents))]
+        if all(self.ended):
+            raise StopIteration
+        return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
+
+    def _next_row(self, k: int) -> dict[str, np.ndarray]:
+        if not self.ended[k]:
+            try:
+                return next(self._parents[k])
+            except StopIteration:
+                self.ended[k] = True
+        return self.padding
+
+    def get_state(self) -> dict[str, Any]:
+        return {"streams": [s.get_state() for s in self._parents], "ended": self.ended}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        for stream, stream_state in zip(self._parents, state["streams"], strict=True):
+            stream.set_state(stream_state)
+        self.ended = list(state["ended"])
+
+
 def host_batches(
     dataset: grain.MapDataset,
     config: Config,
-    rows_per_host: int,
+    rows: range,
     *,
     shuffle: bool,
     num_epochs: int | None,
-    process_index: int,
-    process_count: int,
-    drop_remainder: bool,
 ) -> grain.IterDataset:
+    """Batches of the global batch rows `rows`, each packed from its own stream."""
     if shuffle:
         dataset = dataset.shuffle(seed=config.train.seed)
-    dataset = dataset.repeat(num_epochs)[process_index::process_count]
-    rows = PackIterDataset(dataset.to_iter_dataset(), config)
-    batches = rows.batch(rows_per_host, drop_remainder=drop_remainder)
+    dataset = dataset.repeat(num_epochs)
+    total = config.train.batch_size
+    streams = [PackIterDataset(dataset[j::total].to_iter_dataset(), config) for j in rows]
+    batches: grain.IterDataset = StackRows(streams, config)
     if config.data.num_workers > 0:
         from absl import flags
 
@@ -310,13 +363,16 @@ def host_batches(
     return batches
 
 
-def rows_per_host(config: Config, process_count: int) -> int:
-    if config.train.batch_size % process_count:
+def host_rows(config: Config, process_index: int, process_count: int) -> range:
+    """The rows of each global batch that host `process_index` of `process_count` feeds."""
+    total = config.train.batch_size
+    if total % process_count:
         raise UserError(
-            f"train.batch_size ({config.train.batch_size}) must be a multiple of the number of "
-            f"hosts ({process_count})"
+            f"train.batch_size ({total}) must be a multiple of the number of hosts "
+            f"({process_count})"
         )
-    return config.train.batch_size // process_count
+    per_host = total // process_count
+    return range(process_index * per_host, (process_index + 1) * per_host)
 
 
 def train_batches(
@@ -327,24 +383,18 @@ def train_batches(
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> grain.DatasetIterator:
-    """This host's endless (or `num_epochs`) stream of [rows_per_host, ...] training batches."""
+    """This host's endless (or `num_epochs`) stream of [rows per host, ...] training batches."""
     if config.data.train is None:
         raise UserError("data.train is not set")
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
+    rows = host_rows(config, index, count)
     template = template_spec(config, tokenizer)
     dataset = examples_dataset(config.data.train, config, template)
     if len(dataset) == 0:
         raise UserError(f"data.train ({config.data.train}) holds no rows")
     batches = host_batches(
-        dataset,
-        config,
-        rows_per_host(config, count),
-        shuffle=config.data.shuffle,
-        num_epochs=num_epochs,
-        process_index=index,
-        process_count=count,
-        drop_remainder=True,
+        dataset, config, rows, shuffle=config.data.shuffle, num_epochs=num_epochs
     )
     return iter(batches)
 
@@ -357,32 +407,19 @@ def eval_batches(
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> list[dict[str, np.ndarray]]:
-    """All of this host's evaluation batches, in order, the last one padded with empty rows."""
+    """This host's rows of every evaluation batch, in order, the last ones padded with empty rows.
+
+    Every host packs the whole evaluation set (it is small), so all hosts agree on the number of
+    batches, which a collective evaluation step needs.
+    """
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
+    rows = host_rows(config, index, count)
     template = template_spec(config, tokenizer)
     dataset = examples_dataset(spec, config, template)
-    per_host = rows_per_host(config, count)
-    batches = host_batches(
-        dataset,
-        config,
-        per_host,
-        shuffle=False,
-        num_epochs=1,
-        process_index=index,
-        process_count=count,
-        drop_remainder=False,
-    )
-    out = []
-    for batch in batches:
-        missing = per_host - len(batch["tokens"])
-        if missing:
-            empty = padding_row(config)
-            batch = {
-                k: np.concatenate([v, np.stack([empty[k]] * missing)]) for k, v in batch.items()
-            }
-        out.append(batch)
-    return out
+    everything = range(config.train.batch_size)
+    batches = host_batches(dataset, config, everything, shuffle=False, num_epochs=1)
+    return [{k: v[rows.start : rows.stop] for k, v in batch.items()} for batch in batches]
 
 
 def pack_rows(

@@ -73,6 +73,23 @@ def test_hosts_see_disjoint_rows_that_cover_the_data(tokenizer, tmp_path):
     assert abs(len(seen[0]) - len(seen[1])) <= 1
 
 
+def test_a_global_batch_is_the_same_on_any_number_of_hosts(tokenizer, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", numbered_rows(150))
+    c = config(tokenizer, train, "train.batch_size=4")
+    one = train_batches(c, process_index=0, process_count=1)
+    two = [train_batches(c, process_index=host, process_count=2) for host in range(2)]
+    for _ in range(40):  # crosses windows and epochs
+        whole, halves = next(one), [next(host) for host in two]
+        for key in whole:
+            np.testing.assert_array_equal(whole[key], np.concatenate([h[key] for h in halves]))
+    evals = [eval_batches(c, str(train), process_index=h, process_count=2) for h in range(2)]
+    assert len(evals[0]) == len(evals[1])  # hosts agree on the number of eval steps
+    for whole, *halves in zip(eval_batches(c, str(train)), *evals, strict=True):
+        np.testing.assert_array_equal(
+            whole["tokens"], np.concatenate([h["tokens"] for h in halves])
+        )
+
+
 def test_every_epoch_covers_the_data_once(tokenizer, tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", numbered_rows(40))
     c = config(tokenizer, train, "train.batch_size=1")
