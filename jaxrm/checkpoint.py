@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -208,8 +209,18 @@ def is_checkpoint(path: Path) -> bool:
     return (path / CONFIG / CONFIG_FILE).is_file() and (path / PARAMS).is_dir()
 
 
+def require_local(path: str | Path, what: str) -> None:
+    """Refuses a remote path (gs://...) where jaxrm reads and writes through the local filesystem."""
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", str(path)):
+        raise UserError(
+            f"{what} {path}: remote paths work for data.train and data.eval only; use a directory "
+            "every host sees at the same path (a shared disk, or the bucket mounted with gcsfuse)"
+        )
+
+
 def find_checkpoint(path: str | Path) -> tuple[str, Path]:
     """("jaxrm" | "hf", directory) for a CHECKPOINT argument."""
+    require_local(path, "checkpoint")
     path = Path(path)
     if not path.exists():
         raise UserError(f"checkpoint not found: {path}")
@@ -286,6 +297,10 @@ class TrainCheckpoints:
 
     def saved_tokenizer(self, step: int) -> dict[str, bytes]:
         return tokenizer_files(self.directory / str(step) / TOKENIZER)
+
+    def saved_process_count(self, step: int) -> int:
+        """How many processes saved `step` (each saved its data-iterator position)."""
+        return len(list((self.directory / str(step) / "data").glob("process_*.json")))
 
     def save(
         self,

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from jaxrm.builders import add_commands as add_builder_commands
 from jaxrm.demo import add_command as add_demo_command
+from jaxrm.distributed import add_options as add_distributed_options
 from jaxrm.errors import UserError
 from jaxrm.evaluate import add_commands as add_eval_commands
 from jaxrm.metrics import add_command as add_plot_command
@@ -29,8 +30,10 @@ def cmd_config(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from jaxrm.config import load_config
+    from jaxrm.distributed import initialize
     from jaxrm.train import Stopped, train
 
+    initialize(args.coordinator, args.num_processes, args.process_id)
     config = load_config(args.config, args.overrides)
     try:
         summary = train(config)
@@ -150,10 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a reward model, or resume the run in output_dir",
         description="Train with the config's objective (polar, pairwise, codepmp). When "
         "output_dir already holds checkpoints, the run resumes from the newest one. SIGTERM "
-        "and SIGINT save a checkpoint before stopping.",
+        "and SIGINT save a checkpoint before stopping. On several hosts, run the same command "
+        "on each.",
     )
     train.add_argument("config", metavar="CONFIG.yaml")
     train.add_argument("overrides", nargs="*", metavar="key=value")
+    add_distributed_options(train)
     train.set_defaults(run=cmd_train)
 
     presets = commands.add_parser(

@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from jaxrm import losses
-from jaxrm.checkpoint import TrainCheckpoints, load_model, tokenizer_files
+from jaxrm.checkpoint import TrainCheckpoints, load_model, require_local, tokenizer_files
 from jaxrm.config import Config, config_to_dict, dump_config
 from jaxrm.errors import UserError
 from jaxrm.flops import peak_flops, train_flops
@@ -51,7 +51,6 @@ RESUMABLE_CHANGES = (
     "train.init_from",
     "checkpoint.",
     "mesh.",
-    "data.num_workers",
     "data.eval",
     "data.tfds_data_dir",
     "data.tokenizer",
@@ -249,6 +248,13 @@ def train(config: Config) -> dict[str, Any]:
                 f"data.tokenizer ({config.data.tokenizer}) differs from the tokenizer the run in "
                 f"{run_dir} was trained with"
             )
+        saved_hosts = checkpoints.saved_process_count(latest)
+        if saved_hosts != jax.process_count():
+            raise UserError(
+                f"{run_dir}/checkpoints/{latest} was saved by {saved_hosts} processes, each with "
+                f"its own data position; resume it on {saved_hosts} (this run has "
+                f"{jax.process_count()})"
+            )
     data = train_batches(config)
     first_batch = next(data)  # a malformed first window stops the run before anything is written
     eval_data = eval_batches(config, config.data.eval) if config.data.eval else []
@@ -431,6 +437,14 @@ def _stop_signals() -> Iterator[list[int]]:
 def _check(config: Config) -> None:
     if config.objective == "codepmp" and not config.model.lm_head:
         raise UserError("objective codepmp needs an LM head: set model.lm_head: true")
+    paths = {
+        "output_dir": config.output_dir,
+        "data.tokenizer": config.data.tokenizer,
+        "train.init_from": config.train.init_from,
+    }
+    for key, value in paths.items():
+        if value is not None:
+            require_local(value, key)
 
 
 def _with_reward_token(config: Config, template: Any) -> Config:

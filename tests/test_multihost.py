@@ -1,0 +1,162 @@
+"""Multi-host training: processes joined by jax.distributed on 127.0.0.1 train like one process."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxrm.checkpoint import load_model
+from jaxrm.cli import main
+from jaxrm.distributed import initialize
+from jaxrm.errors import UserError
+from jaxrm.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parent.parent
+RUN = [
+    "configs/tiny_polar.yaml",
+    "train.steps=3",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "checkpoint.every=3",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_process(output_dir: Path, devices: int, *flags: str) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    }
+    command = [sys.executable, "-m", "jaxrm", "train", *RUN, f"output_dir={output_dir}", *flags]
+    return subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def finish(process: subprocess.Popen) -> str:
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """(two processes x 4 devices, one process x 8 devices) run directories of the same config."""
+    root = tmp_path_factory.mktemp("multihost")
+    coordinator = f"127.0.0.1:{free_port()}"
+    hosts = [
+        train_process(
+            root / "two_hosts",
+            4,
+            f"--coordinator={coordinator}",
+            "--num-processes=2",
+            f"--process-id={index}",
+        )
+        for index in range(2)
+    ]
+    for host in hosts:
+        finish(host)
+    finish(train_process(root / "one_host", 8))
+    return root / "two_hosts", root / "one_host"
+
+
+@pytest.mark.slow
+def test_two_hosts_train_like_one(runs):
+    two_hosts, one_host = runs
+    got, want = read_metrics(two_hosts), read_metrics(one_host)
+    assert [r["step"] for r in got] == [0, 1, 2, 3, 3]  # eval at 0, three steps, eval at 3
+    for mine, theirs in zip(got, want, strict=True):
+        for key in ("loss", "accuracy", "tokens", "eval/loss", "eval/accuracy"):
+            if key in theirs:
+                np.testing.assert_allclose(mine[key], theirs[key], rtol=1e-5, err_msg=key)
+    assert got[1]["loss"] != got[3]["loss"]  # it trained
+
+
+@pytest.mark.slow
+def test_checkpoint_of_two_hosts_restores_in_one_process(runs):
+    two_hosts, one_host = runs
+    assert sorted(p.name for p in (two_hosts / "checkpoints/3/data").glob("process_*")) == [
+        "process_0-of-2.json",
+        "process_1-of-2.json",
+    ]
+    got = nnx.to_pure_dict(nnx.state(load_model(two_hosts).model, nnx.Param))
+    want = nnx.to_pure_dict(nnx.state(load_model(one_host).model, nnx.Param))
+    # Adam divides by tiny second moments early on, so summation order shows at ~1e-6.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), got, want)
+
+
+@pytest.mark.slow
+def test_resuming_on_another_number_of_hosts_is_refused(runs, capsys):
+    two_hosts, _ = runs
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        code = main(["train", *RUN, "train.steps=4", f"output_dir={two_hosts}"])
+    finally:
+        os.chdir(cwd)
+    assert code == 1
+    error = capsys.readouterr().err
+    assert "saved by 2 processes" in error and "this run has 1" in error
+    assert error.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "override", ["output_dir=gs://bucket/run", "data.tokenizer=gs://bucket/tokenizer.model"]
+)
+def test_remote_run_paths_are_refused_not_created(override, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = main(["train", str(REPO / "configs/tiny_polar.yaml"), override])
+    assert code == 1
+    assert "remote paths work for data.train and data.eval only" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # no local "gs:" directory
+
+
+@pytest.fixture
+def no_cluster(monkeypatch):
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "environment", "message"),
+    [
+        (
+            ("127.0.0.1:1", None, None),
+            {},
+            "--num-processes (or JAX_NUM_PROCESSES) and --process-id",
+        ),
+        ((None, 2, 0), {}, "--coordinator (or JAX_COORDINATOR_ADDRESS)"),
+        (("127.0.0.1:1", 2, 2), {}, "process id 2 is not in 0..1"),
+        (
+            (None, None, None),
+            {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"},
+            "'two'",
+        ),
+    ],
+)
+def test_incomplete_multi_host_settings_are_one_line_errors(
+    no_cluster, monkeypatch, arguments, environment, message
+):
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UserError, match=r"^multi-host: ") as error:
+        initialize(*arguments)
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_a_lone_process_runs_alone(no_cluster):
+    initialize()
+    assert jax.process_count() == 1
