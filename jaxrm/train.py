@@ -32,7 +32,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from jaxrm import losses
-from jaxrm.checkpoint import TrainCheckpoints, load_model, require_local, tokenizer_files
+from jaxrm.checkpoint import (
+    TOKENIZER,
+    TrainCheckpoints,
+    find_checkpoint,
+    load_model,
+    require_local,
+    tokenizer_files,
+)
 from jaxrm.config import Config, config_to_dict, dump_config
 from jaxrm.errors import UserError
 from jaxrm.flops import peak_flops, train_flops
@@ -235,6 +242,7 @@ def train(config: Config) -> dict[str, Any]:
     _check(config)
     run_dir = Path(config.output_dir)
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    config = _with_tokenizer(config)
     spec = template_spec(config)
     config = _with_reward_token(config, spec.build())
     tokenizer = Path(spec.tokenizer)
@@ -445,6 +453,19 @@ def _check(config: Config) -> None:
     for key, value in paths.items():
         if value is not None:
             require_local(value, key)
+
+
+def _with_tokenizer(config: Config) -> Config:
+    """The config with `data.tokenizer` defaulting to the tokenizer `train.init_from` carries."""
+    if config.data.tokenizer is not None or config.train.init_from is None:
+        return config
+    kind, directory = find_checkpoint(config.train.init_from)
+    source = directory / TOKENIZER if kind == "jaxrm" else directory
+    if not tokenizer_files(source):
+        raise UserError(
+            f"train.init_from {config.train.init_from} carries no tokenizer; set data.tokenizer"
+        )
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, tokenizer=str(source)))
 
 
 def _with_reward_token(config: Config, template: Any) -> Config:

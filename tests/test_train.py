@@ -135,6 +135,28 @@ def test_train_writes_run_dir_and_eval_metrics(data, tmp_path):
 
 
 @pytest.mark.slow
+def test_init_from_starts_at_the_checkpoint_with_its_tokenizer(data, tmp_path):
+    directory, _ = data
+    evaluate = [f"data.eval={directory / 'eval.jsonl'}", "train.eval_every=0"]
+    first = train(make_config(data, tmp_path / "first", "train.steps=3", *evaluate))
+    second = make_config(
+        data,
+        tmp_path / "second",
+        "train.steps=1",
+        f"train.init_from={tmp_path / 'first'}",
+        "data.tokenizer=null",
+        *evaluate,
+    )
+    train(second)
+    lines = [
+        json.loads(line) for line in (tmp_path / "second/metrics.jsonl").read_text().splitlines()
+    ]
+    np.testing.assert_allclose(lines[0]["eval/loss"], first["eval/loss"], rtol=1e-6)
+    saved = yaml.safe_load((tmp_path / "second/config.yaml").read_text())
+    assert saved["data"]["tokenizer"] == str(tmp_path / "first/checkpoints/3/tokenizer")
+
+
+@pytest.mark.slow
 def test_restore_onto_another_mesh_continues_the_same_run(data, tmp_path):
     steps = ["train.steps=6", "checkpoint.every=3"]
     full = train(make_config(data, tmp_path / "full", *steps, "mesh.fsdp=8"))
