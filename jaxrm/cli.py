@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from jaxrm.builders import add_commands as add_builder_commands
+from jaxrm.compile_check import add_command as add_compile_check_command
 from jaxrm.demo import add_command as add_demo_command
 from jaxrm.distributed import add_options as add_distributed_options
 from jaxrm.errors import UserError
@@ -247,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_command(commands)
     add_plot_command(commands)
     add_scaling_command(commands)
+    add_compile_check_command(commands)
     add_demo_command(commands)
     return parser
 

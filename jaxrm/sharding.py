@@ -72,7 +72,14 @@ def make_mesh(
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(data, fsdp, tensor, len(devices))
     axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-    return jax.make_mesh(shape, MESH_AXES, axis_types, devices=devices)
+    try:
+        return jax.make_mesh(shape, MESH_AXES, axis_types, devices=devices)
+    except NotImplementedError:  # a TPU torus: each mesh axis must be whole sides of it
+        raise UserError(
+            f"mesh data={shape[0]} x fsdp={shape[1]} x tensor={shape[2]} does not map onto this "
+            "TPU slice's torus: each mesh axis must be a product of whole torus sides (e.g. "
+            "4 or 8 on a 4x8 slice, not 2 or 16)"
+        ) from None
 
 
 def logical_to_spec(

@@ -154,8 +154,9 @@ class Trainer:
             out[key] = jax.make_array_from_process_local_data(sharding, value, shape)
         return out
 
-    def compile(self, state: TrainState, batch: dict[str, jax.Array]) -> None:
-        """Compiles the train step for these shapes (the first `step` does it otherwise)."""
+    def compile(self, state: TrainState, batch: dict[str, jax.Array]) -> jax.stages.Compiled:
+        """Compiles the train step for these shapes or abstract arrays (the first `step` does it
+        otherwise)."""
         with activation_sharding(self.mesh, self.rules):
             self._step = (
                 jax.jit(
@@ -167,6 +168,7 @@ class Trainer:
                 .lower(state, batch, jnp.int32(0))
                 .compile()
             )
+        return self._step
 
     def step(
         self, state: TrainState, batch: dict[str, jax.Array], step: int
