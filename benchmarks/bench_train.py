@@ -197,7 +197,8 @@ def sequence_stats(examples: list[Example]) -> tuple[int, int]:
     return sum(lengths), sum(n * (n + 1) // 2 for n in lengths)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
+    """The model, batch and timing flags (shared with bench_attention_share.py)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
@@ -216,7 +217,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3, help="steps per timed repetition")
     parser.add_argument("--json", help="also write the results here")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
 
     examples = make_examples(args, np.random.default_rng(0))
     # A row holds one example: its pair, or its triple with the shared prefix once.
