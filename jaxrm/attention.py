@@ -86,13 +86,18 @@ def xla_attention(
 
     A block attends only to the keys up to its last query (the later ones are never visible)
     and, given `span`, from `span - 1` before its first query: in rows packed with many short
-    sequences most keys of a long row are skipped, and causally nearly half of the rest.
+    sequences most keys of a long row are skipped, and causally nearly half of the rest. On CPU,
+    `skipping_attention` also skips, at run time, the key blocks of other sequences.
     """
     b, t, n, d = q.shape
     kv = k.shape[2]
     # Heads first, so both products are plain batched matmuls (no transposes in between).
     groups = (q * d**-0.5).reshape(b, t, kv, n // kv, d).transpose(0, 2, 3, 1, 4)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    if target_platform() == "cpu":
+        visible = attention_mask(segment_ids, prefix_ids)
+        out = skipping_attention(groups, k, v, visible, span)
+        return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, d)
     mask = attention_mask(segment_ids, prefix_ids)[:, None, None]
     blocks = min(MAX_QUERY_BLOCKS, -(-t // MIN_QUERY_BLOCK))
     size = -(-t // blocks)
@@ -111,6 +116,137 @@ def xla_attention(
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         outs.append(jnp.einsum("bkgts,bksd->bkgtd", probs, v[:, :, first:end]))
     return jnp.concatenate(outs, axis=3).transpose(0, 3, 1, 2, 4).reshape(b, t, n, d)
+
+
+# skipping_attention's square blocks of queries and keys.
+SKIP_BLOCK = 128
+_HIDDEN = jnp.finfo(jnp.float32).min / 2  # a score no visible key has; exp(_HIDDEN - real) = 0
+
+
+def skipping_attention(
+    groups: Array, k: Array, v: Array, visible: Array, span: int | None = None
+) -> Array:
+    """Attention in blocks of SKIP_BLOCK queries x SKIP_BLOCK keys with an online softmax (flash
+    attention), computing only the blocks where some query of the batch sees some key.
+
+    groups: [b, kv, g, t, d] scaled queries; k, v: [b, kv, t, d]; visible: [b, t, t]. Which blocks
+    are needed is data (segment ids), so each block is a runtime `lax.cond`; with sequences that
+    start on block boundaries, the blocks of other sequences and padding cost nothing. Returns
+    [b, kv, g, t, d] in v's dtype.
+    """
+    t = groups.shape[3]
+    padded = -(-t // SKIP_BLOCK) * SKIP_BLOCK
+    if padded != t:
+        extra = padded - t
+        groups = jnp.pad(groups, ((0, 0),) * 3 + ((0, extra), (0, 0)))
+        k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, extra), (0, 0))) for x in (k, v))
+        visible = jnp.pad(visible, ((0, 0), (0, extra), (0, extra)))
+    out = _skipping(groups, k, v, visible, span)
+    return out[:, :, :, :t]
+
+
+def _block_pairs(t: int, span: int | None) -> list[tuple[int, int]]:
+    """(query block, key block) pairs a causal attention within `span` may need."""
+    blocks = t // SKIP_BLOCK
+    pairs = []
+    for i in range(blocks):
+        first = max(0, i * SKIP_BLOCK - span + 1) // SKIP_BLOCK if span else 0
+        pairs.extend((i, j) for j in range(first, i + 1))
+    return pairs
+
+
+def _blocks_needed(visible: Array) -> Array:
+    b, t, _ = visible.shape
+    n = t // SKIP_BLOCK
+    return visible.reshape(b, n, SKIP_BLOCK, n, SKIP_BLOCK).any(axis=(0, 2, 4))
+
+
+def _slice(x: Array, block: int, axis: int) -> Array:
+    return jax.lax.slice_in_dim(x, block * SKIP_BLOCK, (block + 1) * SKIP_BLOCK, axis=axis)
+
+
+def _scores(q: Array, k: Array, visible: Array) -> Array:
+    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
+    return jnp.where(visible[:, None, None], scores, _HIDDEN)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _skipping(groups: Array, k: Array, v: Array, visible: Array, span: int | None) -> Array:
+    return _skipping_fwd(groups, k, v, visible, span)[0]
+
+
+def _skipping_fwd(
+    groups: Array, k: Array, v: Array, visible: Array, span: int | None
+) -> tuple[Array, tuple]:
+    b, kv, g, t, d = groups.shape
+    needed = _blocks_needed(visible)
+    outs, logsumexps = [], []
+    pairs = _block_pairs(t, span)
+    for i in range(t // SKIP_BLOCK):
+        q = _slice(groups, i, 3)
+        carry = (
+            jnp.full((b, kv, g, SKIP_BLOCK), _HIDDEN, jnp.float32),
+            jnp.zeros((b, kv, g, SKIP_BLOCK), jnp.float32),
+            jnp.zeros((b, kv, g, SKIP_BLOCK, d), jnp.float32),
+        )
+        for j in (j for row, j in pairs if row == i):
+
+            def update(carry: tuple, q: Array = q, j: int = j, i: int = i) -> tuple:
+                top, total, acc = carry
+                scores = _scores(q, _slice(k, j, 2), _slice(_slice(visible, i, 1), j, 2))
+                new_top = jnp.maximum(top, scores.max(-1))
+                rescale = jnp.exp(top - new_top)
+                probs = jnp.exp(scores - new_top[..., None])
+                acc = acc * rescale[..., None] + jnp.einsum(
+                    "bkgts,bksd->bkgtd", probs, _slice(v, j, 2).astype(jnp.float32)
+                )
+                return new_top, total * rescale + probs.sum(-1), acc
+
+            carry = jax.lax.cond(needed[i, j], update, lambda c: c, carry)
+        top, total, acc = carry
+        total = jnp.where(total > 0, total, 1.0)  # a block of padding queries saw nothing
+        outs.append(acc / total[..., None])
+        logsumexps.append(top + jnp.log(total))
+    out = jnp.concatenate(outs, axis=3)
+    residuals = (groups, k, v, visible, out, jnp.concatenate(logsumexps, axis=3))
+    return out.astype(v.dtype), residuals
+
+
+def _skipping_bwd(span: int | None, residuals: tuple, grad: Array) -> tuple:
+    groups, k, v, visible, out, logsumexp = residuals
+    t = groups.shape[3]
+    needed = _blocks_needed(visible)
+    grad = grad.astype(jnp.float32)
+    delta = (grad * out).sum(-1)  # rowsum(dO * O): the softmax gradient's subtrahend
+    blocks = t // SKIP_BLOCK
+    dq = [jnp.zeros(_slice(groups, 0, 3).shape, jnp.float32) for _ in range(blocks)]
+    dk = [jnp.zeros(_slice(k, 0, 2).shape, jnp.float32) for _ in range(blocks)]
+    dv = [jnp.zeros(_slice(v, 0, 2).shape, jnp.float32) for _ in range(blocks)]
+    for i, j in _block_pairs(t, span):
+
+        def update(carry: tuple, i: int = i, j: int = j) -> tuple:
+            dq_i, dk_j, dv_j = carry
+            q, key, value = _slice(groups, i, 3), _slice(k, j, 2), _slice(v, j, 2)
+            g_i = _slice(grad, i, 3)
+            scores = _scores(q, key, _slice(_slice(visible, i, 1), j, 2))
+            probs = jnp.exp(scores - _slice(logsumexp, i, 3)[..., None])
+            dv_j = dv_j + jnp.einsum("bkgts,bkgtd->bksd", probs, g_i)
+            dprobs = jnp.einsum("bkgtd,bksd->bkgts", g_i, value.astype(jnp.float32))
+            dscores = probs * (dprobs - _slice(delta, i, 3)[..., None])
+            dq_i = dq_i + jnp.einsum("bkgts,bksd->bkgtd", dscores, key.astype(jnp.float32))
+            dk_j = dk_j + jnp.einsum("bkgts,bkgtd->bksd", dscores, q.astype(jnp.float32))
+            return dq_i, dk_j, dv_j
+
+        dq[i], dk[j], dv[j] = jax.lax.cond(needed[i, j], update, lambda c: c, (dq[i], dk[j], dv[j]))
+    return (
+        jnp.concatenate(dq, axis=3).astype(groups.dtype),
+        jnp.concatenate(dk, axis=2).astype(k.dtype),
+        jnp.concatenate(dv, axis=2).astype(v.dtype),
+        None,
+    )
+
+
+_skipping.defvjp(_skipping_fwd, _skipping_bwd)
 
 
 def cudnn_attention(

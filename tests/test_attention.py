@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import jaxrm.attention
 from jaxrm.attention import (
     INTERPRET_ENV,
     attention,
@@ -69,6 +70,18 @@ def splash_interpret(*args):
 
 def cudnn_via_xla(*args):
     return cudnn_attention(*args, implementation="xla")
+
+
+@pytest.mark.parametrize("shared_prefix", [False, True])
+def test_cpu_block_skipping_equals_dense_query_blocks(monkeypatch, shared_prefix):
+    """On CPU xla attention skips the blocks no query sees; elsewhere it runs dense query blocks."""
+
+    def dense(*args):
+        with monkeypatch.context() as patched:
+            patched.setattr(jaxrm.attention, "target_platform", lambda: "tpu")
+            return xla_attention(*args)
+
+    assert_same_as_xla(dense, shared_prefix)
 
 
 @pytest.mark.parametrize("shared_prefix", [False, True])
@@ -165,5 +178,6 @@ def test_a_span_skips_only_keys_no_token_reaches():
     whole = xla_attention(q, k, v, ids, prefix)
     spanned = xla_attention(q, k, v, ids, prefix, span=2 * 34)  # two sequences' worth
     np.testing.assert_allclose(np.where(real, spanned, 0), np.where(real, whole, 0), atol=1e-6)
-    too_short = xla_attention(q, k, v, ids, prefix, span=10)
-    assert not np.allclose(np.where(real, too_short, 0), np.where(real, whole, 0), atol=1e-3)
+    one_sequence = jnp.ones((2, length), jnp.int32)  # reaches back further than any span
+    too_short = xla_attention(q, k, v, one_sequence, span=10)
+    assert not np.allclose(too_short, xla_attention(q, k, v, one_sequence), atol=1e-3)
