@@ -145,14 +145,10 @@ def skipping_attention(
     return out[:, :, :, :t]
 
 
-def _block_pairs(t: int, span: int | None) -> list[tuple[int, int]]:
-    """(query block, key block) pairs a causal attention within `span` may need."""
-    blocks = t // SKIP_BLOCK
-    pairs = []
-    for i in range(blocks):
-        first = max(0, i * SKIP_BLOCK - span + 1) // SKIP_BLOCK if span else 0
-        pairs.extend((i, j) for j in range(first, i + 1))
-    return pairs
+def _key_blocks(query_block: int, span: int | None) -> range:
+    """The key blocks a causal attention within `span` may need for this query block."""
+    first = max(0, query_block * SKIP_BLOCK - span + 1) // SKIP_BLOCK if span else 0
+    return range(first, query_block + 1)
 
 
 def _blocks_needed(visible: Array) -> Array:
@@ -181,7 +177,6 @@ def _skipping_fwd(
     b, kv, g, t, d = groups.shape
     needed = _blocks_needed(visible)
     outs, logsumexps = [], []
-    pairs = _block_pairs(t, span)
     for i in range(t // SKIP_BLOCK):
         q = _slice(groups, i, 3)
         carry = (
@@ -189,7 +184,7 @@ def _skipping_fwd(
             jnp.zeros((b, kv, g, SKIP_BLOCK), jnp.float32),
             jnp.zeros((b, kv, g, SKIP_BLOCK, d), jnp.float32),
         )
-        for j in (j for row, j in pairs if row == i):
+        for j in _key_blocks(i, span):
 
             def update(carry: tuple, q: Array = q, j: int = j, i: int = i) -> tuple:
                 top, total, acc = carry
@@ -222,22 +217,25 @@ def _skipping_bwd(span: int | None, residuals: tuple, grad: Array) -> tuple:
     dq = [jnp.zeros(_slice(groups, 0, 3).shape, jnp.float32) for _ in range(blocks)]
     dk = [jnp.zeros(_slice(k, 0, 2).shape, jnp.float32) for _ in range(blocks)]
     dv = [jnp.zeros(_slice(v, 0, 2).shape, jnp.float32) for _ in range(blocks)]
-    for i, j in _block_pairs(t, span):
+    for i in range(blocks):
+        for j in _key_blocks(i, span):
 
-        def update(carry: tuple, i: int = i, j: int = j) -> tuple:
-            dq_i, dk_j, dv_j = carry
-            q, key, value = _slice(groups, i, 3), _slice(k, j, 2), _slice(v, j, 2)
-            g_i = _slice(grad, i, 3)
-            scores = _scores(q, key, _slice(_slice(visible, i, 1), j, 2))
-            probs = jnp.exp(scores - _slice(logsumexp, i, 3)[..., None])
-            dv_j = dv_j + jnp.einsum("bkgts,bkgtd->bksd", probs, g_i)
-            dprobs = jnp.einsum("bkgtd,bksd->bkgts", g_i, value.astype(jnp.float32))
-            dscores = probs * (dprobs - _slice(delta, i, 3)[..., None])
-            dq_i = dq_i + jnp.einsum("bkgts,bksd->bkgtd", dscores, key.astype(jnp.float32))
-            dk_j = dk_j + jnp.einsum("bkgts,bkgtd->bksd", dscores, q.astype(jnp.float32))
-            return dq_i, dk_j, dv_j
+            def update(carry: tuple, i: int = i, j: int = j) -> tuple:
+                dq_i, dk_j, dv_j = carry
+                q, key, value = _slice(groups, i, 3), _slice(k, j, 2), _slice(v, j, 2)
+                g_i = _slice(grad, i, 3)
+                scores = _scores(q, key, _slice(_slice(visible, i, 1), j, 2))
+                probs = jnp.exp(scores - _slice(logsumexp, i, 3)[..., None])
+                dv_j = dv_j + jnp.einsum("bkgts,bkgtd->bksd", probs, g_i)
+                dprobs = jnp.einsum("bkgtd,bksd->bkgts", g_i, value.astype(jnp.float32))
+                dscores = probs * (dprobs - _slice(delta, i, 3)[..., None])
+                dq_i = dq_i + jnp.einsum("bkgts,bksd->bkgtd", dscores, key.astype(jnp.float32))
+                dk_j = dk_j + jnp.einsum("bkgts,bkgtd->bksd", dscores, q.astype(jnp.float32))
+                return dq_i, dk_j, dv_j
 
-        dq[i], dk[j], dv[j] = jax.lax.cond(needed[i, j], update, lambda c: c, (dq[i], dk[j], dv[j]))
+            dq[i], dk[j], dv[j] = jax.lax.cond(
+                needed[i, j], update, lambda c: c, (dq[i], dk[j], dv[j])
+            )
     return (
         jnp.concatenate(dq, axis=3).astype(groups.dtype),
         jnp.concatenate(dk, axis=2).astype(k.dtype),
