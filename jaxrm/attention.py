@@ -203,14 +203,13 @@ def _skipping_fwd(
         outs.append(acc / total[..., None])
         logsumexps.append(top + jnp.log(total))
     out = jnp.concatenate(outs, axis=3)
-    residuals = (groups, k, v, visible, out, jnp.concatenate(logsumexps, axis=3))
+    residuals = (groups, k, v, visible, needed, out, jnp.concatenate(logsumexps, axis=3))
     return out.astype(v.dtype), residuals
 
 
 def _skipping_bwd(span: int | None, residuals: tuple, grad: Array) -> tuple:
-    groups, k, v, visible, out, logsumexp = residuals
+    groups, k, v, visible, needed, out, logsumexp = residuals
     t = groups.shape[3]
-    needed = _blocks_needed(visible)
     grad = grad.astype(jnp.float32)
     delta = (grad * out).sum(-1)  # rowsum(dO * O): the softmax gradient's subtrahend
     blocks = t // SKIP_BLOCK

@@ -49,7 +49,7 @@ from jaxrm.errors import UserError
 from jaxrm.flops import PEAK_FLOPS, train_flops
 from jaxrm.losses import attention_span
 from jaxrm.pipeline import padding_row
-from jaxrm.sharding import batch_sharding, make_mesh, mesh_shape
+from jaxrm.sharding import batch_sharding, make_mesh
 from jaxrm.train import Trainer
 
 GIB = 1024**3
@@ -236,7 +236,6 @@ def abstract_batch(config: Config, mesh: jax.sharding.Mesh) -> dict[str, jax.Sha
 
 def compile_check(config: Config, chosen: Slice) -> dict[str, Any]:
     """Compiles the config's train step for the slice; returns the report (see module doc)."""
-    mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, chosen.chips)
     with libtpu_warnings_hidden():
         devices = topology_devices(chosen)
         mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
