@@ -16,7 +16,7 @@ attention, SwiGLU), so weights convert without permutation. Layers are stacked o
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -30,6 +30,8 @@ from jaxrm.matmul import dense
 from jaxrm.sharding import Rules, constrain, tree_shardings
 
 Array = jax.Array
+# One layer's attention: (q, k, v, that layer's carried item) -> (output, its new item).
+Attend = Callable[[Array, Array, Array, Any], tuple[Array, Any]]
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -167,7 +169,6 @@ class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
         e, n, k, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
         self.dtype = dtype
-        self.implementation = config.attention
         self.inv_freq = tuple(float(f) for f in rope_inverse_frequencies(config))
         self.wq = _param(rngs, (e, n, d), ("embed", "heads", "head_dim"), param_dtype)
         self.wk = _param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"), param_dtype)
@@ -189,13 +190,8 @@ class Attention(nnx.Module):
         return y if bias is None else y + bias[...].astype(self.dtype)
 
     def __call__(
-        self,
-        x: Array,
-        segment_ids: Array,
-        positions: Array,
-        prefix_ids: Array | None,
-        span: int | None = None,
-    ) -> Array:
+        self, x: Array, positions: Array, attend: Attend, carried: Any
+    ) -> tuple[Array, Any]:
         inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
         q = apply_rope(self._project(x, "wq", self.bq), positions, inv_freq)
         k = apply_rope(self._project(x, "wk", self.bk), positions, inv_freq)
@@ -203,9 +199,9 @@ class Attention(nnx.Module):
         q = constrain(q, ("batch", "length", "act_heads", None))
         k = constrain(k, ("batch", "length", "act_kv_heads", None))
         v = constrain(v, ("batch", "length", "act_kv_heads", None))
-        out = attention(q, k, v, segment_ids, prefix_ids, self.implementation, span)
+        out, carried = attend(q, k, v, carried)
         out = constrain(out, ("batch", "length", "act_heads", None))
-        return dense(out, _kernel(self, "wo", self.dtype), contract=2)
+        return dense(out, _kernel(self, "wo", self.dtype), contract=2), carried
 
 
 class MLP(nnx.Module):
@@ -235,17 +231,12 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(config, dtype, param_dtype, rngs)
 
     def __call__(
-        self,
-        x: Array,
-        segment_ids: Array,
-        positions: Array,
-        prefix_ids: Array | None,
-        span: int | None = None,
-    ) -> Array:
-        normed = self.attention_norm(x)
-        x = x + self.attention(normed, segment_ids, positions, prefix_ids, span)
+        self, x: Array, positions: Array, attend: Attend, carried: Any
+    ) -> tuple[Array, Any]:
+        mixed, carried = self.attention(self.attention_norm(x), positions, attend, carried)
+        x = x + mixed
         x = x + self.mlp(self.mlp_norm(x))
-        return constrain(x, ("batch", "length", "act_embed"))
+        return constrain(x, ("batch", "length", "act_embed")), carried
 
 
 class RewardModel(nnx.Module):
@@ -255,6 +246,7 @@ class RewardModel(nnx.Module):
         dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
         self.dtype = dtype
         self.remat = config.remat
+        self.attention = config.attention
         self.tie_embeddings = config.tie_embeddings
         e, v = config.hidden_size, config.vocab_size
         self.embed = _param(rngs, (v, e), ("vocab", "embed"), param_dtype)
@@ -288,18 +280,36 @@ class RewardModel(nnx.Module):
         `span` (optional, static) promises that no token attends further back than that many
         tokens, which lets attention skip the keys before (see `losses.attention_span`).
         """
+
+        def attend(q: Array, k: Array, v: Array, carried: None) -> tuple[Array, None]:
+            return attention(q, k, v, segment_ids, prefix_ids, self.attention, span), None
+
+        hidden, _ = self.run_layers(self.embed_tokens(tokens), positions, attend)
+        return hidden
+
+    def embed_tokens(self, tokens: Array) -> Array:
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
-        x = constrain(x, ("batch", "length", "act_embed"))
+        return constrain(x, ("batch", "length", "act_embed"))
+
+    def run_layers(
+        self, x: Array, positions: Array, attend: Attend, carried: Any = None
+    ) -> tuple[Array, Any]:
+        """Embedded tokens through every layer and the final norm.
+
+        `attend(q, k, v, item)` is each layer's attention, given that layer's slice of `carried`
+        (stacked on a leading layers axis; a KV cache when generating) and returning the
+        attention output with the layer's new item. Returns (hidden, new carried).
+        """
         graphdef, layer_states = nnx.split(self.layers)
 
-        def one_layer(h: Array, layer_state: Any) -> tuple[Array, None]:
-            layer = nnx.merge(graphdef, layer_state)
-            return layer(h, segment_ids, positions, prefix_ids, span), None
+        def one_layer(h: Array, inputs: tuple[Any, Any]) -> tuple[Array, Any]:
+            layer_state, item = inputs
+            return nnx.merge(graphdef, layer_state)(h, positions, attend, item)
 
         if self.remat != "none":
             one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[self.remat])
-        x, _ = jax.lax.scan(one_layer, x, layer_states)
-        return self.final_norm(x)
+        x, carried = jax.lax.scan(one_layer, x, (layer_states, carried))
+        return self.final_norm(x), carried
 
     def token_rewards(self, hidden: Array) -> Array:
         """The reward head at every position, [batch, length], float32."""
