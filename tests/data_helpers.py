@@ -61,3 +61,32 @@ def polar_rows(count: int, seed: int = 0, lengths: tuple[int, int] = (3, 12)) ->
         {"prompt": text(), "reference": text(), "chosen": text(), "rejected": text()}
         for _ in range(count)
     ]
+
+
+def hf_model(arch: str, kind: str, scale: float = 0.05, **config_keys):
+    """A random tiny transformers model (vocab 256, pad id 0) with every weight (norms and
+    biases too) non-trivial; `scale` sets the weights' spread (larger: peakier logits)."""
+    import torch
+    import transformers
+
+    family = {"llama": "Llama", "qwen2": "Qwen2"}[arch]
+    config_class = getattr(transformers, f"{family}Config")
+    shape = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        num_labels=1,
+    )
+    config = config_class(**{**shape, **config_keys})
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{family}{kind}")(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            spread = 0.2 if "norm" in name else scale
+            param.copy_((1.0 if "norm" in name else 0.0) + spread * torch.randn_like(param))
+    return model

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors
+from data_helpers import hf_model
 from flax import nnx
 
 from jaxrm.checkpoint import load_model, save_model
@@ -22,31 +23,6 @@ transformers = pytest.importorskip("transformers")
 
 VOCAB, PAD = 256, 0
 FP32 = ["model.dtype=float32"]
-
-
-def hf_model(arch, kind, **config_keys):
-    """A random tiny transformers model with every weight (norms and biases too) non-trivial."""
-    family = {"llama": "Llama", "qwen2": "Qwen2"}[arch]
-    config_class = getattr(transformers, f"{family}Config")
-    shape = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=PAD,
-        num_labels=1,
-    )
-    config = config_class(**{**shape, **config_keys})
-    torch.manual_seed(0)
-    model = getattr(transformers, f"{family}{kind}")(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            scale = 0.05 if "norm" not in name else 0.2
-            param.copy_((1.0 if "norm" in name else 0.0) + scale * torch.randn_like(param))
-    return model
 
 
 def padded_batch(side, seed=0):
