@@ -37,6 +37,16 @@ class Tokenizer(abc.ABC):
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
 
     @abc.abstractmethod
+    def token_offsets(self, text: str) -> list[tuple[int, int]]:
+        """(start, end) character offsets in `text` of each token of `encode(text)`.
+
+        Offsets index the original text (Python characters, not UTF-8 bytes), so
+        `text[:end]` is an exact prefix where `decode` would normalise whitespace. A token
+        that holds part of a character (a byte of a multi-byte one) or no text at all (a
+        SentencePiece word-start marker) has an empty span or shares one with its neighbours.
+        """
+
+    @abc.abstractmethod
     def token_to_id(self, token: str) -> int | None: ...
 
     @abc.abstractmethod
@@ -111,6 +121,18 @@ class SentencePieceTokenizer(Tokenizer):
         parts.append(self.sp.decode(run))
         return "".join(parts)
 
+    def token_offsets(self, text: str) -> list[tuple[int, int]]:
+        offsets: list[tuple[int, int]] = []
+        start = 0
+        for chunk in self.split.split(text) if self.split else [text]:
+            if chunk in self.added:
+                offsets.append((start, start + len(chunk)))
+            elif chunk:
+                found = self.sp.encode(chunk, out_type="offset_mapping", return_bytes=False)
+                offsets += [(start + begin, start + end) for begin, end in found["offsets"]]
+            start += len(chunk)
+        return offsets
+
     def token_to_id(self, token: str) -> int | None:
         if token in self.added:
             return self.added[token]
@@ -163,6 +185,9 @@ class HuggingFaceTokenizer(Tokenizer):
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_offsets(self, text: str) -> list[tuple[int, int]]:
+        return self.tokenizer.encode(text, add_special_tokens=False).offsets
 
     def token_to_id(self, token: str) -> int | None:
         return self.tokenizer.token_to_id(token)
