@@ -11,7 +11,10 @@ from jaxrm.demo import add_command as add_demo_command
 from jaxrm.distributed import add_options as add_distributed_options
 from jaxrm.errors import UserError
 from jaxrm.evaluate import add_commands as add_eval_commands
+from jaxrm.generate import add_command as add_generate_command
 from jaxrm.metrics import add_command as add_plot_command
+from jaxrm.pools import add_commands as add_pool_commands
+from jaxrm.prefixes import add_command as add_prefixes_command
 from jaxrm.scaling import add_command as add_scaling_command
 from jaxrm.scoring import add_command as add_score_command
 from jaxrm.serve import add_command as add_serve_command
@@ -243,9 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--json", action="store_true", help="print the report as JSON")
     add_builder_commands(data_commands)
     add_toy_command(data_commands)
+    add_prefixes_command(data_commands)
+    add_pool_commands(data_commands)
     add_eval_commands(commands)
     add_score_command(commands)
     add_serve_command(commands)
+    add_generate_command(commands)
     add_plot_command(commands)
     add_scaling_command(commands)
     add_compile_check_command(commands)

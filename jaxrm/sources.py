@@ -37,6 +37,7 @@ ROW_KINDS = {
     "codepmp": (("prompt",), ("category", "margin", "wrapper", "reference")),
     "trajectory": (("prompt", "policy", "response"), ()),
     "score": (("prompt", "response"), ("reference", "wrapper")),
+    "prompt": (("prompt",), ()),
 }
 PREFERENCE_KINDS = {"polar", "pairwise", "codepmp"}
 # Fields that must hold some text: a candidate the model scores.

@@ -1,0 +1,234 @@
+"""`jaxrm generate`, `jaxrm data polar-pool` and `jaxrm data codepmp-generate` end to end."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from data_helpers import hf_model, sentence, train_sentencepiece, write_jsonl
+
+from jaxrm.cli import main
+from jaxrm.tokenizer import load_tokenizer
+
+pytest.importorskip("torch")
+VOCAB = 320  # above the tokenizer's ~300 pieces, as padded vocabularies are
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Tiny random Llama and Qwen2 causal LMs with a SentencePiece tokenizer beside them."""
+    root = tmp_path_factory.mktemp("models")
+    tokenizer = train_sentencepiece(root / "tokenizer").parent
+    for arch in ("llama", "qwen2"):
+        model = hf_model(arch, "ForCausalLM", scale=0.3, vocab_size=VOCAB, bos_token_id=1)
+        model.generation_config.eos_token_id = 2
+        model.save_pretrained(root / arch)
+        for file in tokenizer.iterdir():
+            shutil.copy(file, root / arch)
+    return root
+
+
+def prompt_file(path, count, seed=0):
+    import random
+
+    rng = random.Random(seed)
+    rows = [{"prompt": sentence(rng, rng.randint(1, 12))} for _ in range(count)]
+    rows[1] = {
+        "prompt": [{"role": "user", "content": "the quick"}, {"role": "user", "content": "fox"}]
+    }
+    return write_jsonl(path, rows)
+
+
+def read(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def generate(model, prompts, out, *flags):
+    args = ["generate", str(model), "model.dtype=float32", "--prompts", str(prompts)]
+    return main([*args, "--out", str(out), "--max-new-tokens", "12", "--batch-size", "4", *flags])
+
+
+def test_generate_writes_n_rows_per_prompt_in_order_from_hf_or_jaxrm_checkpoint(
+    models, tmp_path, capsys
+):
+    prompts = prompt_file(tmp_path / "prompts.jsonl", 5)
+    assert generate(models / "llama", prompts, tmp_path / "hf.jsonl", "--n", "2") == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = read(tmp_path / "hf.jsonl")
+    given = [r["prompt"] for r in read(prompts)]
+    assert [r["prompt"] for r in rows] == [p for p in given for _ in range(2)]
+    assert {r["policy"] for r in rows} == {"llama"}
+    assert {r["finish_reason"] for r in rows} <= {"stop", "length"}
+    assert summary["rows"] == 10 and summary["stop"] + summary["length"] == 10
+    assert rows[0]["response"] != rows[1]["response"]  # two samples of one prompt
+
+    # The response is the text that continues the prompt: prompt + response re-encodes to the
+    # prompt's tokens followed by the response's.
+    tokenizer = load_tokenizer(models / "llama")
+    plain = [r for r in rows if isinstance(r["prompt"], str) and r["response"]]
+    for row in plain:
+        whole = tokenizer.decode(tokenizer.encode(row["prompt"] + row["response"]))
+        assert whole == row["prompt"] + row["response"]
+
+    main(["import", str(models / "llama"), str(tmp_path / "ckpt"), "--keep-lm-head"])
+    flags = ("--n", "2", "--policy", "llama")
+    assert generate(tmp_path / "ckpt", prompts, tmp_path / "jaxrm.jsonl", *flags) == 0
+    assert read(tmp_path / "jaxrm.jsonl") == rows
+
+
+def test_generate_refuses_other_settings_foreign_files_and_models_without_lm_head(
+    models, tmp_path, capsys
+):
+    prompts = prompt_file(tmp_path / "prompts.jsonl", 3)
+    out = tmp_path / "out.jsonl"
+    assert generate(models / "qwen2", prompts, out) == 0
+    assert generate(models / "qwen2", prompts, out, "--temperature", "0.5") == 1
+    assert "other settings (temperature: 1.0 -> 0.5)" in capsys.readouterr().err
+    (tmp_path / "mine.jsonl").write_text("{}\n")
+    assert generate(models / "qwen2", prompts, tmp_path / "mine.jsonl") == 1
+    assert "was not written by jaxrm generate" in capsys.readouterr().err
+
+    main(["import", str(models / "qwen2"), str(tmp_path / "rm")])  # a reward model: no LM head
+    assert generate(tmp_path / "rm", prompts, tmp_path / "rm.jsonl") == 1
+    assert "no LM head" in capsys.readouterr().err
+
+    long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "x"}, {"prompt": "dog " * 300}])
+    assert generate(models / "qwen2", long, tmp_path / "long_out.jsonl") == 1
+    err = capsys.readouterr().err
+    assert f"{long}:2: the prompt has" in err and len(err.strip().splitlines()) == 1
+    for flag, value in (("--top-p", "0"), ("--top-k", "-1"), ("--temperature", "-1"), ("--n", "0")):
+        assert generate(models / "qwen2", prompts, tmp_path / "bad.jsonl", flag, value) == 1
+        assert flag in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_killed_generation_resumes_to_the_uninterrupted_output(models, tmp_path):
+    prompts = prompt_file(tmp_path / "prompts.jsonl", 40)
+    whole, killed = tmp_path / "whole.jsonl", tmp_path / "killed.jsonl"
+    assert generate(models / "llama", prompts, whole, "--policy", "p") == 0
+
+    args = ["generate", str(models / "llama"), "model.dtype=float32", "--prompts", str(prompts)]
+    args += ["--out", str(killed), "--max-new-tokens", "12", "--batch-size", "4", "--policy", "p"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "jaxrm", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if killed.exists() and killed.read_text().count("\n") >= 8:
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    process.wait()
+    written = killed.read_text().count("\n")
+    assert process.returncode == -signal.SIGKILL and 8 <= written < 40
+    with open(killed, "a") as f:  # as if killed in the middle of writing a row
+        f.write('{"prompt": "the quick bro')
+
+    assert generate(models / "llama", prompts, killed, "--policy", "p") == 0
+    assert killed.read_text() == whole.read_text()
+
+
+@pytest.fixture(scope="module")
+def pool_run(models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pool")
+    prompt_file(root / "prompts.jsonl", 8)
+    (root / "pool.yaml").write_text(
+        f"""
+prompts: prompts.jsonl
+out: triples.jsonl
+work_dir: work
+seed: 3
+batch_size: 8
+sampling: {{max_new_tokens: 8}}
+policies:
+  - {{name: llama, model: {models / "llama"}, overrides: [model.dtype=float32]}}
+  - {{name: qwen2, model: {models / "qwen2"}}}
+  - {{name: llama-cold, model: {models / "llama"}, sampling: {{temperature: 0.5}}}}
+"""
+    )
+    assert main(["data", "polar-pool", str(root / "pool.yaml")]) == 0
+    return root
+
+
+def test_polar_pool_draws_two_samples_of_a_and_one_of_b_per_prompt(pool_run):
+    triples = read(pool_run / "triples.jsonl")
+    prompts = [r["prompt"] for r in read(pool_run / "prompts.jsonl")]
+    assert [t["prompt"] for t in triples] == prompts
+    work = pool_run / "work"
+    samples = {}
+    for policy in ("llama", "qwen2", "llama-cold"):
+        for row in read(work / f"{policy}.jsonl"):
+            key = json.dumps(row["prompt"])
+            samples.setdefault(key, {}).setdefault(policy, []).append(row["response"])
+    for triple in triples:
+        by_policy = samples[json.dumps(triple["prompt"])]
+        a, b = triple["chosen_policy"], triple["rejected_policy"]
+        assert sorted(len(v) for v in by_policy.values()) == [1, 2] and a != b
+        assert sorted([triple["reference"], triple["chosen"]]) == sorted(by_policy[a])
+        assert [triple["rejected"]] == by_policy[b]
+    # The same model under two names samples with different seeds.
+    assert read(work / "llama.jsonl") != read(work / "llama-cold.jsonl")
+
+
+def test_polar_pool_refuses_a_finished_output_and_bad_settings(pool_run, tmp_path, capsys):
+    assert main(["data", "polar-pool", str(pool_run / "pool.yaml")]) == 1
+    assert "already exists" in capsys.readouterr().err
+    for text, message in (
+        (
+            "prompts: p.jsonl\nout: o.jsonl\nwork_dir: w\npolicies: []\nsampling: {top_q: 1}",
+            "top_q",
+        ),
+        (
+            "prompts: p.jsonl\nout: o.jsonl\nwork_dir: w\npolicies: [{name: a, model: m}]",
+            "two or more",
+        ),
+        ("prompts: p.jsonl\nout: o.jsonl\npolicies: []", "'work_dir' is missing"),
+        ("prompts: p.jsonl\nout: o.jsonl\nwork_dir: w\npolicies: [{name: a/b, model: m}]", "a/b"),
+        ("prompt: p.jsonl", "unknown key 'prompt'"),
+    ):
+        (tmp_path / "pool.yaml").write_text(text)
+        assert main(["data", "polar-pool", str(tmp_path / "pool.yaml")]) == 1
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_codepmp_generate_describes_sources_and_pairs_strong_with_weak(models, tmp_path):
+    code = tmp_path / "code"
+    code.mkdir()
+    for i in range(5):
+        (code / f"f{i}.py").write_text(f"# adds {i}\ndef add(a, b):\n    return a + b + {i}\n")
+    (code / "bare.py").write_text("def f():\n    return 1\n")  # no comment: filtered out
+    (tmp_path / "codepmp.yaml").write_text(
+        f"""
+sources: ["code/*.py"]
+out: pairs.jsonl
+work_dir: work
+describer: {{model: {models / "qwen2"}, sampling: {{max_new_tokens: 8}}}}
+strong: {{model: {models / "llama"}, sampling: {{max_new_tokens: 8}}}}
+weak: {{model: {models / "qwen2"}, sampling: {{max_new_tokens: 8}}}}
+filters: {{min_comment_density: 0.05}}
+"""
+    )
+    assert main(["data", "codepmp-generate", str(tmp_path / "codepmp.yaml")]) == 0
+    work = tmp_path / "work"
+    descriptions = read(work / "descriptions.jsonl")
+    assert len(descriptions) == 5 and all(d["id"].endswith(".py") for d in descriptions)
+    asked = read(work / "describer.jsonl")
+    assert all("```python\n# adds" in r["prompt"] for r in asked)
+    strong = {r["id"]: r["response"] for r in read(work / "strong.responses.jsonl")}
+    weak = {r["id"]: r["response"] for r in read(work / "weak.responses.jsonl")}
+    pairs = read(tmp_path / "pairs.jsonl")
+    assert len(pairs) == 5
+    for pair, description in zip(pairs, descriptions, strict=True):
+        assert pair["prompt"] == description["prompt"]
+        assert (pair["chosen"], pair["rejected"]) == (
+            strong[description["id"]],
+            weak[description["id"]],
+        )
