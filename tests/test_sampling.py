@@ -1,5 +1,6 @@
 """The KV-cache sampler: greedy equals transformers' generate; sampling follows top-k / top-p."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -176,3 +177,40 @@ def test_generation_stops_at_the_models_context_and_needs_an_lm_head():
     assert done.finish == "length" and len(done.tokens) == 4  # 64 positions
     with pytest.raises(UserError, match="no LM head"):
         Sampler(constant_model(LOGITS, lm_head=False), make_mesh(fsdp=-1), Sampling(0.0))
+
+
+def test_generation_compiles_for_a_tpu_slice_with_splash_prefill():
+    pytest.importorskip("libtpu", reason="TPU compiles need libtpu (the test extra pins it)")
+    from jaxrm.compile_check import libtpu_warnings_hidden, parse_topology, topology_devices
+    from jaxrm.model import abstract_model
+    from jaxrm.sharding import activation_sharding, batch_sharding
+
+    with libtpu_warnings_hidden():
+        mesh = make_mesh(fsdp=-1, devices=topology_devices(parse_topology("v5p-8")))
+        config = load_config(None, ["model.lm_head=true", "model.attention=splash"])
+        graphdef, params = abstract_model(config.model, mesh, config.mesh.rules)
+        loaded = Loaded(nnx.merge(graphdef, params), config, None)
+        sampler = Sampler(loaded, mesh, Sampling(1.0, 50, 0.9), batch_size=16)
+        rows, width, new = 16, 256, 512
+
+        def batch(*shape):
+            sharding = batch_sharding(mesh, config.mesh.rules, shape)
+            return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)
+
+        scalars = jax.ShapeDtypeStruct((1,), jnp.int32), jax.ShapeDtypeStruct((), jnp.uint32)
+        with activation_sharding(mesh, config.mesh.rules):
+            compiled = (
+                sampler._program(new)
+                .lower(
+                    sampler.state,
+                    batch(rows, width),
+                    batch(rows),
+                    batch(rows),
+                    batch(rows, 2),
+                    *scalars,
+                )
+                .compile()
+            )
+    model = config.model
+    cache = 2 * model.num_layers * rows * (width + new) * model.num_kv_heads * model.head_dim * 2
+    assert compiled.memory_analysis().temp_size_in_bytes >= cache / len(mesh.devices.flat)
