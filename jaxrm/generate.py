@@ -227,28 +227,34 @@ def generate_file(
     bar = tqdm(
         total=len(jobs), initial=done, unit="seq", desc=f"generate {policy}", dynamic_ncols=True
     )
+    todo = jobs[done:]
+    finished: dict[int, str] = {}  # rows finished out of order, waiting for the ones before
+    written = 0
     with bar, open(out, "a", encoding="utf-8") as f:
-        for start in range(done, len(jobs), sampler.batch_size):
-            batch = jobs[start : start + sampler.batch_size]
-            results = sampler.generate(
-                [j.ids for j in batch],
-                [(j.prompt_index, j.sample) for j in batch],
-                max_new_tokens,
-                model.eos_ids,
-            )
-            for job, result in zip(batch, results, strict=True):
+        for results in sampler.completions(
+            [j.ids for j in todo],
+            [(j.prompt_index, j.sample) for j in todo],
+            max_new_tokens,
+            model.eos_ids,
+        ):
+            for number, result in results:
+                job = todo[number]
                 text = response_text(model.tokenizer, job.ids, result.tokens, eos)
                 row = {"prompt": job.prompt, "policy": policy, "response": text}
-                f.write(
-                    json.dumps({**row, "finish_reason": result.finish}, ensure_ascii=False) + "\n"
+                finished[number] = json.dumps(
+                    {**row, "finish_reason": result.finish}, ensure_ascii=False
                 )
                 counts["new_tokens"] += len(result.tokens)
                 counts[result.finish] += 1
+            while written in finished:  # in prompt order, so a rerun knows where to go on
+                f.write(finished.pop(written) + "\n")
+                written += 1
             f.flush()
             os.fsync(f.fileno())
-            seconds = time.perf_counter() - started
-            bar.set_postfix_str(f"{counts['new_tokens'] / seconds:.1f} tok/s")
-            bar.update(len(batch))
+            bar.set_postfix_str(
+                f"{counts['new_tokens'] / (time.perf_counter() - started):.1f} tok/s"
+            )
+            bar.update(len(results))
     seconds = time.perf_counter() - started
     return {
         **counts,

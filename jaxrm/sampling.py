@@ -1,23 +1,27 @@
-"""Sampling from a causal LM with a KV cache: one jitted program per batch shape.
+"""Sampling from a causal LM with a KV cache and continuous batching.
 
     sampler = Sampler(loaded, mesh, Sampling(temperature=1.0, top_p=0.9, top_k=50), seed=0)
     done = sampler.generate(prompts, sample_ids, max_new_tokens=256, eos_ids={2})
     done[i].tokens, done[i].finish                 # ids up to and with EOS; "stop" | "length"
 
-A batch is prefilled in one pass (the model's own attention over the padded prompts), then
-decoded one token per step inside a `lax.while_loop` that ends when every row has met an EOS id
-or its token budget. Each row's randomness comes from (seed, prompt index, sample index, step)
-alone, so a sample does not depend on the batch it ran in: a resumed run writes what an
-uninterrupted one would.
+`batch_size` rows share one KV cache. Waiting prompts are prefilled into free rows in one pass
+(the model's own attention over the padded prompts); then every row decodes one token per step
+inside a `lax.while_loop` of up to `DECODE_CHUNK` steps. Between chunks the host takes out the
+rows that met an EOS id or their token budget and refills them, so one long answer does not
+hold the others up. Three programs are compiled per prompt-length bucket: the empty rows, the
+prefill (per power-of-two count of prompts) and the decode chunk. Each row's randomness comes
+from (seed, prompt index, sample index, step) alone, so a sample does not depend on the rows
+it ran beside: a resumed run writes what an uninterrupted one would.
 
 Logits are processed as transformers' `generate` does: temperature, then top-k, then top-p
 (the smallest set of most likely tokens whose probability reaches p), then a draw; temperature
 0 is greedy (argmax).
 """
 
+import collections
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -174,8 +178,21 @@ def _write_at(cache: Array, new: Array, position: Array) -> Array:
     return jax.vmap(jax.vmap(one_row), (0, 0, None))(cache, new, position)
 
 
+def _bucket(n: int, multiple: int, limit: int) -> int:
+    """`n` rows rounded up to `multiple` times a power of two, at most `limit`: few shapes."""
+    blocks = -(-n // multiple)
+    return min(limit, multiple * 2 ** math.ceil(math.log2(blocks)))
+
+
 class Sampler:
-    """A loaded causal LM on `mesh` that completes batches of token prompts."""
+    """A loaded causal LM on `mesh` that completes token prompts with continuous batching.
+
+    `batch_size` rows decode together. The decode loop runs on the device `DECODE_CHUNK` steps at
+    a time; between chunks the host collects the rows that met an EOS or their budget and
+    prefills waiting prompts into their rows, so a long answer does not hold up the others.
+    """
+
+    DECODE_CHUNK = 32
 
     def __init__(
         self,
@@ -198,72 +215,105 @@ class Sampler:
         self.row_multiple = mesh.shape["data"] * mesh.shape["fsdp"]
         self.batch_size = -(-max(batch_size, 1) // self.row_multiple) * self.row_multiple
         self.graphdef, self.state = nnx.split(loaded.model)
-        self._programs: dict[int, Any] = {}
+        self.empty_rows = jax.jit(self._empty_rows, static_argnums=(0, 1))
+        self.insert = jax.jit(self._insert, donate_argnums=(1,))
+        self.decode = jax.jit(self._decode, static_argnums=(4,), donate_argnums=(1,))
 
     @property
     def max_positions(self) -> int:
         return self.config.max_position_embeddings
 
-    def _program(self, max_new: int) -> Any:
-        if max_new not in self._programs:
-            self._programs[max_new] = jax.jit(lambda *args: self._generate(*args, max_new=max_new))
-        return self._programs[max_new]
+    def _next_token(self, logits: Array, ids: Array, steps: Array, seed: Array) -> Array:
+        if self.vocab_limit is not None:  # ids past the tokenizer's (padded vocabularies)
+            logits = jnp.where(jnp.arange(logits.shape[-1]) < self.vocab_limit, logits, -jnp.inf)
+        keys = jax.vmap(jax.random.fold_in)(row_keys(seed, ids), steps)
+        return choose(logits, keys, self.sampling)
 
-    def _generate(
+    def _empty_rows(self, length: int, max_new: int) -> dict[str, Any]:
+        """Every row done, with a zero KV cache of `length` positions."""
+        c = self.config
+        rows = self.batch_size
+        shape = (c.num_layers, rows, length, c.num_kv_heads, c.head_dim)
+        zeros = jnp.zeros(shape, jnp.dtype(c.dtype))
+        cache = tuple(constrain(zeros, (None, *CACHE_AXES)) for _ in range(2))
+        ints = lambda: jnp.zeros(rows, jnp.int32)  # noqa: E731
+        return {
+            "cache": cache,
+            "token": ints(),
+            "length": ints(),
+            "count": ints(),
+            "budget": ints(),
+            "done": jnp.ones(rows, bool),
+            "ids": jnp.zeros((rows, 2), jnp.int32),
+            "out": jnp.zeros((rows, max_new), jnp.int32),
+        }
+
+    def _insert(
         self,
         state: Any,
+        rows: dict[str, Any],
+        where: Array,
         tokens: Array,
         lengths: Array,
         budgets: Array,
-        sample_ids: Array,
-        eos_ids: Array,
+        ids: Array,
         seed: Array,
-        *,
-        max_new: int,
-    ) -> tuple[Array, Array]:
+    ) -> dict[str, Any]:
+        """Prefills prompts [m, width] into rows `where` (an index past the last row: none)."""
         model = nnx.merge(self.graphdef, state)
-        keys = row_keys(seed, sample_ids)
+        logits, new_cache = prefill(model, tokens, lengths, tokens.shape[1])
+        first = self._next_token(logits, ids, jnp.zeros_like(lengths), seed)
+        width = tokens.shape[1]
+        put = lambda x, value: x.at[where].set(value, mode="drop")  # noqa: E731
+        return {
+            "cache": tuple(
+                c.at[:, where, :width].set(n, mode="drop")
+                for c, n in zip(rows["cache"], new_cache, strict=True)
+            ),
+            "token": put(rows["token"], first),
+            "length": put(rows["length"], lengths),
+            "count": put(rows["count"], 0),
+            "budget": put(rows["budget"], budgets),
+            "done": put(rows["done"], budgets <= 0),
+            "ids": put(rows["ids"], ids),
+            "out": put(rows["out"], 0),
+        }
 
-        def next_token(logits: Array, step: Array) -> Array:
-            if self.vocab_limit is not None:  # ids past the tokenizer's (padded vocabularies)
-                logits = jnp.where(
-                    jnp.arange(logits.shape[-1]) < self.vocab_limit, logits, -jnp.inf
-                )
-            step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, step)
-            return choose(logits, step_keys, self.sampling)
+    def _decode(
+        self, state: Any, rows: dict[str, Any], eos_ids: Array, seed: Array, steps: int
+    ) -> dict[str, Any]:
+        """Up to `steps` tokens for every unfinished row (fewer once all are done)."""
+        model = nnx.merge(self.graphdef, state)
+        every = jnp.arange(self.batch_size)
 
-        logits, cache = prefill(model, tokens, lengths, tokens.shape[1] + max_new)
-        rows = tokens.shape[0]
-        start = (
-            jnp.int32(0),
-            next_token(logits, 0),
-            jnp.zeros((rows, max_new), jnp.int32),
-            jnp.zeros(rows, jnp.int32),
-            budgets <= 0,
-            cache,
-        )
-
-        def unfinished(carry: tuple) -> Array:
-            step, _, _, _, done, _ = carry
-            return (step < max_new) & ~jnp.all(done)
-
-        def step_once(carry: tuple) -> tuple:
-            step, token, out, counts, done, cache = carry
-            out = out.at[:, step].set(jnp.where(done, 0, token))
-            counts = counts + (~done)
-            done = done | jnp.isin(token, eos_ids) | (counts >= budgets)
-            logits, cache = decode_step(model, token, lengths + step, cache)
-            return (
-                step + 1,
-                next_token(logits, step + 1),
-                out,
-                counts,
-                done,
-                cache,
+        def one_token(carry: tuple[Array, dict]) -> tuple[Array, dict]:
+            step, r = carry
+            live = ~r["done"]
+            max_new = r["out"].shape[1]
+            out = (
+                r["out"]
+                .at[every, jnp.where(live, r["count"], max_new)]
+                .set(r["token"], mode="drop")
             )
+            count = r["count"] + live
+            ended = jnp.isin(r["token"], eos_ids) | (count >= r["budget"])
+            done = r["done"] | (live & ended)
+            logits, cache = decode_step(model, r["token"], r["length"] + count - 1, r["cache"])
+            token = jnp.where(done, r["token"], self._next_token(logits, r["ids"], count, seed))
+            return step + 1, {
+                **r,
+                "cache": cache,
+                "out": out,
+                "count": count,
+                "done": done,
+                "token": token,
+            }
 
-        _, _, out, counts, _, _ = jax.lax.while_loop(unfinished, step_once, start)
-        return out, counts
+        def unfinished(carry: tuple[Array, dict]) -> Array:
+            step, r = carry
+            return (step < steps) & ~jnp.all(r["done"])
+
+        return jax.lax.while_loop(unfinished, one_token, (jnp.int32(0), rows))[1]
 
     def generate(
         self,
@@ -273,49 +323,82 @@ class Sampler:
         eos_ids: Sequence[int],
     ) -> list[Generated]:
         """Completes each prompt (token ids, BOS included) once; `sample_ids[i]` is its (prompt
-        index, sample index), which fixes its randomness. Runs in batches of `batch_size`."""
-        done: list[Generated] = []
-        for start in range(0, len(prompts), self.batch_size):
-            stop = start + self.batch_size
-            done += self._batch(
-                prompts[start:stop], sample_ids[start:stop], max_new_tokens, eos_ids
-            )
-        return done
+        index, sample index), which alone fixes its randomness."""
+        done: dict[int, Generated] = {}
+        for finished in self.completions(prompts, sample_ids, max_new_tokens, eos_ids):
+            done.update(finished)
+        return [done[i] for i in range(len(prompts))]
 
-    def _batch(
+    def completions(
         self,
         prompts: Sequence[Sequence[int]],
         sample_ids: Sequence[tuple[int, int]],
         max_new_tokens: int,
         eos_ids: Sequence[int],
-    ) -> list[Generated]:
-        rows = -(-len(prompts) // self.row_multiple) * self.row_multiple
+    ) -> Iterator[list[tuple[int, Generated]]]:
+        """Like `generate`, yielding (prompt number, completion) as rows finish, a list per
+        decode chunk."""
+        if not prompts:
+            return
         width = round_up(max(len(p) for p in prompts), MIN_PROMPT_BUCKET)
-        tokens = np.zeros((rows, width), np.int32)
-        lengths = np.ones(rows, np.int32)  # filler rows: one token, no budget
-        budgets = np.zeros(rows, np.int32)
-        ids = np.zeros((rows, 2), np.int32)
-        for row, prompt in enumerate(prompts):
-            tokens[row, : len(prompt)] = prompt
-            lengths[row] = len(prompt)
-            budgets[row] = min(max_new_tokens, self.max_positions - len(prompt))
-            ids[row] = sample_ids[row]
-        put = lambda x: jax.device_put(x, batch_sharding(self.mesh, self.rules, x.shape))  # noqa: E731
-        program = self._program(max_new_tokens)
+        stops = jnp.asarray(sorted(set(eos_ids)) or [-1], jnp.int32)
+        seed = jnp.uint32(self.seed)
+        waiting = collections.deque(range(len(prompts)))
+        free = collections.deque(range(self.batch_size))
+        running: dict[int, int] = {}  # row -> prompt number
         with activation_sharding(self.mesh, self.rules):
-            out, counts = program(
-                self.state,
-                put(tokens),
-                put(lengths),
-                put(budgets),
-                put(ids),
-                jnp.asarray(sorted(set(eos_ids)) or [-1], jnp.int32),
-                jnp.uint32(self.seed),
-            )
-        out, counts = np.asarray(out), np.asarray(counts)
-        eos = set(eos_ids)
-        done = []
-        for row in range(len(prompts)):
-            new = out[row, : counts[row]].tolist()
-            done.append(Generated(new, "stop" if new and new[-1] in eos else "length"))
-        return done
+            rows = self.empty_rows(width + max_new_tokens, max_new_tokens)
+            while waiting or running:
+                if waiting and free:
+                    taken = [
+                        (free.popleft(), waiting.popleft())
+                        for _ in range(min(len(free), len(waiting)))
+                    ]
+                    rows = self._fill(rows, taken, prompts, sample_ids, width, max_new_tokens, seed)
+                    running.update(taken)
+                rows = self.decode(self.state, rows, stops, seed, self.DECODE_CHUNK)
+                done = np.asarray(rows["done"])
+                ended = [row for row in running if done[row]]
+                if not ended:
+                    continue
+                out, counts = np.asarray(rows["out"]), np.asarray(rows["count"])
+                finished = []
+                for row in ended:
+                    new = out[row, : counts[row]].tolist()
+                    stop = "stop" if new and new[-1] in eos_ids else "length"
+                    finished.append((running.pop(row), Generated(new, stop)))
+                    free.append(row)
+                yield finished
+
+    def _fill(
+        self,
+        rows: dict[str, Any],
+        taken: list[tuple[int, int]],
+        prompts: Sequence[Sequence[int]],
+        sample_ids: Sequence[tuple[int, int]],
+        width: int,
+        max_new_tokens: int,
+        seed: Array,
+    ) -> dict[str, Any]:
+        count = _bucket(len(taken), self.row_multiple, self.batch_size)
+        where = np.full(count, self.batch_size, np.int32)  # past the last row: dropped
+        tokens = np.zeros((count, width), np.int32)
+        lengths = np.ones(count, np.int32)
+        budgets = np.zeros(count, np.int32)
+        ids = np.zeros((count, 2), np.int32)
+        for i, (row, number) in enumerate(taken):
+            prompt = prompts[number]
+            where[i], tokens[i, : len(prompt)], lengths[i] = row, prompt, len(prompt)
+            budgets[i] = min(max_new_tokens, self.max_positions - len(prompt))
+            ids[i] = sample_ids[number]
+        put = lambda x: jax.device_put(x, batch_sharding(self.mesh, self.rules, x.shape))  # noqa: E731
+        return self.insert(
+            self.state,
+            rows,
+            jnp.asarray(where),
+            put(tokens),
+            put(lengths),
+            put(budgets),
+            put(ids),
+            seed,
+        )

@@ -143,32 +143,25 @@ def test_restrict_matches_transformers_logits_warpers():
         np.testing.assert_allclose(got[finite], want[finite], rtol=1e-6)
 
 
-def test_samples_depend_on_seed_prompt_and_sample_index_only():
-    reference = hf_model("llama", "ForCausalLM", scale=0.5)
-    loaded = Loaded(*_imported(reference))
-    mesh = make_mesh(fsdp=-1)
+def test_samples_depend_on_seed_prompt_and_sample_index_only(tmp_path):
+    hf_model("llama", "ForCausalLM", scale=0.5).save_pretrained(tmp_path)
+    mesh, one_device = make_mesh(fsdp=-1), make_mesh(fsdp=1, devices=jax.devices()[:1])
     sampling = Sampling(1.0, 50, 0.9)
     batch = prompts(6, seed=1)
     ids = [(i // 2, i % 2) for i in range(6)]
-    run = lambda seed, size, order: Sampler(loaded, mesh, sampling, seed, size).generate(  # noqa: E731
-        [batch[i] for i in order], [ids[i] for i in order], 16, [2]
-    )
+
+    def run(seed, size, order, mesh=mesh):
+        loaded = load_hf(tmp_path, mesh=mesh, keep_lm_head=True, overrides=FP32)
+        sampler = Sampler(loaded, mesh, sampling, seed, size)
+        return sampler.generate([batch[i] for i in order], [ids[i] for i in order], 16, [2])
+
     first = [g.tokens for g in run(0, 8, range(6))]
     assert first == [g.tokens for g in run(0, 8, range(6))]
-    # Other batch sizes and another order: each sample keeps its tokens.
-    reordered = run(0, 2, [5, 3, 1, 0, 2, 4])
+    # Two rows at a time (refilled as they finish) and another order: each sample keeps its tokens.
+    reordered = run(0, 2, [5, 3, 1, 0, 2, 4], one_device)
     assert [g.tokens for g in reordered] == [first[i] for i in [5, 3, 1, 0, 2, 4]]
     assert first[0] != first[1]  # two samples of one prompt differ
     assert first != [g.tokens for g in run(1, 8, range(6))]
-
-
-def _imported(reference):
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as directory:
-        reference.save_pretrained(directory)
-        loaded = load_hf(directory, keep_lm_head=True, overrides=FP32)
-    return loaded.model, loaded.config, None
 
 
 def test_generation_stops_at_the_models_context_and_needs_an_lm_head():
@@ -191,26 +184,31 @@ def test_generation_compiles_for_a_tpu_slice_with_splash_prefill():
         graphdef, params = abstract_model(config.model, mesh, config.mesh.rules)
         loaded = Loaded(nnx.merge(graphdef, params), config, None)
         sampler = Sampler(loaded, mesh, Sampling(1.0, 50, 0.9), batch_size=16)
-        rows, width, new = 16, 256, 512
+        rows_n, width, new = 16, 256, 512
 
         def batch(*shape):
             sharding = batch_sharding(mesh, config.mesh.rules, shape)
             return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)
 
-        scalars = jax.ShapeDtypeStruct((1,), jnp.int32), jax.ShapeDtypeStruct((), jnp.uint32)
+        def first_chunk(state, tokens, lengths, budgets, ids):
+            rows = sampler._empty_rows(width + new, new)
+            seed = jnp.uint32(0)
+            where = jnp.arange(rows_n)
+            rows = sampler._insert(state, rows, where, tokens, lengths, budgets, ids, seed)
+            return sampler._decode(state, rows, jnp.asarray([2]), seed, sampler.DECODE_CHUNK)
+
         with activation_sharding(mesh, config.mesh.rules):
             compiled = (
-                sampler._program(new)
+                jax.jit(first_chunk)
                 .lower(
                     sampler.state,
-                    batch(rows, width),
-                    batch(rows),
-                    batch(rows),
-                    batch(rows, 2),
-                    *scalars,
+                    batch(rows_n, width),
+                    batch(rows_n),
+                    batch(rows_n),
+                    batch(rows_n, 2),
                 )
                 .compile()
             )
     model = config.model
-    cache = 2 * model.num_layers * rows * (width + new) * model.num_kv_heads * model.head_dim * 2
+    cache = 2 * model.num_layers * rows_n * (width + new) * model.num_kv_heads * model.head_dim * 2
     assert compiled.memory_analysis().temp_size_in_bytes >= cache / len(mesh.devices.flat)
