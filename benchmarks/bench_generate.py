@@ -8,6 +8,12 @@ Greedy tokens are compared: they should be identical, and the first mismatch is 
 
     python benchmarks/bench_generate.py                  # 8 prompts x 128 tokens, 128 new tokens
     python benchmarks/bench_generate.py --json generate.json
+    python benchmarks/bench_generate.py --queue 4      # 4 x 8 prompts, answers of mixed lengths
+
+With `--queue N`, N x `--batch` prompts are answered greedily with stop ids that end the answers
+at mixed lengths: transformers runs them in batches of `--batch` (a batch lasts as long as its
+longest answer), jaxrm keeps `--batch` rows busy by refilling finished ones (continuous
+batching). Both make the same tokens; tokens/s counts them.
 
 Run it on an otherwise idle machine; torch keeps its default thread count (printed).
 """
@@ -55,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt-len", type=int, default=128, help="tokens per prompt")
     parser.add_argument("--new-tokens", type=int, default=128, help="new tokens per prompt")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--queue", type=int, default=0, help="batches of mixed-length answers")
     parser.add_argument("--json", help="also write the results here")
     return parser
 
@@ -141,10 +148,62 @@ def speed(result: dict, tokens: int) -> dict:
     return row
 
 
+def run_queue(
+    model: torch.nn.Module, sampler: Sampler, prompts: np.ndarray, args: argparse.Namespace
+) -> dict:
+    """Greedy answers that stop at mixed lengths: static batches against continuous batching."""
+    batch, ids = prompts.tolist(), [(i, 0) for i in range(len(prompts))]
+    free_run = [g.tokens for g in sampler.generate(batch, ids, args.new_tokens, eos_ids=[])]
+    # Per answer a stop id it first meets at a random point: lengths spread over the budget
+    # (another answer holding that id earlier stops there too).
+    rng = np.random.default_rng(1)
+    stops = set()
+    for answer in free_run:
+        start = int(rng.integers(1, len(answer)))
+        fresh = [i for i in range(start, len(answer)) if answer[i] not in answer[:i]]
+        stops.update(answer[i] for i in fresh[:1])
+    stops = sorted(stops)
+    ours = timed(
+        lambda: [g.tokens for g in sampler.generate(batch, ids, args.new_tokens, stops)],
+        args.repeats,
+    )
+
+    def static_batches() -> list[list[int]]:
+        out = []
+        for start in range(0, len(batch), args.batch):
+            ids_t = torch.tensor(batch[start : start + args.batch], dtype=torch.long)
+            with torch.inference_mode():
+                new = model.generate(
+                    ids_t,
+                    attention_mask=torch.ones_like(ids_t),
+                    max_new_tokens=args.new_tokens,
+                    do_sample=False,
+                    eos_token_id=stops,
+                    pad_token_id=0,
+                )[:, ids_t.shape[1] :].tolist()
+            out += [
+                row[: next((i + 1 for i, t in enumerate(row) if t in stops), len(row))]
+                for row in new
+            ]
+        return out
+
+    theirs = timed(static_batches, args.repeats)
+    tokens = sum(len(t) for t in ours["out"])
+    return {
+        "prompts": len(batch),
+        "tokens": tokens,
+        "answer_lengths": sorted(len(t) for t in ours["out"]),
+        "identical": ours["out"] == theirs["out"],
+        "jaxrm_tokens_per_sec": tokens / ours["seconds"],
+        "transformers_tokens_per_sec": tokens / theirs["seconds"],
+        "ratio_tokens_per_sec": theirs["seconds"] / ours["seconds"],
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     rng = np.random.default_rng(0)
-    prompts = rng.integers(4, args.vocab, (args.batch, args.prompt_len))
+    prompts = rng.integers(4, args.vocab, (args.batch * max(args.queue, 1), args.prompt_len))
     prompts[:, 0] = BOS
     tokens = args.batch * args.new_tokens
 
@@ -154,6 +213,11 @@ def main(argv: list[str] | None = None) -> dict:
         model.save_pretrained(tmp)
         loaded = load_hf(tmp, keep_lm_head=True, overrides=["model.dtype=float32"])
     mesh = make_mesh(fsdp=-1)
+    if args.queue:
+        sampler = Sampler(loaded, mesh, MODES["greedy"], seed=0, batch_size=args.batch)
+        queue = run_queue(model, sampler, prompts, args)
+        print(json.dumps(queue))
+        return queue
 
     results = {
         "config": {k: v for k, v in vars(args).items() if k != "json"},
