@@ -5,6 +5,7 @@ and with attention replaced by passing the queries through. The difference is at
 beside it, attention's model FLOPs (jaxrm/flops.py) at the matmul peak measured in the same run.
 
     python benchmarks/bench_attention_share.py [--polar] [bench_train.py's model flags]
+    python benchmarks/bench_attention_share.py --skip-block 256   # CPU attention's block size
 """
 
 import os
@@ -47,7 +48,12 @@ def gradient_seconds(trainer: Trainer, state: object, batch: dict) -> float:
 
 
 def main() -> None:
-    args = build_parser().parse_args()
+    parser = build_parser()
+    parser.add_argument(
+        "--skip-block", type=int, default=jaxrm.attention.SKIP_BLOCK, help="CPU attention blocks"
+    )
+    args = parser.parse_args()
+    jaxrm.attention.SKIP_BLOCK = args.skip_block
     examples = make_examples(args, np.random.default_rng(0))
     seq_len = max(layout(e, shared_prefix=args.polar).length for e in examples)
     config = make_config(args, seq_len, max(len(s) for e in examples for s in e.sequences))
