@@ -49,7 +49,9 @@ class _Usage:
     as_b: Counter = field(default_factory=Counter)
 
 
-def polar_triples(rows: Iterable[tuple[str, Any]], seed: int, per_prompt: int = 1) -> list[Row]:
+def polar_triples(
+    rows: Iterable[tuple[str, Any]], seed: int, per_prompt: int = 1, counts: Counter | None = None
+) -> list[Row]:
     """POLAR pre-training triples from trajectory rows `(where, {prompt, policy, response})`.
 
     For each prompt (in order of first appearance) `per_prompt` times: draw a policy A with at
@@ -58,14 +60,16 @@ def polar_triples(rows: Iterable[tuple[str, Any]], seed: int, per_prompt: int = 
     policy used least often as A so far (over all prompts), B likewise; ties go to a seeded draw.
     Within a prompt, (reference, chosen) sample pairs repeat only once all have been used.
     A prompt answered by one policy only, or by no policy twice, is an error naming its first
-    row: it cannot form a triple, and skipping it would hide a generation failure.
+    row: it cannot form a triple, and skipping it would hide a generation failure. An empty
+    response (a policy that stopped at once: `jaxrm generate` writes those) is left out and
+    counted in `counts["empty_responses"]`.
     """
     if per_prompt < 1:
         raise UserError(f"--per-prompt must be at least 1, got {per_prompt}")
     rng = random.Random(seed)
     usage = _Usage()
     triples = []
-    for group in _group_by_prompt(rows):
+    for group in _group_by_prompt(rows, Counter() if counts is None else counts):
         _check_can_form_triple(group)
         used_pairs: dict[str, set[tuple[int, int]]] = defaultdict(set)
         for _ in range(per_prompt):
@@ -73,13 +77,21 @@ def polar_triples(rows: Iterable[tuple[str, Any]], seed: int, per_prompt: int = 
     return triples
 
 
-def _group_by_prompt(rows: Iterable[tuple[str, Any]]) -> list[_Prompt]:
-    """Trajectories grouped by prompt; a canonical JSON key makes equal message lists match."""
+def prompt_key(prompt: Any) -> str:
+    """A canonical JSON text of a prompt: equal message lists give equal keys."""
+    return json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+
+
+def _group_by_prompt(rows: Iterable[tuple[str, Any]], counts: Counter) -> list[_Prompt]:
+    """Trajectories grouped by prompt, empty responses left out and counted."""
     groups: dict[str, _Prompt] = {}
+    counts["empty_responses"] += 0
     for where, row in rows:
+        if isinstance(row, dict) and row.get("response") == "":
+            counts["empty_responses"] += 1
+            continue
         row = check_row(row, "trajectory", where)
-        key = json.dumps(row["prompt"], sort_keys=True, ensure_ascii=False)
-        group = groups.setdefault(key, _Prompt(row["prompt"], where))
+        group = groups.setdefault(prompt_key(row["prompt"]), _Prompt(row["prompt"], where))
         group.samples.setdefault(row["policy"], []).append(row["response"])
     return list(groups.values())
 
@@ -563,12 +575,15 @@ def cmd_polar_triples(args: argparse.Namespace) -> None:
     _refuse_existing(args.out)
     source = open_source(args.trajectories)
     rows = (source.read(i) for i in range(len(source)))
-    triples = polar_triples(rows, args.seed, args.per_prompt)
+    counts: Counter = Counter()
+    triples = polar_triples(rows, args.seed, args.per_prompt, counts)
     write_jsonl(triples, args.out)
     as_a = Counter(t["chosen_policy"] for t in triples)
     as_b = Counter(t["rejected_policy"] for t in triples)
     prompts = len(triples) // args.per_prompt
     print(f"wrote {len(triples)} triples for {prompts} prompts to {args.out}")
+    if counts["empty_responses"]:
+        print(f"left out {counts['empty_responses']} empty responses")
     roles = ", ".join(f"{p} {as_a[p]}/{as_b[p]}" for p in sorted(as_a.keys() | as_b.keys()))
     print(f"policy A/B counts: {roles}")
 

@@ -51,6 +51,8 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
     "added_tokens.json",
 )
+# Kept with the tokenizer files: its stop ids (eos_token_id) are how a chat model ends a turn.
+GENERATION_CONFIG = "generation_config.json"
 
 
 @dataclasses.dataclass
@@ -190,7 +192,7 @@ def tokenizer_files(source: Path | None) -> dict[str, bytes]:
     if source.is_file():
         main = "tokenizer.json" if source.suffix == ".json" else "tokenizer.model"
         return {**_files_in(source.parent, SIDE_FILES), main: source.read_bytes()}
-    return _files_in(source, TOKENIZER_FILES)
+    return _files_in(source, (*TOKENIZER_FILES, GENERATION_CONFIG))
 
 
 def _files_in(directory: Path, names: Sequence[str]) -> dict[str, bytes]:

@@ -10,8 +10,9 @@ template joins them; no chat template) is tokenised with the tokenizer's BOS and
 
 Resuming: `OUT.generate.json` records the settings. Rerunning the same command keeps the rows
 already in OUT (a line cut short by a kill is dropped) and generates the rest; every sample's
-randomness depends only on (seed, prompt index, sample index), so the result equals an
-uninterrupted run. Other settings for an existing OUT are refused.
+randomness depends only on (seed, prompt index, sample index), so in float32 the result equals
+an uninterrupted run (see jaxrm/sampling.py for bfloat16). Other settings for an existing OUT
+are refused.
 """
 
 import argparse
@@ -23,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 from tqdm import tqdm
 
 from jaxrm.checkpoint import Loaded, find_checkpoint, load_model
@@ -94,20 +96,31 @@ def open_model(
             f"tokenizer {tok.path} has {tok.vocab_size} tokens, more than the model's "
             f"{loaded.config.model.vocab_size}"
         )
-    eos = set(_hf_eos_ids(directory) if kind == "hf" else [])
+    eos = set(_configured_eos_ids([directory, loaded.tokenizer_dir]))
     eos.update(i for i in [tok.eos_id] if i is not None)
-    eos.update(tok.resolve(int(t) if t.isdigit() else t, "--eos") for t in extra_eos)
+    eos.update(_stop_id(tok, t) for t in extra_eos)
     return Model(loaded, tok, sorted(eos))
 
 
-def _hf_eos_ids(directory: Path) -> list[int]:
+def _configured_eos_ids(directories: Sequence[Path | None]) -> list[int]:
+    """`eos_token_id` (an id or a list) of the first generation_config.json or config.json that
+    sets one: HF directories have both, jaxrm checkpoints keep generation_config.json."""
     for name in ("generation_config.json", "config.json"):
-        path = directory / name
-        if path.is_file():
-            value = json.loads(path.read_text()).get("eos_token_id")
+        for directory in filter(None, directories):
+            path = directory / name
+            value = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
             if value is not None:
                 return [value] if isinstance(value, int) else list(value)
     return []
+
+
+def _stop_id(tokenizer: Tokenizer, token: str) -> int:
+    """The id of a --eos token given as an id or as one vocabulary token (not registered as
+    special: that would change how prompts are encoded and what responses decode to)."""
+    token_id = int(token) if token.isdigit() else tokenizer.token_to_id(token)
+    if token_id is None or not 0 <= token_id < tokenizer.vocab_size:
+        raise UserError(f"--eos {token}: not a token id or a single token of {tokenizer.path}")
+    return token_id
 
 
 def read_prompts(spec: str | Sequence[str]) -> list[tuple[str, Any]]:
@@ -154,29 +167,41 @@ def rows_done(out: Path, jobs: Sequence[Job], policy: str, settings: dict[str, A
     A last line cut short (the run was killed while writing) is removed. A new `out` gets its
     settings file; an existing one must have been written with the same settings."""
     record = settings_path(out)
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps(settings, indent=2) + "\n")
-        out.touch()
-        return 0
-    if not record.is_file():
+    if out.exists() and not record.is_file():
         raise UserError(
             f"{out} already exists and was not written by jaxrm generate ({record} is missing)"
         )
-    before = json.loads(record.read_text())
+    if not out.exists() or out.stat().st_size == 0:  # nothing generated yet: (re)start
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staged = record.with_name(record.name + ".tmp")
+        staged.write_text(json.dumps(settings, indent=2) + "\n")
+        staged.replace(record)
+        out.touch()
+        return 0
+    try:
+        before = json.loads(record.read_text())
+    except json.JSONDecodeError:
+        raise UserError(
+            f"{record}: not valid JSON; remove {out} and it, or write elsewhere"
+        ) from None
     changed = sorted(k for k in settings.keys() | before.keys() if settings.get(k) != before.get(k))
     if changed:
         shown = ", ".join(f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in changed)
-        raise UserError(f"{out} was generated with other settings ({shown}); choose a new --out")
+        raise UserError(
+            f"{out} was generated with other settings ({shown}); remove it or write elsewhere"
+        )
     _drop_torn_line(out)
-    lines = out.read_text(encoding="utf-8").splitlines()
+    # Split on newlines only: JSON text may hold U+2028 and other line breaks of str.splitlines.
+    lines = out.read_text(encoding="utf-8").split("\n")[:-1]
     if len(lines) > len(jobs):
         raise UserError(f"{out} has {len(lines)} rows, more than the {len(jobs)} to generate")
     for number, (line, job) in enumerate(zip(lines, jobs[: len(lines)], strict=True), start=1):
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            raise UserError(f"{out}:{number}: not a JSON row; choose a new --out") from None
+            raise UserError(
+                f"{out}:{number}: not a JSON row; remove it or write elsewhere"
+            ) from None
         if (
             not isinstance(row, dict)
             or row.get("prompt") != job.prompt
@@ -184,7 +209,7 @@ def rows_done(out: Path, jobs: Sequence[Job], policy: str, settings: dict[str, A
         ):
             raise UserError(
                 f"{out}:{number}: does not belong to prompt {job.prompt_index} of the prompts "
-                "file (was it changed?); choose a new --out"
+                "file (was it changed?); remove it or write elsewhere"
             )
     return len(lines)
 
@@ -263,6 +288,19 @@ def generate_file(
     }
 
 
+def check_run_settings(seed: int, batch_size: int, prefix: str) -> None:
+    """One-line errors for a seed or batch size jaxrm cannot use (`prefix`: "--" or a YAML path),
+    and for several processes: every host would append to the same files."""
+    if not 0 <= seed < 2**32:
+        raise UserError(f"{prefix}seed must be in [0, 2**32), got {seed}")
+    if batch_size < 1:
+        raise UserError(
+            f"{prefix}batch{'-' if prefix == '--' else '_'}size must be >= 1, got {batch_size}"
+        )
+    if jax.process_count() > 1:
+        raise UserError("generation runs in one process; start it on one host of a pod")
+
+
 def add_sampling_options(parser: argparse.ArgumentParser, defaults: Sampling) -> None:
     parser.add_argument(
         "--temperature",
@@ -292,7 +330,11 @@ def add_sampling_options(parser: argparse.ArgumentParser, defaults: Sampling) ->
 
 
 def sampling_from(args: argparse.Namespace) -> Sampling:
-    return Sampling(args.temperature, args.top_k, args.top_p)
+    try:
+        return Sampling(args.temperature, args.top_k, args.top_p)
+    except UserError as e:  # name the flag: "top_p must ..." -> "--top-p must ..."
+        name, rest = str(e).split(" ", 1)
+        raise UserError(f"--{name.replace('_', '-')} {rest}") from None
 
 
 def add_command(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -329,6 +371,7 @@ def add_command(commands: "argparse._SubParsersAction[argparse.ArgumentParser]")
 def cmd_generate(args: argparse.Namespace) -> None:
     if args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")
+    check_run_settings(args.seed, args.batch_size, "--")
     sampling = sampling_from(args)
     model = open_model(args.model, args.overrides, args.tokenizer, args.eos)
     policy = args.policy or Path(args.model).resolve().name
@@ -337,7 +380,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     settings = {
         "model": str(Path(args.model).resolve()),
         "overrides": list(args.overrides),
-        "prompts": args.prompts,
+        "prompts": str(Path(args.prompts).resolve()) if "://" not in args.prompts else args.prompts,
         "n": args.n,
         "seed": args.seed,
         "eos_ids": model.eos_ids,

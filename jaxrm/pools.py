@@ -58,12 +58,15 @@ from jaxrm.builders import (
     SourceFilter,
     codepmp_pairs,
     polar_triples,
+    prompt_key,
     write_jsonl,
 )
+from jaxrm.checkpoint import find_checkpoint
 from jaxrm.errors import UserError
 from jaxrm.generate import (
     POLAR_MAX_NEW_TOKENS,
     POLAR_SAMPLING,
+    check_run_settings,
     generate_file,
     make_jobs,
     open_model,
@@ -171,17 +174,32 @@ class ModelEntry:
         for key in ("model",) if name else ("name", "model"):
             if not isinstance(entry.get(key), str):
                 raise UserError(f"{where}.{key}: must be text")
+        for key in ("tokenizer", "template"):
+            if not isinstance(entry.get(key, ""), str):
+                raise UserError(f"{where}.{key}: must be text")
+        overrides = entry.get("overrides", [])
+        if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+            raise UserError(f"{where}.overrides: must be a list of key=value texts")
         name = name or entry["name"]
         if not NAME.fullmatch(name):
             raise UserError(f"{where}.name: {name!r} must be letters, digits, '.', '_' or '-'")
         sampling = _sampling(entry.get("sampling", {}), f"{where}.sampling", defaults)
         tokenizer = entry.get("tokenizer")
+        model = _resolve(base, entry["model"])
+        try:  # a wrong path fails now, not after the models before it have run
+            find_checkpoint(model)
+        except UserError as e:
+            raise UserError(f"{where}.model: {e}") from None
+        try:
+            drawn = Sampling(sampling["temperature"], sampling["top_k"], sampling["top_p"])
+        except UserError as e:
+            raise UserError(f"{where}.sampling.{e}") from None
         return cls(
             name=name,
-            model=_resolve(base, entry["model"]),
-            overrides=[str(o) for o in entry.get("overrides", [])],
+            model=model,
+            overrides=overrides,
             tokenizer=_resolve(base, tokenizer) if tokenizer else None,
-            sampling=Sampling(sampling["temperature"], sampling["top_k"], sampling["top_p"]),
+            sampling=drawn,
             max_new_tokens=sampling["max_new_tokens"],
             template=entry.get("template"),
         )
@@ -269,61 +287,65 @@ def polar_pool(path: str | Path) -> dict[str, Any]:
         )
     defaults = {**dataclasses.asdict(POLAR_SAMPLING), "max_new_tokens": POLAR_MAX_NEW_TOKENS}
     defaults = _sampling(settings.get("sampling", {}), f"{path}: sampling", defaults)
+    if len(settings["policies"]) < 2:
+        raise UserError(f"{path}: 'policies' needs two or more policies")
     entries = [
         ModelEntry.parse(entry, f"{path}: policies[{i}]", base, defaults)
         for i, entry in enumerate(settings["policies"])
     ]
     names = [e.name for e in entries]
-    if len(entries) < 2 or len(set(names)) < len(names):
-        raise UserError(f"{path}: 'policies' needs two or more policies with different names")
-    seed = settings.get("seed", 0)
+    if len(set(names)) < len(names):
+        raise UserError(f"{path}: the policies' names must differ")
+    seed, batch_size = settings.get("seed", 0), settings.get("batch_size", 32)
+    check_run_settings(seed, batch_size, f"{path}: ")
+    per_prompt = settings.get("per_prompt", 1)
+    if per_prompt < 1:
+        raise UserError(f"{path}: per_prompt must be >= 1, got {per_prompt}")
     prompts = read_prompts(_resolve(base, settings["prompts"]))
     roles = draw_roles(len(prompts), names, seed)
     work = Path(_resolve(base, settings["work_dir"]))
     summaries = {}
     for entry in entries:
-        samples = [2 if a == entry.name else 1 if b == entry.name else 0 for a, b in roles]
-        if not any(samples):
-            continue
-        label = settings["prompts"]
-        summaries[entry.name] = _generate(
-            entry,
-            prompts,
-            samples,
-            work / f"{entry.name}.jsonl",
-            policy_seed(seed, entry.name),
-            settings.get("batch_size", 32),
-            label,
-        )
-    rows, counts = _usable_trajectories(work, names, [p for _, p in prompts])
-    triples = polar_triples(rows, seed, settings.get("per_prompt", 1))
+        # per_prompt + 1 samples of A give per_prompt different (reference, chosen) pairs.
+        samples = [
+            per_prompt + 1 if a == entry.name else per_prompt if b == entry.name else 0
+            for a, b in roles
+        ]
+        if any(samples):
+            out_file = work / f"{entry.name}.jsonl"
+            policy = policy_seed(seed, entry.name)
+            label = settings["prompts"]
+            summaries[entry.name] = _generate(
+                entry, prompts, samples, out_file, policy, batch_size, label
+            )
+    rows, counts = _usable_trajectories(work, list(summaries), [p for _, p in prompts])
+    triples = polar_triples(rows, seed, per_prompt)
     write_jsonl(triples, out)
     return {"triples": len(triples), "prompts": len(prompts), **counts, "generated": summaries}
-
-
-def _prompt_key(prompt: Any) -> str:
-    return json.dumps(prompt, sort_keys=True, ensure_ascii=False)
 
 
 def _usable_trajectories(
     work: Path, names: Sequence[str], prompts: Sequence[Any]
 ) -> tuple[list[tuple[str, Row]], dict[str, int]]:
     """Trajectory rows, in prompt order, of the prompts that still form a triple once empty
-    responses are dropped."""
-    order = {}
+    responses are dropped. Repeated prompts are one prompt to the triple builder: counted."""
+    order: dict[str, int] = {}
     for prompt in prompts:
-        order.setdefault(_prompt_key(prompt), len(order))
+        order.setdefault(prompt_key(prompt), len(order))
     groups: list[list[tuple[str, Row]]] = [[] for _ in order]
     empty = 0
     for name in names:
-        file = work / f"{name}.jsonl"
-        for where, row in read_rows(str(file)) if file.exists() else ():
+        for where, row in read_rows(str(work / f"{name}.jsonl")):
             if row["response"]:
-                groups[order[_prompt_key(row["prompt"])]].append((where, row))
+                groups[order[prompt_key(row["prompt"])]].append((where, row))
             else:
                 empty += 1
     usable = [group for group in groups if _forms_triple(group)]
-    counts = {"empty_responses": empty, "prompts_without_triple": len(groups) - len(usable)}
+    counts = {
+        "empty_responses": empty,
+        "prompts_without_triple": len(groups) - len(usable),
+        "repeated_prompts": len(prompts) - len(order),
+    }
     return [row for group in usable for row in group], counts
 
 
@@ -392,6 +414,24 @@ def _source_row(where: str, row: Any) -> Row:
     return {"id": str(row.get("id", where)), "source": row["source"], "language": str(language)}
 
 
+def _source_filter(given: Any, where: str) -> SourceFilter:
+    if not isinstance(given, dict):
+        raise UserError(f"{where}: must be a mapping")
+    fields = [f.name for f in dataclasses.fields(SourceFilter)]
+    for key, value in given.items():
+        if key not in fields:
+            raise UserError(f"{where}: unknown key '{key}' (known: {', '.join(fields)})")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise UserError(f"{where}.{key}: must be a number, got {value!r}")
+    bounds = SourceFilter(**given)
+    try:
+        bounds.check()
+    except UserError as e:  # its messages name command-line flags
+        message = re.sub(r"--([a-z-]+)", lambda m: m.group(1).replace("-", "_"), str(e))
+        raise UserError(f"{where}: {message}") from None
+    return bounds
+
+
 def codepmp_generate(path: str | Path) -> dict[str, Any]:
     """Runs CODEPMP.yaml: describe each source, answer each description with the strong and the
     weak model, then build the pairs."""
@@ -405,25 +445,22 @@ def codepmp_generate(path: str | Path) -> dict[str, Any]:
         raise UserError(
             f"{out} already exists; choose a new 'out' in {path} (nothing was generated)"
         )
-    filters = settings.get("filters", {})
-    fields = {f.name for f in dataclasses.fields(SourceFilter)}
-    if set(filters) - fields:
-        raise UserError(
-            f"{path}: filters: unknown key '{sorted(set(filters) - fields)[0]}' (known: {', '.join(sorted(fields))})"
-        )
-    bounds = SourceFilter(**filters)
-    bounds.check()
+    bounds = _source_filter(settings.get("filters", {}), f"{path}: filters")
     entries = {
         role: ModelEntry.parse(settings[role], f"{path}: {role}", base, CODE_SAMPLING, name=role)
         for role in ("describer", "strong", "weak")
     }
     seed, batch_size = settings.get("seed", 0), settings.get("batch_size", 32)
+    check_run_settings(seed, batch_size, f"{path}: ")
     patterns = (
         settings["sources"] if isinstance(settings["sources"], list) else [settings["sources"]]
     )
     work = Path(_resolve(base, settings["work_dir"]))
 
     sources = read_sources(patterns, base)
+    repeated = [i for i, n in Counter(s["id"] for s in sources).items() if n > 1]
+    if repeated:
+        raise UserError(f"sources: id {repeated[0]!r} appears more than once (overlapping globs?)")
     counts = Counter(sources=len(sources))
     kept = []
     for source in sources:
@@ -479,8 +516,7 @@ def codepmp_generate(path: str | Path) -> dict[str, Any]:
         str(work / "descriptions.jsonl"),
         str(work / "strong.responses.jsonl"),
         str(work / "weak.responses.jsonl"),
-        **dataclasses.asdict(bounds),
-    )
+    )  # the source filters were applied before anything was generated
     write_jsonl(pairs, out)
     return {"pairs": len(pairs), **counts, **{k: pair_counts[k] for k in DROP_REASONS}}
 

@@ -11,7 +11,9 @@ rows that met an EOS id or their token budget and refills them, so one long answ
 hold the others up. Three programs are compiled per prompt-length bucket: the empty rows, the
 prefill (per power-of-two count of prompts) and the decode chunk. Each row's randomness comes
 from (seed, prompt index, sample index, step) alone, so a sample does not depend on the rows
-it ran beside: a resumed run writes what an uninterrupted one would.
+it ran beside: in float32 a resumed run writes what an uninterrupted one would (tested). In
+bfloat16 another prompt-width bucket or prefill batch can change a logit's last bits, and with
+them, rarely, a draw.
 
 Logits are processed as transformers' `generate` does: temperature, then top-k, then top-p
 (the smallest set of most likely tokens whose probability reaches p), then a draw; temperature
@@ -50,11 +52,11 @@ class Sampling:
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
-            raise UserError(f"--temperature must be >= 0, got {self.temperature}")
+            raise UserError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
         if self.top_k < 0:
-            raise UserError(f"--top-k must be >= 0 (0 is off), got {self.top_k}")
+            raise UserError(f"top_k must be >= 0 (0 is off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
-            raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
 @dataclasses.dataclass
@@ -138,16 +140,15 @@ def cached_attention(
     return out.reshape(rows, 1, heads, dim)
 
 
-def prefill(model: RewardModel, tokens: Array, lengths: Array, cache_length: int) -> tuple:
-    """Runs the padded prompts [rows, prompt_len]; returns (next-token logits [rows, vocab],
-    KV cache (k, v) each [layers, rows, cache_length, kv_heads, dim] holding the prompts)."""
+def prefill(model: RewardModel, tokens: Array, lengths: Array) -> tuple:
+    """Runs the padded prompts [rows, width]; returns (next-token logits [rows, vocab], their
+    keys and values (k, v), each [layers, rows, width, kv_heads, dim])."""
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     segment_ids = (positions < lengths[:, None]).astype(jnp.int32)
-    room = ((0, 0), (0, cache_length - tokens.shape[1]), (0, 0), (0, 0))
 
     def attend(q: Array, k: Array, v: Array, _: None) -> tuple[Array, tuple[Array, Array]]:
         out = attention(q, k, v, segment_ids, None, model.attention)
-        return out, tuple(constrain(jnp.pad(x, room), CACHE_AXES) for x in (k, v))
+        return out, (constrain(k, CACHE_AXES), constrain(v, CACHE_AXES))
 
     hidden, cache = model.run_layers(model.embed_tokens(tokens), positions, attend)
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)
@@ -261,7 +262,7 @@ class Sampler:
     ) -> dict[str, Any]:
         """Prefills prompts [m, width] into rows `where` (an index past the last row: none)."""
         model = nnx.merge(self.graphdef, state)
-        logits, new_cache = prefill(model, tokens, lengths, tokens.shape[1])
+        logits, new_cache = prefill(model, tokens, lengths)
         first = self._next_token(logits, ids, jnp.zeros_like(lengths), seed)
         width = tokens.shape[1]
         put = lambda x, value: x.at[where].set(value, mode="drop")  # noqa: E731
@@ -341,13 +342,16 @@ class Sampler:
         if not prompts:
             return
         width = round_up(max(len(p) for p in prompts), MIN_PROMPT_BUCKET)
+        # No row goes past the model's context: neither need the cache and the output buffer.
+        max_new_tokens = max(1, min(max_new_tokens, self.max_positions - min(map(len, prompts))))
+        cache_length = max(width, min(width + max_new_tokens, self.max_positions))
         stops = jnp.asarray(sorted(set(eos_ids)) or [-1], jnp.int32)
         seed = jnp.uint32(self.seed)
         waiting = collections.deque(range(len(prompts)))
         free = collections.deque(range(self.batch_size))
         running: dict[int, int] = {}  # row -> prompt number
         with activation_sharding(self.mesh, self.rules):
-            rows = self.empty_rows(width + max_new_tokens, max_new_tokens)
+            rows = self.empty_rows(cache_length, max_new_tokens)
             while waiting or running:
                 if waiting and free:
                     taken = [

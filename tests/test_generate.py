@@ -177,21 +177,31 @@ def test_polar_pool_draws_two_samples_of_a_and_one_of_b_per_prompt(pool_run):
     assert read(work / "llama.jsonl") != read(work / "llama-cold.jsonl")
 
 
-def test_polar_pool_refuses_a_finished_output_and_bad_settings(pool_run, tmp_path, capsys):
+def test_polar_pool_refuses_a_finished_output_and_bad_settings(pool_run, models, tmp_path, capsys):
+    head = "prompts: p.jsonl\nout: o.jsonl\nwork_dir: w\n"
+    llama = models / "llama"
+
+    def pool(first, second=f"{{name: b, model: {llama}}}", settings=""):
+        return f"{head}{settings}policies:\n  - {first}\n  - {second}"
+
     assert main(["data", "polar-pool", str(pool_run / "pool.yaml")]) == 1
     assert "already exists" in capsys.readouterr().err
     for text, message in (
-        (
-            "prompts: p.jsonl\nout: o.jsonl\nwork_dir: w\npolicies: []\nsampling: {top_q: 1}",
-            "top_q",
-        ),
-        (
-            "prompts: p.jsonl\nout: o.jsonl\nwork_dir: w\npolicies: [{name: a, model: m}]",
-            "two or more",
-        ),
+        (f"{head}policies: []\nsampling: {{top_q: 1}}", "top_q"),
+        (f"{head}policies: [{{name: a, model: m}}]", "two or more"),
         ("prompts: p.jsonl\nout: o.jsonl\npolicies: []", "'work_dir' is missing"),
-        ("prompts: p.jsonl\nout: o.jsonl\nwork_dir: w\npolicies: [{name: a/b, model: m}]", "a/b"),
         ("prompt: p.jsonl", "unknown key 'prompt'"),
+        (pool("{name: a/b, model: m}"), "a/b"),
+        (pool("{name: a, model: nowhere}"), "policies[0].model: checkpoint not found"),
+        (
+            pool(f"{{name: a, model: {llama}, sampling: {{top_p: 2}}}}"),
+            "policies[0].sampling.top_p",
+        ),
+        (pool(f"{{name: a, model: {llama}, overrides: model.dtype=float32}}"), "overrides"),
+        (pool(f"{{name: a, model: {llama}, template: 5}}"), "policies[0].template"),
+        (pool(f"{{name: b, model: {llama}}}"), "must differ"),
+        (pool(f"{{name: a, model: {llama}}}", settings="per_prompt: 0\n"), "per_prompt"),
+        (pool(f"{{name: a, model: {llama}}}", settings="seed: -1\n"), "seed"),
     ):
         (tmp_path / "pool.yaml").write_text(text)
         assert main(["data", "polar-pool", str(tmp_path / "pool.yaml")]) == 1
@@ -232,3 +242,50 @@ filters: {{min_comment_density: 0.05}}
             strong[description["id"]],
             weak[description["id"]],
         )
+
+
+def test_resume_reads_rows_holding_unicode_line_separators(models, tmp_path, capsys):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "the quick\u2028fox\x85dog"}] * 2)
+    out = tmp_path / "out.jsonl"
+    assert generate(models / "llama", prompts, out) == 0
+    assert "\u2028" in out.read_text()
+    capsys.readouterr()
+    assert generate(models / "llama", prompts, out) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["resumed_from"] == 2
+
+
+def test_an_empty_output_restarts_with_new_settings_and_eos_text_is_not_made_special(
+    models, tmp_path
+):
+    from jaxrm.generate import open_model
+
+    prompts = prompt_file(tmp_path / "prompts.jsonl", 2)
+    out = tmp_path / "out.jsonl"
+    out.write_text("")  # a first run that failed before writing a row
+    (tmp_path / "out.jsonl.generate.json").write_text('{"max_new_tokens": 1000000}')
+    assert generate(models / "llama", prompts, out) == 0 and len(read(out)) == 2
+
+    plain = load_tokenizer(models / "llama")
+    piece = plain.id_to_token(plain.encode("the dog")[-1])
+    model = open_model(models / "llama", extra_eos=[piece, "7"])
+    assert {plain.token_to_id(piece), 7} <= set(model.eos_ids)
+    text = "the dog the fox"
+    assert model.tokenizer.encode(text) == plain.encode(text)
+    assert model.tokenizer.decode(plain.encode(text)) == text
+
+
+def test_polar_triples_leaves_out_empty_responses_and_counts_them(tmp_path, capsys):
+    rows = [
+        {"prompt": "p", "policy": "a", "response": "one"},
+        {"prompt": "p", "policy": "a", "response": "two"},
+        {"prompt": "p", "policy": "a", "response": ""},
+        {"prompt": "p", "policy": "b", "response": "three"},
+    ]
+    write_jsonl(tmp_path / "t.jsonl", rows)
+    assert (
+        main(["data", "polar-triples", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "o")])
+        == 0
+    )
+    assert "left out 1 empty responses" in capsys.readouterr().out
+    (triple,) = read(tmp_path / "o")
+    assert {triple["reference"], triple["chosen"]} == {"one", "two"}
