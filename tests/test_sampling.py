@@ -1,5 +1,7 @@
 """The KV-cache sampler: greedy equals transformers' generate; sampling follows top-k / top-p."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +12,7 @@ from flax import nnx
 from jaxrm.checkpoint import Loaded
 from jaxrm.config import load_config
 from jaxrm.errors import UserError
-from jaxrm.hf import load_hf
+from jaxrm.hf import export_hf, load_hf
 from jaxrm.model import create_model
 from jaxrm.sampling import Sampler, Sampling, restrict
 from jaxrm.sharding import make_mesh
@@ -40,10 +42,18 @@ def hf_greedy(model, prompt, max_new, eos):
     return out[: out.index(eos) + 1] if eos in out else out
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "internlm2"])
 def test_greedy_generation_equals_transformers_generate(tmp_path, arch):
-    reference = hf_model(arch, "ForCausalLM", scale=0.5, bos_token_id=BOS)
-    reference.save_pretrained(tmp_path)
+    """InternLM2 (remote code, not in transformers) is the Llama model written in POLAR's
+    InternLM2 layout (fused grouped wqkv, `output` LM head) by jaxrm's exporter."""
+    reference = hf_model("llama" if arch == "internlm2" else arch, "ForCausalLM", scale=0.5)
+    reference.generation_config.bos_token_id = BOS
+    reference.save_pretrained(tmp_path / "hf")
+    model_dir = tmp_path / "hf"
+    if arch == "internlm2":
+        llama = load_hf(model_dir, keep_lm_head=True, overrides=FP32)
+        model_dir = export_hf(llama, tmp_path / "internlm2", arch="internlm2", causal_lm=True)
+        assert json.loads((model_dir / "config.json").read_text())["model_type"] == "internlm2"
     batch = prompts(11)
     # An EOS that greedy decoding meets a few tokens into the first prompt's answer, so rows of
     # one batch stop at different steps.
@@ -51,7 +61,7 @@ def test_greedy_generation_equals_transformers_generate(tmp_path, arch):
     want = [hf_greedy(reference, p, 24, eos) for p in batch]
     assert any(w[-1] == eos for w in want) and any(len(w) == 24 for w in want)
 
-    loaded = load_hf(tmp_path, keep_lm_head=True, overrides=FP32)
+    loaded = load_hf(model_dir, keep_lm_head=True, overrides=FP32)
     sampler = Sampler(loaded, make_mesh(fsdp=-1), Sampling(temperature=0), batch_size=8)
     got = sampler.generate(batch, [(i, 0) for i in range(len(batch))], 24, [eos])
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
