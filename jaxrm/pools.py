@@ -74,6 +74,7 @@ from jaxrm.generate import (
 )
 from jaxrm.sampling import Sampling
 from jaxrm.scoring import read_rows
+from jaxrm.sources import FORMATS, glob_paths, read_text_file
 
 Row = dict[str, Any]
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -106,7 +107,6 @@ EXTENSION_LANGUAGES = {
     ".swift": "swift",
     ".scala": "scala",
 }
-ROW_FORMATS = (".jsonl", ".json", ".parquet")
 
 
 # ----------------------------------------------------------------------------- settings files
@@ -378,33 +378,23 @@ def read_sources(patterns: Sequence[str], base: Path) -> list[Row]:
     JSONL/Parquet file; ids are the file path or "file:line"."""
     sources = []
     for pattern in patterns:
-        matched = sorted(Path(p) for p in _glob(_resolve(base, pattern)))
+        matched = [Path(p) for p in glob_paths(_resolve(base, pattern)) if Path(p).is_file()]
         if not matched:
             raise UserError(f"sources: {pattern} matches no file")
         for file in matched:
-            if file.suffix in ROW_FORMATS:
+            if file.suffix in FORMATS:
                 sources += [_source_row(where, row) for where, row in read_rows(str(file))]
                 continue
-            try:
-                text = file.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as e:
-                raise UserError(f"cannot read {file} as UTF-8 text: {e}") from None
             sources.append(
                 {
                     "id": str(file),
-                    "source": text,
+                    "source": read_text_file(file),
                     "language": EXTENSION_LANGUAGES.get(
                         file.suffix, file.suffix.lstrip(".") or "text"
                     ),
                 }
             )
     return sources
-
-
-def _glob(pattern: str) -> list[str]:
-    import glob
-
-    return [p for p in glob.glob(pattern, recursive=True) if Path(p).is_file()]
 
 
 def _source_row(where: str, row: Any) -> Row:

@@ -13,7 +13,6 @@ counted, never silently dropped. Each document draws from its own generator, see
 """
 
 import argparse
-import glob
 import math
 import random
 from collections.abc import Iterable, Iterator, Sequence
@@ -25,11 +24,10 @@ from tqdm import tqdm
 
 from jaxrm.builders import write_jsonl
 from jaxrm.errors import UserError
-from jaxrm.sources import BadRow, Source, open_source
+from jaxrm.sources import FORMATS, BadRow, Source, glob_paths, open_source, read_text_file
 from jaxrm.tokenizer import Tokenizer, load_tokenizer
 
 Row = dict[str, Any]
-ROW_FORMATS = {".jsonl", ".json", ".parquet"}
 
 
 class Corpus:
@@ -49,7 +47,7 @@ class Corpus:
     def __iter__(self) -> Iterator[tuple[str, str]]:
         for path in self.files:
             if path not in self.sources:
-                yield path, _read_text(path)
+                yield path, read_text_file(path)
                 continue
             source = self.sources[path]
             for index in range(len(source)):
@@ -73,25 +71,17 @@ class Corpus:
 
 
 def _matches(pattern: str) -> list[str]:
-    found = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-    found = [path for path in found if Path(path).exists()]
+    found = glob_paths(pattern)
     if not found:
         raise UserError(f"--corpus: no files match {pattern}")
     for path in found:
         if Path(path).is_dir():
             raise UserError(f"--corpus: {path} is a directory; name its files or a glob")
-        if Path(path).suffix not in {".txt", *ROW_FORMATS}:
-            raise UserError(f"--corpus: {path}: unknown format (use .txt, .jsonl or .parquet)")
+        if Path(path).suffix not in {".txt", *FORMATS}:
+            raise UserError(
+                f"--corpus: {path}: unknown format (use .txt, .jsonl, .parquet or .array_record)"
+            )
     return found
-
-
-def _read_text(path: str) -> str:
-    try:
-        return Path(path).read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
 
 
 @dataclass

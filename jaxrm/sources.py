@@ -304,12 +304,12 @@ def expand_paths(spec: str | Sequence[str]) -> list[str]:
         if entry.startswith("tfds:"):
             paths.append(entry)
             continue
-        matches = _glob(entry)
+        matches = glob_paths(entry)
         if not matches:
             raise UserError(f"no data files match {entry}")
         for match in matches:
             if _isdir(match):
-                inside = [p for p in _glob(f"{match.rstrip('/')}/*") if _format(p)]
+                inside = [p for p in glob_paths(f"{match.rstrip('/')}/*") if _format(p)]
                 if not inside:
                     raise UserError(f"{match}: no .jsonl, .parquet or .array_record files inside")
                 paths += inside
@@ -337,6 +337,16 @@ def open_source(spec: str | Sequence[str], tfds_data_dir: str | None = None) -> 
     return ConcatSource(sources)
 
 
+def read_text_file(path: str | Path) -> str:
+    """A local file's UTF-8 text; one-line errors name the file."""
+    try:
+        return Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+
+
 def _format(path: str) -> str | None:
     return FORMATS.get(Path(path).suffix)
 
@@ -356,10 +366,11 @@ def _filesystem(path: str) -> Any:
         ) from None
 
 
-def _glob(pattern: str) -> list[str]:
+def glob_paths(pattern: str) -> list[str]:
+    """The existing paths a local or remote path or glob names, sorted ("**" recurses)."""
     if not _is_remote(pattern):
         return (
-            sorted(glob.glob(pattern))
+            sorted(glob.glob(pattern, recursive=True))
             if glob.has_magic(pattern)
             else ([pattern] if Path(pattern).exists() else [])
         )
