@@ -224,11 +224,11 @@ class Sampler:
     def max_positions(self) -> int:
         return self.config.max_position_embeddings
 
-    def _next_token(self, logits: Array, ids: Array, steps: Array, seed: Array) -> Array:
+    def _next_token(self, logits: Array, keys: Array, steps: Array) -> Array:
+        """Each row's token number `steps`, drawn with its key from `row_keys`."""
         if self.vocab_limit is not None:  # ids past the tokenizer's (padded vocabularies)
             logits = jnp.where(jnp.arange(logits.shape[-1]) < self.vocab_limit, logits, -jnp.inf)
-        keys = jax.vmap(jax.random.fold_in)(row_keys(seed, ids), steps)
-        return choose(logits, keys, self.sampling)
+        return choose(logits, jax.vmap(jax.random.fold_in)(keys, steps), self.sampling)
 
     def _empty_rows(self, length: int, max_new: int) -> dict[str, Any]:
         """Every row done, with a zero KV cache of `length` positions."""
@@ -263,7 +263,7 @@ class Sampler:
         """Prefills prompts [m, width] into rows `where` (an index past the last row: none)."""
         model = nnx.merge(self.graphdef, state)
         logits, new_cache = prefill(model, tokens, lengths)
-        first = self._next_token(logits, ids, jnp.zeros_like(lengths), seed)
+        first = self._next_token(logits, row_keys(seed, ids), jnp.zeros_like(lengths))
         width = tokens.shape[1]
         put = lambda x, value: x.at[where].set(value, mode="drop")  # noqa: E731
         return {
@@ -286,6 +286,7 @@ class Sampler:
         """Up to `steps` tokens for every unfinished row (fewer once all are done)."""
         model = nnx.merge(self.graphdef, state)
         every = jnp.arange(self.batch_size)
+        keys = row_keys(seed, rows["ids"])  # the rows do not change within a chunk
 
         def one_token(carry: tuple[Array, dict]) -> tuple[Array, dict]:
             step, r = carry
@@ -300,7 +301,7 @@ class Sampler:
             ended = jnp.isin(r["token"], eos_ids) | (count >= r["budget"])
             done = r["done"] | (live & ended)
             logits, cache = decode_step(model, r["token"], r["length"] + count - 1, r["cache"])
-            token = jnp.where(done, r["token"], self._next_token(logits, r["ids"], count, seed))
+            token = jnp.where(done, r["token"], self._next_token(logits, keys, count))
             return step + 1, {
                 **r,
                 "cache": cache,
