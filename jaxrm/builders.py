@@ -17,7 +17,7 @@ import random
 import re
 import secrets
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,21 +195,26 @@ class SourceFilter:
     def is_set(self) -> bool:
         return any(v is not None for v in vars(self).values())
 
-    def check(self) -> None:
-        """UserError for bounds that make no sense, named by their command-line flags."""
+    def check(
+        self, name: Callable[[str], str] = lambda field: "--" + field.replace("_", "-")
+    ) -> None:
+        """UserError for bounds that make no sense; `name` spells a field as the user gave it
+        (default: its command-line flag)."""
         low, high = self.min_comment_density, self.max_comment_density
-        for name, value in (("min", low), ("max", high)):
+        for side, value in (("min", low), ("max", high)):
             if value is not None and not 0 <= value <= 1:
-                raise UserError(f"--{name}-comment-density must be in [0, 1], got {value}")
-        for name, value in (("min", self.min_source_chars), ("max", self.max_source_chars)):
+                raise UserError(f"{name(side + '_comment_density')} must be in [0, 1], got {value}")
+        for side, value in (("min", self.min_source_chars), ("max", self.max_source_chars)):
             if value is not None and value < 0:
-                raise UserError(f"--{name}-source-chars must not be negative, got {value}")
+                raise UserError(f"{name(side + '_source_chars')} must not be negative, got {value}")
         if low is not None and high is not None and low > high:
-            raise UserError("--min-comment-density is larger than --max-comment-density")
+            raise UserError(
+                f"{name('min_comment_density')} is larger than {name('max_comment_density')}"
+            )
         if None not in (self.min_source_chars, self.max_source_chars) and (
             self.min_source_chars > self.max_source_chars
         ):
-            raise UserError("--min-source-chars is larger than --max-source-chars")
+            raise UserError(f"{name('min_source_chars')} is larger than {name('max_source_chars')}")
 
     def reject_reason(self, source: str, language: str | None) -> str | None:
         if not _within(len(source), self.min_source_chars, self.max_source_chars):

@@ -415,10 +415,9 @@ def _source_filter(given: Any, where: str) -> SourceFilter:
             raise UserError(f"{where}.{key}: must be a number, got {value!r}")
     bounds = SourceFilter(**given)
     try:
-        bounds.check()
-    except UserError as e:  # its messages name command-line flags
-        message = re.sub(r"--([a-z-]+)", lambda m: m.group(1).replace("-", "_"), str(e))
-        raise UserError(f"{where}: {message}") from None
+        bounds.check(name=lambda field: field)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
     return bounds
 
 
