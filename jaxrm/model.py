@@ -27,7 +27,7 @@ from flax import nnx
 from jaxrm.attention import attention
 from jaxrm.config import ModelConfig
 from jaxrm.matmul import dense
-from jaxrm.sharding import Rules, constrain, tree_shardings
+from jaxrm.sharding import Rules, constrain, target_platform, tree_shardings
 
 Array = jax.Array
 # One layer's attention: (q, k, v, that layer's carried item) -> (output, its new item).
@@ -247,6 +247,7 @@ class RewardModel(nnx.Module):
         self.dtype = dtype
         self.remat = config.remat
         self.attention = config.attention
+        self.layer_loop = config.layer_loop
         self.tie_embeddings = config.tie_embeddings
         e, v = config.hidden_size, config.vocab_size
         self.embed = _param(rngs, (v, e), ("vocab", "embed"), param_dtype)
@@ -308,8 +309,15 @@ class RewardModel(nnx.Module):
 
         if self.remat != "none":
             one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[self.remat])
-        x, carried = jax.lax.scan(one_layer, x, (layer_states, carried))
+        x, carried = jax.lax.scan(one_layer, x, (layer_states, carried), unroll=self._unroll())
         return self.final_norm(x), carried
+
+    def _unroll(self) -> bool:
+        """XLA:CPU runs a scanned layer stack slower: the scan zero-fills and then writes the
+        stacked activations the backward pass reads. Elsewhere the scan keeps compiles short."""
+        if self.layer_loop == "auto":
+            return target_platform() == "cpu"
+        return self.layer_loop == "unroll"
 
     def token_rewards(self, hidden: Array) -> Array:
         """The reward head at every position, [batch, length], float32."""

@@ -86,17 +86,22 @@ def test_bfloat16_compute_keeps_float32_params_and_is_close_to_float32():
     np.testing.assert_allclose(r16, r32, atol=0.05)
 
 
-@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch"])
-def test_remat_policies_give_the_same_gradients(remat):
+def reward_gradients(config):
     from flax import nnx
 
     tokens = jnp.array([[3, 4, 5, 6, 7]])
     segments, positions = jnp.ones_like(tokens), jnp.arange(5)[None]
+    model = create_model(config)
+    loss = lambda m: jnp.sum(m.token_rewards(m(tokens, segments, positions)) ** 2)  # noqa: E731
+    return jax.tree.leaves(nnx.grad(loss)(model))
 
-    def grads(config):
-        model = create_model(config)
-        loss = lambda m: jnp.sum(m.token_rewards(m(tokens, segments, positions)) ** 2)  # noqa: E731
-        return jax.tree.leaves(nnx.grad(loss)(model))
 
-    for a, b in zip(grads(tiny()), grads(tiny(f"model.remat={remat}")), strict=True):
+@pytest.mark.parametrize(
+    "override",
+    [f"model.remat={policy}" for policy in ("full", "dots", "dots_no_batch")]
+    + [f"model.layer_loop={loop}" for loop in ("scan", "unroll")],
+)
+def test_remat_policies_and_layer_loops_give_the_same_gradients(override):
+    pairs = zip(reward_gradients(tiny()), reward_gradients(tiny(override)), strict=True)
+    for a, b in pairs:
         np.testing.assert_allclose(a, b, atol=1e-6)
