@@ -5,7 +5,7 @@ and with attention replaced by passing the queries through. The difference is at
 beside it, attention's model FLOPs (jaxrm/flops.py) at the matmul peak measured in the same run.
 
     python benchmarks/bench_attention_share.py [--polar] [bench_train.py's model flags]
-    python benchmarks/bench_attention_share.py --skip-block 256   # CPU attention's block size
+    python benchmarks/bench_attention_share.py --einsums   # CPU attention without its kernel
 """
 
 import os
@@ -50,10 +50,11 @@ def gradient_seconds(trainer: Trainer, state: object, batch: dict) -> float:
 def main() -> None:
     parser = build_parser()
     parser.add_argument(
-        "--skip-block", type=int, default=jaxrm.attention.SKIP_BLOCK, help="CPU attention blocks"
+        "--einsums", action="store_true", help="CPU attention as XLA einsums, not the C++ kernel"
     )
     args = parser.parse_args()
-    jaxrm.attention.SKIP_BLOCK = args.skip_block
+    if args.einsums:
+        os.environ[jaxrm.attention.CPU_FLASH_ENV] = "0"
     examples = make_examples(args, np.random.default_rng(0))
     seq_len = max(layout(e, shared_prefix=args.polar).length for e in examples)
     config = make_config(args, seq_len, max(len(s) for e in examples for s in e.sequences))

@@ -1,5 +1,8 @@
 """Attention behind `model.attention`: xla (any backend), splash (TPU) and cudnn (GPU).
 
+On CPU, xla runs the C++ flash-attention kernel of `jaxrm.cpu_attention` as an XLA custom call
+(where a C++ compiler can build it; otherwise, and with JAXRM_CPU_FLASH=0, the einsums below).
+
     out = attention(q, k, v, segment_ids, prefix_ids, implementation="xla")
 
 q is [batch, length, heads, head_dim]; k and v are [batch, length, kv_heads, head_dim] with
@@ -11,12 +14,14 @@ but differ between implementations; nothing reads them.
 
 import functools
 import os
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel
 
+from jaxrm.cpu_attention import available, flash_attention
 from jaxrm.errors import UserError
 from jaxrm.sharding import active_mesh, logical_to_spec, target_platform
 
@@ -27,6 +32,8 @@ MIN_QUERY_BLOCK = 128
 MAX_QUERY_BLOCKS = 16
 # Set to 1 to run the splash kernel in Pallas interpret mode on any backend (tests; slow).
 INTERPRET_ENV = "JAXRM_SPLASH_INTERPRET"
+# Set to 0 to run CPU attention as the einsums instead of the C++ kernel (benchmarks, tests).
+CPU_FLASH_ENV = "JAXRM_CPU_FLASH"
 
 
 def attention_mask(segment_ids: Array, prefix_ids: Array | None = None) -> Array:
@@ -51,7 +58,7 @@ def attention(
     span: int | None = None,
 ) -> Array:
     """Dispatches to the implementation named by `model.attention`; `span` bounds how far back
-    any token attends (xla skips the keys before it)."""
+    any token attends (xla's einsums skip the keys before it)."""
     if implementation == "xla":
         return xla_attention(q, k, v, segment_ids, prefix_ids, span)
     if implementation == "splash":
@@ -82,22 +89,20 @@ def xla_attention(
     prefix_ids: Array | None = None,
     span: int | None = None,
 ) -> Array:
-    """Plain einsums with float32 scores and a dense mask, a block of queries at a time.
+    """Plain einsums with float32 scores and a dense mask, a block of queries at a time; on
+    CPU the flash kernel instead, which skips at run time the blocks no query sees.
 
     A block attends only to the keys up to its last query (the later ones are never visible)
     and, given `span`, from `span - 1` before its first query: in rows packed with many short
-    sequences most keys of a long row are skipped, and causally nearly half of the rest. On CPU,
-    `skipping_attention` also skips, at run time, the key blocks of other sequences.
+    sequences most keys of a long row are skipped, and causally nearly half of the rest.
     """
+    if target_platform() == "cpu" and os.environ.get(CPU_FLASH_ENV) != "0" and available():
+        return per_shard(flash_attention, q, k, v, segment_ids, prefix_ids)
     b, t, n, d = q.shape
     kv = k.shape[2]
     # Heads first, so both products are plain batched matmuls (no transposes in between).
     groups = (q * d**-0.5).reshape(b, t, kv, n // kv, d).transpose(0, 2, 3, 1, 4)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    if target_platform() == "cpu":
-        visible = attention_mask(segment_ids, prefix_ids)
-        out = skipping_attention(groups, k, v, visible, span)
-        return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, d)
     mask = attention_mask(segment_ids, prefix_ids)[:, None, None]
     blocks = min(MAX_QUERY_BLOCKS, -(-t // MIN_QUERY_BLOCK))
     size = -(-t // blocks)
@@ -116,134 +121,6 @@ def xla_attention(
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         outs.append(jnp.einsum("bkgts,bksd->bkgtd", probs, v[:, :, first:end]))
     return jnp.concatenate(outs, axis=3).transpose(0, 3, 1, 2, 4).reshape(b, t, n, d)
-
-
-# skipping_attention's square blocks of queries and keys.
-SKIP_BLOCK = 128
-_HIDDEN = jnp.finfo(jnp.float32).min / 2  # a score no visible key has; exp(_HIDDEN - real) = 0
-
-
-def skipping_attention(
-    groups: Array, k: Array, v: Array, visible: Array, span: int | None = None
-) -> Array:
-    """Attention in blocks of SKIP_BLOCK queries x SKIP_BLOCK keys with an online softmax (flash
-    attention), computing only the blocks where some query of the batch sees some key.
-
-    groups: [b, kv, g, t, d] scaled queries; k, v: [b, kv, t, d]; visible: [b, t, t]. Which blocks
-    are needed is data (segment ids), so each block is a runtime `lax.cond`; with sequences that
-    start on block boundaries, the blocks of other sequences and padding cost nothing. Returns
-    [b, kv, g, t, d] in v's dtype.
-    """
-    t = groups.shape[3]
-    padded = -(-t // SKIP_BLOCK) * SKIP_BLOCK
-    if padded != t:
-        extra = padded - t
-        groups = jnp.pad(groups, ((0, 0),) * 3 + ((0, extra), (0, 0)))
-        k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, extra), (0, 0))) for x in (k, v))
-        visible = jnp.pad(visible, ((0, 0), (0, extra), (0, extra)))
-    out = _skipping(groups, k, v, visible, span)
-    return out[:, :, :, :t]
-
-
-def _key_blocks(query_block: int, span: int | None) -> range:
-    """The key blocks a causal attention within `span` may need for this query block."""
-    first = max(0, query_block * SKIP_BLOCK - span + 1) // SKIP_BLOCK if span else 0
-    return range(first, query_block + 1)
-
-
-def _blocks_needed(visible: Array) -> Array:
-    b, t, _ = visible.shape
-    n = t // SKIP_BLOCK
-    return visible.reshape(b, n, SKIP_BLOCK, n, SKIP_BLOCK).any(axis=(0, 2, 4))
-
-
-def _slice(x: Array, block: int, axis: int) -> Array:
-    return jax.lax.slice_in_dim(x, block * SKIP_BLOCK, (block + 1) * SKIP_BLOCK, axis=axis)
-
-
-def _scores(q: Array, k: Array, visible: Array) -> Array:
-    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
-    return jnp.where(visible[:, None, None], scores, _HIDDEN)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _skipping(groups: Array, k: Array, v: Array, visible: Array, span: int | None) -> Array:
-    return _skipping_fwd(groups, k, v, visible, span)[0]
-
-
-def _skipping_fwd(
-    groups: Array, k: Array, v: Array, visible: Array, span: int | None
-) -> tuple[Array, tuple]:
-    b, kv, g, t, d = groups.shape
-    needed = _blocks_needed(visible)
-    outs, logsumexps = [], []
-    for i in range(t // SKIP_BLOCK):
-        q = _slice(groups, i, 3)
-        carry = (
-            jnp.full((b, kv, g, SKIP_BLOCK), _HIDDEN, jnp.float32),
-            jnp.zeros((b, kv, g, SKIP_BLOCK), jnp.float32),
-            jnp.zeros((b, kv, g, SKIP_BLOCK, d), jnp.float32),
-        )
-        for j in _key_blocks(i, span):
-
-            def update(carry: tuple, q: Array = q, j: int = j, i: int = i) -> tuple:
-                top, total, acc = carry
-                scores = _scores(q, _slice(k, j, 2), _slice(_slice(visible, i, 1), j, 2))
-                new_top = jnp.maximum(top, scores.max(-1))
-                rescale = jnp.exp(top - new_top)
-                probs = jnp.exp(scores - new_top[..., None])
-                acc = acc * rescale[..., None] + jnp.einsum(
-                    "bkgts,bksd->bkgtd", probs, _slice(v, j, 2).astype(jnp.float32)
-                )
-                return new_top, total * rescale + probs.sum(-1), acc
-
-            carry = jax.lax.cond(needed[i, j], update, lambda c: c, carry)
-        top, total, acc = carry
-        total = jnp.where(total > 0, total, 1.0)  # a block of padding queries saw nothing
-        outs.append(acc / total[..., None])
-        logsumexps.append(top + jnp.log(total))
-    out = jnp.concatenate(outs, axis=3)
-    residuals = (groups, k, v, visible, needed, out, jnp.concatenate(logsumexps, axis=3))
-    return out.astype(v.dtype), residuals
-
-
-def _skipping_bwd(span: int | None, residuals: tuple, grad: Array) -> tuple:
-    groups, k, v, visible, needed, out, logsumexp = residuals
-    t = groups.shape[3]
-    grad = grad.astype(jnp.float32)
-    delta = (grad * out).sum(-1)  # rowsum(dO * O): the softmax gradient's subtrahend
-    blocks = t // SKIP_BLOCK
-    dq = [jnp.zeros(_slice(groups, 0, 3).shape, jnp.float32) for _ in range(blocks)]
-    dk = [jnp.zeros(_slice(k, 0, 2).shape, jnp.float32) for _ in range(blocks)]
-    dv = [jnp.zeros(_slice(v, 0, 2).shape, jnp.float32) for _ in range(blocks)]
-    for i in range(blocks):
-        for j in _key_blocks(i, span):
-
-            def update(carry: tuple, i: int = i, j: int = j) -> tuple:
-                dq_i, dk_j, dv_j = carry
-                q, key, value = _slice(groups, i, 3), _slice(k, j, 2), _slice(v, j, 2)
-                g_i = _slice(grad, i, 3)
-                scores = _scores(q, key, _slice(_slice(visible, i, 1), j, 2))
-                probs = jnp.exp(scores - _slice(logsumexp, i, 3)[..., None])
-                dv_j = dv_j + jnp.einsum("bkgts,bkgtd->bksd", probs, g_i)
-                dprobs = jnp.einsum("bkgtd,bksd->bkgts", g_i, value.astype(jnp.float32))
-                dscores = probs * (dprobs - _slice(delta, i, 3)[..., None])
-                dq_i = dq_i + jnp.einsum("bkgts,bksd->bkgtd", dscores, key.astype(jnp.float32))
-                dk_j = dk_j + jnp.einsum("bkgts,bkgtd->bksd", dscores, q.astype(jnp.float32))
-                return dq_i, dk_j, dv_j
-
-            dq[i], dk[j], dv[j] = jax.lax.cond(
-                needed[i, j], update, lambda c: c, (dq[i], dk[j], dv[j])
-            )
-    return (
-        jnp.concatenate(dq, axis=3).astype(groups.dtype),
-        jnp.concatenate(dk, axis=2).astype(k.dtype),
-        jnp.concatenate(dv, axis=2).astype(v.dtype),
-        None,
-    )
-
-
-_skipping.defvjp(_skipping_fwd, _skipping_bwd)
 
 
 def cudnn_attention(
@@ -282,16 +159,24 @@ def splash_attention(
     *,
     interpret: bool = False,
 ) -> Array:
-    """The Pallas splash kernel (TPU; `interpret=True` anywhere), causal with segment ids.
+    """The Pallas splash kernel (TPU; `interpret=True` anywhere), causal with segment ids."""
+    run = functools.partial(_splash_rows, interpret=interpret)
+    return per_shard(run, q, k, v, segment_ids, prefix_ids)
 
-    Under `activation_sharding` the kernel runs per shard through `shard_map`: rows split as the
-    `batch` rule says, heads as `act_heads`, length whole. Where kv heads are not split like the
-    query heads, each query head gets its own copy of its kv head so the shards line up.
+
+def per_shard(
+    kernel: Callable, q: Array, k: Array, v: Array, segment_ids: Array, prefix_ids: Array | None
+) -> Array:
+    """`kernel(q, k, v, segment_ids, prefix_ids)` on each shard's rows and heads.
+
+    A kernel is opaque to XLA's partitioner, so under `activation_sharding` it runs through
+    `shard_map`: rows split as the `batch` rule says, heads as `act_heads`, length whole. Where
+    kv heads are not split like the query heads, each query head gets its own copy of its kv
+    head so the shards line up.
     """
     active = active_mesh()
-    run = functools.partial(_splash_rows, interpret=interpret)
     if active is None:
-        return run(q, k, v, segment_ids, prefix_ids)
+        return kernel(q, k, v, segment_ids, prefix_ids)
     mesh, rules = active
     q_spec = logical_to_spec(("batch", None, "act_heads", None), q.shape, rules, mesh)
     kv_spec = logical_to_spec(("batch", None, "act_kv_heads", None), k.shape, rules, mesh)
@@ -300,11 +185,11 @@ def splash_attention(
         kv_spec = q_spec
     ids_spec = jax.P(q_spec[0], None)
     return jax.shard_map(
-        run,
+        kernel,
         mesh=mesh,
         in_specs=(q_spec, kv_spec, kv_spec, ids_spec, ids_spec),
         out_specs=q_spec,
-        check_vma=False,  # the splash kernel's outputs carry no varying-axes annotation
+        check_vma=False,  # kernels' outputs carry no varying-axes annotation
     )(q, k, v, segment_ids, prefix_ids)
 
 

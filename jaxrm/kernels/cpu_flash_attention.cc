@@ -1,0 +1,401 @@
+// Flash attention for XLA:CPU, called through jax.ffi by jaxrm/cpu_attention.py.
+//
+// XLA's CPU backend runs attention as separate batched matmuls and memory-bound softmax passes;
+// this kernel keeps each block of scores in cache from the query-key product to the output, as
+// PyTorch's CPU flash attention does. Layouts are the model's own: q [batch, length, heads, dim],
+// k and v [batch, length, kv_heads, dim], float32, length a multiple of BLOCK and dim of 16.
+// Query i sees key j when j <= i, segment[i] != 0, and segment[j] is segment[i] or prefix[i]
+// (the shared prefix the query continues; 0 for none). Blocks where no query sees any key are
+// skipped. Work is split over (row, kv head) pairs on XLA's intra-op thread pool; each pair
+// owns its slices of the outputs, so no two threads write the same memory.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int BLOCK = 64;           // queries and keys per block
+constexpr float HIDDEN = -1e30f;    // the score of a key the query does not see
+constexpr float NOTHING_SEEN = -1e29f;  // a running maximum below this saw no key yet
+
+typedef float v8 __attribute__((vector_size(32), aligned(4)));
+
+inline v8 load(const float* p) { return *reinterpret_cast<const v8*>(p); }
+inline void store(float* p, v8 x) { *reinterpret_cast<v8*>(p) = x; }
+
+// C[R x 16] (+)= A[R x k] B[k x 16]: A's (i, p) at a[i * a_row + p * a_col], B's rows ldb apart.
+template <int R>
+inline void micro(int k, const float* a, long a_row, long a_col, const float* b, long ldb,
+                  float* c, long ldc, bool add) {
+  v8 acc[R][2] = {};
+  for (int p = 0; p < k; ++p) {
+    const v8 b0 = load(b + p * ldb), b1 = load(b + p * ldb + 8);
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      const float x = a[r * a_row + p * a_col];
+      acc[r][0] += x * b0;
+      acc[r][1] += x * b1;
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) {
+    float* row = c + r * ldc;
+    store(row, add ? load(row) + acc[r][0] : acc[r][0]);
+    store(row + 8, add ? load(row + 8) + acc[r][1] : acc[r][1]);
+  }
+}
+
+// C[m x n] (+)= A[m x k] B[k x n], n a multiple of 16; A strided as in `micro`.
+void gemm(int m, int n, int k, const float* a, long a_row, long a_col, const float* b, long ldb,
+          float* c, long ldc, bool add) {
+  for (int j = 0; j < n; j += 16) {
+    int i = 0;
+    for (; i + 6 <= m; i += 6) micro<6>(k, a + i * a_row, a_row, a_col, b + j, ldb, c + i * ldc + j, ldc, add);
+    const float* ai = a + i * a_row;
+    float* ci = c + i * ldc + j;
+    switch (m - i) {
+      case 5: micro<5>(k, ai, a_row, a_col, b + j, ldb, ci, ldc, add); break;
+      case 4: micro<4>(k, ai, a_row, a_col, b + j, ldb, ci, ldc, add); break;
+      case 3: micro<3>(k, ai, a_row, a_col, b + j, ldb, ci, ldc, add); break;
+      case 2: micro<2>(k, ai, a_row, a_col, b + j, ldb, ci, ldc, add); break;
+      case 1: micro<1>(k, ai, a_row, a_col, b + j, ldb, ci, ldc, add); break;
+      default: break;
+    }
+  }
+}
+
+struct Shape {
+  long batch, length, heads, kv_heads, dim;
+  long group() const { return heads / kv_heads; }
+  long blocks() const { return length / BLOCK; }
+  // Element offsets of (row, position, head) in q / out and in k / v.
+  long q_at(long b, long t, long h) const { return ((b * length + t) * heads + h) * dim; }
+  long kv_at(long b, long t, long h) const { return ((b * length + t) * kv_heads + h) * dim; }
+};
+
+// Which keys the queries of one row see, block by block. Segment ids are compared as ranges
+// first: blocks of other sequences are skipped without looking at their tokens, and a block
+// inside one sequence and below the diagonal needs no mask at all.
+struct RowMask {
+  const int32_t* segment;
+  const int32_t* prefix;
+  std::vector<int32_t> key_low, key_high, own_low, own_high, continued_low, continued_high;
+
+  RowMask(const int32_t* segment, const int32_t* prefix, long blocks)
+      : segment(segment), prefix(prefix), key_low(blocks), key_high(blocks), own_low(blocks),
+        own_high(blocks), continued_low(blocks), continued_high(blocks) {
+    for (long block = 0; block < blocks; ++block) {
+      const int32_t* ids = segment + block * BLOCK;
+      const int32_t* continued = prefix + block * BLOCK;
+      key_low[block] = *std::min_element(ids, ids + BLOCK);
+      key_high[block] = *std::max_element(ids, ids + BLOCK);
+      own_low[block] = continued_low[block] = INT32_MAX;
+      own_high[block] = continued_high[block] = INT32_MIN;
+      for (int i = 0; i < BLOCK; ++i) {
+        if (ids[i] == 0) continue;  // padding sees nothing
+        own_low[block] = std::min(own_low[block], ids[i]);
+        own_high[block] = std::max(own_high[block], ids[i]);
+        if (continued[i] == 0) continue;
+        continued_low[block] = std::min(continued_low[block], continued[i]);
+        continued_high[block] = std::max(continued_high[block], continued[i]);
+      }
+    }
+  }
+
+  // 0: no query of block qb sees a key of block kb; 1: every query sees every key; 2: mixed.
+  int kind(long qb, long kb) const {
+    const bool own = own_low[qb] <= key_high[kb] && key_low[kb] <= own_high[qb];
+    const bool continued = continued_low[qb] <= key_high[kb] && key_low[kb] <= continued_high[qb];
+    if (kb > qb || !(own || continued)) return 0;
+    const bool one_sequence = own_low[qb] == own_high[qb] && key_low[kb] == key_high[kb] &&
+                              own_low[qb] == key_low[kb] && !continued;
+    const bool no_padding = *std::min_element(segment + qb * BLOCK, segment + (qb + 1) * BLOCK) != 0;
+    return kb < qb && one_sequence && no_padding ? 1 : 2;
+  }
+
+  // visible[i * BLOCK + j] (or [j * BLOCK + i] when transposed): 1 where query i of block qb
+  // sees key j of block kb, else 0.
+  void fill(long qb, long kb, bool transposed, float* visible) const {
+    for (int i = 0; i < BLOCK; ++i) {
+      const long qi = qb * BLOCK + i;
+      const int32_t own = segment[qi];
+      const int32_t continued = prefix[qi] != 0 ? prefix[qi] : -1;
+      const int32_t* keys = segment + kb * BLOCK;
+      const long last = qi - kb * BLOCK;  // the last key (in the block) the query may see
+      for (int j = 0; j < BLOCK; ++j) {
+        const bool seen = own != 0 && j <= last && (keys[j] == own || keys[j] == continued);
+        visible[transposed ? j * BLOCK + i : i * BLOCK + j] = seen ? 1.f : 0.f;
+      }
+    }
+  }
+};
+
+// e^x for x <= 0 where masked entries (mask 0) come out exactly 0; x is clamped so that the
+// vectorised exp never takes its slow path for huge or tiny inputs.
+inline float masked_exp(float x, float mask) {
+  return std::exp(std::min(std::max(x, -80.f), 80.f)) * mask;
+}
+
+// Runs work(unit) for unit in [0, units) on the caller and the pool's threads. Threads take
+// units from a shared counter, so a task the pool starts late finds nothing left and returns;
+// the caller returns once every unit is done.
+void parallel_for(ffi::ThreadPool& pool, long units, const std::function<void(long)>& work) {
+  struct State {
+    std::atomic<long> next{0};
+    long done = 0;
+    std::mutex mutex;
+    std::condition_variable finished;
+  };
+  auto state = std::make_shared<State>();
+  auto drain = [state, units, &work]() {
+    long mine = 0;
+    for (long unit; (unit = state->next.fetch_add(1)) < units; ++mine) work(unit);
+    if (mine == 0) return;
+    std::lock_guard<std::mutex> lock(state->mutex);
+    state->done += mine;
+    if (state->done == units) state->finished.notify_all();
+  };
+  const long helpers = std::min<long>(pool.num_threads(), units) - 1;
+  for (long i = 0; i < helpers; ++i) {
+    // A late task must not touch `work` (the caller's frame may be gone): it checks the counter
+    // first, and by then every unit was taken.
+    pool.Schedule([state, units, drain]() {
+      if (state->next.load() < units) drain();
+    });
+  }
+  drain();
+  std::unique_lock<std::mutex> lock(state->mutex);
+  state->finished.wait(lock, [&] { return state->done == units; });
+}
+
+// `length` rows of `d` floats, `stride` apart in src, times `scale`, as contiguous rows.
+void pack_rows(const float* src, long stride, long length, long d, float scale, float* dst) {
+  for (long t = 0; t < length; ++t)
+    for (long e = 0; e < d; ++e) dst[t * d + e] = src[t * stride + e] * scale;
+}
+
+// The same rows transposed block by block: [length / BLOCK][d][BLOCK], so that a block's panel
+// is contiguous (whole-length rows of 4 KB strides would fight over the same cache sets).
+void pack_blocks_t(const float* src, long stride, long length, long d, float scale, float* dst) {
+  for (long t = 0; t < length; ++t)
+    for (long e = 0; e < d; ++e)
+      dst[((t / BLOCK) * d + e) * BLOCK + t % BLOCK] = src[t * stride + e] * scale;
+}
+
+// One (row, kv head): the group's query heads stacked block by block, BLOCK rows per head.
+void forward_unit(const Shape& s, long unit, float scale, const float* q, const float* k,
+                  const float* v, const int32_t* segment, const int32_t* prefix, float* out,
+                  float* lse) {
+  const long b = unit / s.kv_heads, kvh = unit % s.kv_heads, g = s.group(), d = s.dim;
+  const long n = s.length, rows = g * BLOCK;
+  const RowMask mask(segment + b * n, prefix + b * n, s.blocks());
+  std::vector<float> keys_t(d * n), values(n * d), queries(rows * d), scores(rows * BLOCK);
+  std::vector<float> acc(rows * d), visible(BLOCK * BLOCK), all(BLOCK * BLOCK, 1.f);
+  std::vector<float> top(rows), total(rows);
+  pack_blocks_t(k + s.kv_at(b, 0, kvh), s.kv_heads * d, n, d, 1.f, keys_t.data());
+  pack_rows(v + s.kv_at(b, 0, kvh), s.kv_heads * d, n, d, 1.f, values.data());
+  for (long qb = 0; qb < s.blocks(); ++qb) {
+    for (long h = 0; h < g; ++h)
+      pack_rows(q + s.q_at(b, qb * BLOCK, kvh * g + h), s.heads * d, BLOCK, d, scale,
+                queries.data() + h * BLOCK * d);
+    std::fill(top.begin(), top.end(), HIDDEN);
+    std::fill(total.begin(), total.end(), 0.f);
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (long kb = 0; kb <= qb; ++kb) {
+      const int kind = mask.kind(qb, kb);
+      if (kind == 0) continue;
+      if (kind == 2) mask.fill(qb, kb, false, visible.data());
+      const float* seen_block = kind == 1 ? all.data() : visible.data();
+      gemm(rows, BLOCK, d, queries.data(), d, 1, keys_t.data() + kb * d * BLOCK, BLOCK,
+           scores.data(), BLOCK, false);
+      for (long r = 0; r < rows; ++r) {
+        float* row = scores.data() + r * BLOCK;
+        const float* seen = seen_block + (r % BLOCK) * BLOCK;
+        float best = top[r];
+        for (int j = 0; j < BLOCK; ++j) row[j] = seen[j] != 0.f ? row[j] : HIDDEN;
+        for (int j = 0; j < BLOCK; ++j) best = std::max(best, row[j]);
+        if (best < NOTHING_SEEN) {
+          std::fill(row, row + BLOCK, 0.f);
+          continue;
+        }
+        float sum = 0.f;
+        for (int j = 0; j < BLOCK; ++j) row[j] = masked_exp(row[j] - best, seen[j]);
+        for (int j = 0; j < BLOCK; ++j) sum += row[j];
+        const float rescale = masked_exp(top[r] - best, 1.f);
+        total[r] = total[r] * rescale + sum;
+        top[r] = best;
+        float* acc_row = acc.data() + r * d;
+        for (long e = 0; e < d; ++e) acc_row[e] *= rescale;
+      }
+      gemm(rows, d, BLOCK, scores.data(), BLOCK, 1, values.data() + kb * BLOCK * d, d,
+           acc.data(), d, true);
+    }
+    for (long r = 0; r < rows; ++r) {
+      const long t = qb * BLOCK + r % BLOCK, h = kvh * g + r / BLOCK;
+      const float inverse = total[r] > 0.f ? 1.f / total[r] : 0.f;
+      float* dst = out + s.q_at(b, t, h);
+      for (long e = 0; e < d; ++e) dst[e] = acc[r * d + e] * inverse;
+      lse[(b * s.heads + h) * n + t] = total[r] > 0.f ? top[r] + std::log(total[r]) : 0.f;
+    }
+  }
+}
+
+// One (row, kv head): key blocks outside, the query blocks that see them inside, so dk and dv
+// of a key block are finished in cache; dq accumulates over key blocks per query head.
+void backward_unit(const Shape& s, long unit, float scale, const float* q, const float* k,
+                   const float* v, const int32_t* segment, const int32_t* prefix,
+                   const float* out, const float* lse, const float* grad, float* dq, float* dk,
+                   float* dv) {
+  const long b = unit / s.kv_heads, kvh = unit % s.kv_heads, g = s.group(), d = s.dim;
+  const long n = s.length, q_stride = s.heads * d, kv_stride = s.kv_heads * d;
+  const RowMask mask(segment + b * n, prefix + b * n, s.blocks());
+  // keys and values [n, d]; per query head of the group: scaled queries [n, d] and block-
+  // transposed, the output gradient [n, d] and block-transposed, rowsum(dO * O), dq [n, d].
+  std::vector<float> keys(n * d), values(n * d), queries(g * n * d), queries_t(g * n * d),
+      grads(g * n * d), grads_t(g * n * d), delta(g * n), dq_acc(g * n * d, 0.f);
+  pack_rows(k + s.kv_at(b, 0, kvh), kv_stride, n, d, 1.f, keys.data());
+  pack_rows(v + s.kv_at(b, 0, kvh), kv_stride, n, d, 1.f, values.data());
+  for (long h = 0; h < g; ++h) {
+    const long head = kvh * g + h, at = s.q_at(b, 0, head);
+    pack_rows(q + at, q_stride, n, d, scale, queries.data() + h * n * d);
+    pack_blocks_t(q + at, q_stride, n, d, scale, queries_t.data() + h * n * d);
+    pack_rows(grad + at, q_stride, n, d, 1.f, grads.data() + h * n * d);
+    pack_blocks_t(grad + at, q_stride, n, d, 1.f, grads_t.data() + h * n * d);
+    for (long t = 0; t < n; ++t) {
+      float dot = 0.f;
+      for (long e = 0; e < d; ++e) dot += grad[at + t * q_stride + e] * out[at + t * q_stride + e];
+      delta[h * n + t] = dot;
+    }
+  }
+  std::vector<float> visible(BLOCK * BLOCK), all(BLOCK * BLOCK, 1.f), probs_t(BLOCK * BLOCK),
+      dscores_t(BLOCK * BLOCK), dk_acc(BLOCK * d), dv_acc(BLOCK * d);
+  for (long kb = 0; kb < s.blocks(); ++kb) {
+    std::fill(dk_acc.begin(), dk_acc.end(), 0.f);
+    std::fill(dv_acc.begin(), dv_acc.end(), 0.f);
+    const float* key_rows = keys.data() + kb * BLOCK * d;
+    const float* value_rows = values.data() + kb * BLOCK * d;
+    for (long qb = kb; qb < s.blocks(); ++qb) {
+      const int kind = mask.kind(qb, kb);
+      if (kind == 0) continue;
+      if (kind == 2) mask.fill(qb, kb, true, visible.data());
+      const float* seen_t = kind == 1 ? all.data() : visible.data();
+      for (long h = 0; h < g; ++h) {
+        const long head = kvh * g + h, rows = (h * n + qb * BLOCK) * d;
+        const float* head_lse = lse + (b * s.heads + head) * n + qb * BLOCK;
+        const float* head_delta = delta.data() + h * n + qb * BLOCK;
+        // Scores and the probabilities' gradient transposed: keys as rows, queries as columns.
+        gemm(BLOCK, BLOCK, d, key_rows, d, 1, queries_t.data() + rows, BLOCK, probs_t.data(),
+             BLOCK, false);
+        gemm(BLOCK, BLOCK, d, value_rows, d, 1, grads_t.data() + rows, BLOCK, dscores_t.data(),
+             BLOCK, false);
+        for (int j = 0; j < BLOCK; ++j) {
+          float* p = probs_t.data() + j * BLOCK;
+          float* ds = dscores_t.data() + j * BLOCK;
+          const float* seen = seen_t + j * BLOCK;
+          for (int i = 0; i < BLOCK; ++i) p[i] = masked_exp(p[i] - head_lse[i], seen[i]);
+          for (int i = 0; i < BLOCK; ++i) ds[i] = p[i] * (ds[i] - head_delta[i]);
+        }
+        gemm(BLOCK, d, BLOCK, probs_t.data(), BLOCK, 1, grads.data() + rows, d, dv_acc.data(), d,
+             true);
+        gemm(BLOCK, d, BLOCK, dscores_t.data(), BLOCK, 1, queries.data() + rows, d,
+             dk_acc.data(), d, true);
+        gemm(BLOCK, d, BLOCK, dscores_t.data(), 1, BLOCK, key_rows, d, dq_acc.data() + rows, d,
+             true);
+      }
+    }
+    for (int j = 0; j < BLOCK; ++j) {
+      const long at = s.kv_at(b, kb * BLOCK + j, kvh);
+      std::copy(dk_acc.data() + j * d, dk_acc.data() + (j + 1) * d, dk + at);
+      std::copy(dv_acc.data() + j * d, dv_acc.data() + (j + 1) * d, dv + at);
+    }
+  }
+  for (long h = 0; h < g; ++h)
+    for (long t = 0; t < n; ++t) {
+      float* dst = dq + s.q_at(b, t, kvh * g + h);
+      const float* src = dq_acc.data() + (h * n + t) * d;
+      for (long e = 0; e < d; ++e) dst[e] = src[e] * scale;
+    }
+}
+
+ffi::Error check_shape(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
+                       Shape* shape) {
+  auto qd = q.dimensions(), kd = k.dimensions();
+  if (qd.size() != 4 || kd.size() != 4)
+    return ffi::Error::InvalidArgument("q, k and v must be [batch, length, heads, dim]");
+  *shape = Shape{qd[0], qd[1], qd[2], kd[2], qd[3]};
+  if (kd[0] != qd[0] || kd[1] != qd[1] || kd[3] != qd[3] || qd[2] % kd[2] != 0)
+    return ffi::Error::InvalidArgument("k and v must be [batch, length, kv_heads, dim]");
+  if (shape->length % BLOCK != 0 || shape->dim % 16 != 0)
+    return ffi::Error::InvalidArgument("length must be a multiple of 64 and dim of 16");
+  return ffi::Error::Success();
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                   ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> segment,
+                   ffi::Buffer<ffi::S32> prefix, float scale, ffi::ResultBuffer<ffi::F32> out,
+                   ffi::ResultBuffer<ffi::F32> lse) {
+  Shape s;
+  if (ffi::Error error = check_shape(q, k, &s); error.failure()) return error;
+  parallel_for(pool, s.batch * s.kv_heads, [&](long unit) {
+    forward_unit(s, unit, scale, q.typed_data(), k.typed_data(), v.typed_data(),
+                 segment.typed_data(), prefix.typed_data(), out->typed_data(), lse->typed_data());
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> segment,
+                    ffi::Buffer<ffi::S32> prefix, ffi::Buffer<ffi::F32> out,
+                    ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> grad, float scale,
+                    ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                    ffi::ResultBuffer<ffi::F32> dv) {
+  Shape s;
+  if (ffi::Error error = check_shape(q, k, &s); error.failure()) return error;
+  parallel_for(pool, s.batch * s.kv_heads, [&](long unit) {
+    backward_unit(s, unit, scale, q.typed_data(), k.typed_data(), v.typed_data(),
+                  segment.typed_data(), prefix.typed_data(), out.typed_data(), lse.typed_data(),
+                  grad.typed_data(), dq->typed_data(), dk->typed_data(), dv->typed_data());
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrmFlashForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<float>("scale")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrmFlashBackward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
