@@ -144,12 +144,10 @@ def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
 
 def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
     """Rotates [batch, length, heads, head_dim] by position, HF "rotate half" layout."""
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, t, d/2]
-    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    angles = (positions.astype(jnp.float32)[..., None] * inv_freq)[:, :, None, :]  # [b, t, 1, d/2]
     cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
     first, second = jnp.split(x, 2, axis=-1)
-    rotated = jnp.concatenate([-second, first], axis=-1)
-    return x * cos + rotated * sin
+    return jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
 
 
 class RMSNorm(nnx.Module):
