@@ -124,9 +124,8 @@ struct RowMask {
     return kb < qb && one_sequence && no_padding ? 1 : 2;
   }
 
-  // visible[i * BLOCK + j] (or [j * BLOCK + i] when transposed): 1 where query i of block qb
-  // sees key j of block kb, else 0.
-  void fill(long qb, long kb, bool transposed, float* visible) const {
+  // visible[i * BLOCK + j]: 1 where query i of block qb sees key j of block kb, else 0.
+  void fill(long qb, long kb, float* visible) const {
     for (int i = 0; i < BLOCK; ++i) {
       const long qi = qb * BLOCK + i;
       const int32_t own = segment[qi];
@@ -135,7 +134,7 @@ struct RowMask {
       const long last = qi - kb * BLOCK;  // the last key (in the block) the query may see
       for (int j = 0; j < BLOCK; ++j) {
         const bool seen = own != 0 && j <= last && (keys[j] == own || keys[j] == continued);
-        visible[transposed ? j * BLOCK + i : i * BLOCK + j] = seen ? 1.f : 0.f;
+        visible[i * BLOCK + j] = seen ? 1.f : 0.f;
       }
     }
   }
@@ -179,6 +178,23 @@ void parallel_for(ffi::ThreadPool& pool, long units, const std::function<void(lo
   state->finished.wait(lock, [&] { return state->done == units; });
 }
 
+// Per-thread buffers that outlive a call: allocating the per-unit arrays afresh each time cost
+// page faults and zero-filling on every call (large blocks come from mmap).
+class Scratch {
+ public:
+  // A buffer of `size` floats, contents undefined; `slot` tells a unit's buffers apart.
+  float* get(int slot, size_t size) {
+    std::vector<float>& buffer = buffers_[slot];
+    if (buffer.size() < size) buffer.resize(size);
+    return buffer.data();
+  }
+
+ private:
+  std::vector<float> buffers_[12];
+};
+
+thread_local Scratch scratch;
+
 // `length` rows of `d` floats, `stride` apart in src, times `scale`, as contiguous rows.
 void pack_rows(const float* src, long stride, long length, long d, float scale, float* dst) {
   for (long t = 0; t < length; ++t)
@@ -188,9 +204,12 @@ void pack_rows(const float* src, long stride, long length, long d, float scale, 
 // The same rows transposed block by block: [length / BLOCK][d][BLOCK], so that a block's panel
 // is contiguous (whole-length rows of 4 KB strides would fight over the same cache sets).
 void pack_blocks_t(const float* src, long stride, long length, long d, float scale, float* dst) {
-  for (long t = 0; t < length; ++t)
-    for (long e = 0; e < d; ++e)
-      dst[((t / BLOCK) * d + e) * BLOCK + t % BLOCK] = src[t * stride + e] * scale;
+  for (long block = 0; block < length / BLOCK; ++block)
+    for (long e = 0; e < d; ++e) {
+      const float* column = src + block * BLOCK * stride + e;
+      float* row = dst + (block * d + e) * BLOCK;
+      for (int i = 0; i < BLOCK; ++i) row[i] = column[i * stride] * scale;
+    }
 }
 
 // One (row, kv head): the group's query heads stacked block by block, BLOCK rows per head.
@@ -200,27 +219,33 @@ void forward_unit(const Shape& s, long unit, float scale, const float* q, const 
   const long b = unit / s.kv_heads, kvh = unit % s.kv_heads, g = s.group(), d = s.dim;
   const long n = s.length, rows = g * BLOCK;
   const RowMask mask(segment + b * n, prefix + b * n, s.blocks());
-  std::vector<float> keys_t(d * n), values(n * d), queries(rows * d), scores(rows * BLOCK);
-  std::vector<float> acc(rows * d), visible(BLOCK * BLOCK), all(BLOCK * BLOCK, 1.f);
-  std::vector<float> top(rows), total(rows);
-  pack_blocks_t(k + s.kv_at(b, 0, kvh), s.kv_heads * d, n, d, 1.f, keys_t.data());
-  pack_rows(v + s.kv_at(b, 0, kvh), s.kv_heads * d, n, d, 1.f, values.data());
+  float* keys_t = scratch.get(0, d * n);
+  float* values = scratch.get(1, n * d);
+  float* queries = scratch.get(2, rows * d);
+  float* scores = scratch.get(3, rows * BLOCK);
+  float* acc = scratch.get(4, rows * d);
+  float* visible = scratch.get(5, BLOCK * BLOCK);
+  float* all = scratch.get(6, BLOCK * BLOCK);
+  float* top = scratch.get(7, rows);
+  float* total = scratch.get(8, rows);
+  std::fill(all, all + BLOCK * BLOCK, 1.f);
+  pack_blocks_t(k + s.kv_at(b, 0, kvh), s.kv_heads * d, n, d, 1.f, keys_t);
+  pack_rows(v + s.kv_at(b, 0, kvh), s.kv_heads * d, n, d, 1.f, values);
   for (long qb = 0; qb < s.blocks(); ++qb) {
     for (long h = 0; h < g; ++h)
       pack_rows(q + s.q_at(b, qb * BLOCK, kvh * g + h), s.heads * d, BLOCK, d, scale,
-                queries.data() + h * BLOCK * d);
-    std::fill(top.begin(), top.end(), HIDDEN);
-    std::fill(total.begin(), total.end(), 0.f);
-    std::fill(acc.begin(), acc.end(), 0.f);
+                queries + h * BLOCK * d);
+    std::fill(top, top + rows, HIDDEN);
+    std::fill(total, total + rows, 0.f);
+    std::fill(acc, acc + rows * d, 0.f);
     for (long kb = 0; kb <= qb; ++kb) {
       const int kind = mask.kind(qb, kb);
       if (kind == 0) continue;
-      if (kind == 2) mask.fill(qb, kb, false, visible.data());
-      const float* seen_block = kind == 1 ? all.data() : visible.data();
-      gemm(rows, BLOCK, d, queries.data(), d, 1, keys_t.data() + kb * d * BLOCK, BLOCK,
-           scores.data(), BLOCK, false);
+      if (kind == 2) mask.fill(qb, kb, visible);
+      const float* seen_block = kind == 1 ? all : visible;
+      gemm(rows, BLOCK, d, queries, d, 1, keys_t + kb * d * BLOCK, BLOCK, scores, BLOCK, false);
       for (long r = 0; r < rows; ++r) {
-        float* row = scores.data() + r * BLOCK;
+        float* row = scores + r * BLOCK;
         const float* seen = seen_block + (r % BLOCK) * BLOCK;
         float best = top[r];
         for (int j = 0; j < BLOCK; ++j) row[j] = seen[j] != 0.f ? row[j] : HIDDEN;
@@ -230,16 +255,17 @@ void forward_unit(const Shape& s, long unit, float scale, const float* q, const 
           continue;
         }
         float sum = 0.f;
-        for (int j = 0; j < BLOCK; ++j) row[j] = masked_exp(row[j] - best, seen[j]);
-        for (int j = 0; j < BLOCK; ++j) sum += row[j];
+        for (int j = 0; j < BLOCK; ++j) {
+          row[j] = masked_exp(row[j] - best, seen[j]);
+          sum += row[j];
+        }
         const float rescale = masked_exp(top[r] - best, 1.f);
         total[r] = total[r] * rescale + sum;
         top[r] = best;
-        float* acc_row = acc.data() + r * d;
+        float* acc_row = acc + r * d;
         for (long e = 0; e < d; ++e) acc_row[e] *= rescale;
       }
-      gemm(rows, d, BLOCK, scores.data(), BLOCK, 1, values.data() + kb * BLOCK * d, d,
-           acc.data(), d, true);
+      gemm(rows, d, BLOCK, scores, BLOCK, 1, values + kb * BLOCK * d, d, acc, d, true);
     }
     for (long r = 0; r < rows; ++r) {
       const long t = qb * BLOCK + r % BLOCK, h = kvh * g + r / BLOCK;
@@ -260,70 +286,79 @@ void backward_unit(const Shape& s, long unit, float scale, const float* q, const
   const long b = unit / s.kv_heads, kvh = unit % s.kv_heads, g = s.group(), d = s.dim;
   const long n = s.length, q_stride = s.heads * d, kv_stride = s.kv_heads * d;
   const RowMask mask(segment + b * n, prefix + b * n, s.blocks());
-  // keys and values [n, d]; per query head of the group: scaled queries [n, d] and block-
-  // transposed, the output gradient [n, d] and block-transposed, rowsum(dO * O), dq [n, d].
-  std::vector<float> keys(n * d), values(n * d), queries(g * n * d), queries_t(g * n * d),
-      grads(g * n * d), grads_t(g * n * d), delta(g * n), dq_acc(g * n * d, 0.f);
-  pack_rows(k + s.kv_at(b, 0, kvh), kv_stride, n, d, 1.f, keys.data());
-  pack_rows(v + s.kv_at(b, 0, kvh), kv_stride, n, d, 1.f, values.data());
+  // Keys [n, d] and block-transposed, values block-transposed; per query head of the group:
+  // scaled queries [n, d], the output gradient [n, d], rowsum(dO * O) [n], dq [n, d].
+  float* keys = scratch.get(0, n * d);
+  float* keys_t = scratch.get(1, n * d);
+  float* values_t = scratch.get(2, n * d);
+  float* queries = scratch.get(3, g * n * d);
+  float* grads = scratch.get(4, g * n * d);
+  float* delta = scratch.get(5, g * n);
+  float* dq_acc = scratch.get(6, g * n * d);
+  std::fill(dq_acc, dq_acc + g * n * d, 0.f);
+  pack_rows(k + s.kv_at(b, 0, kvh), kv_stride, n, d, 1.f, keys);
+  pack_blocks_t(k + s.kv_at(b, 0, kvh), kv_stride, n, d, 1.f, keys_t);
+  pack_blocks_t(v + s.kv_at(b, 0, kvh), kv_stride, n, d, 1.f, values_t);
   for (long h = 0; h < g; ++h) {
-    const long head = kvh * g + h, at = s.q_at(b, 0, head);
-    pack_rows(q + at, q_stride, n, d, scale, queries.data() + h * n * d);
-    pack_blocks_t(q + at, q_stride, n, d, scale, queries_t.data() + h * n * d);
-    pack_rows(grad + at, q_stride, n, d, 1.f, grads.data() + h * n * d);
-    pack_blocks_t(grad + at, q_stride, n, d, 1.f, grads_t.data() + h * n * d);
+    const long at = s.q_at(b, 0, kvh * g + h);
+    pack_rows(q + at, q_stride, n, d, scale, queries + h * n * d);
+    pack_rows(grad + at, q_stride, n, d, 1.f, grads + h * n * d);
     for (long t = 0; t < n; ++t) {
+      const float* gt = grads + (h * n + t) * d;
+      const float* ot = out + at + t * q_stride;
       float dot = 0.f;
-      for (long e = 0; e < d; ++e) dot += grad[at + t * q_stride + e] * out[at + t * q_stride + e];
+      for (long e = 0; e < d; ++e) dot += gt[e] * ot[e];
       delta[h * n + t] = dot;
     }
   }
-  std::vector<float> visible(BLOCK * BLOCK), all(BLOCK * BLOCK, 1.f), probs_t(BLOCK * BLOCK),
-      dscores_t(BLOCK * BLOCK), dk_acc(BLOCK * d), dv_acc(BLOCK * d);
+  float* visible = scratch.get(7, BLOCK * BLOCK);
+  float* all = scratch.get(8, BLOCK * BLOCK);
+  float* probs = scratch.get(9, BLOCK * BLOCK);
+  float* dscores = scratch.get(10, BLOCK * BLOCK + 2 * BLOCK * d);  // then a key block's dk, dv
+  float* dk_acc = dscores + BLOCK * BLOCK;
+  float* dv_acc = dk_acc + BLOCK * d;
+  std::fill(all, all + BLOCK * BLOCK, 1.f);
   for (long kb = 0; kb < s.blocks(); ++kb) {
-    std::fill(dk_acc.begin(), dk_acc.end(), 0.f);
-    std::fill(dv_acc.begin(), dv_acc.end(), 0.f);
-    const float* key_rows = keys.data() + kb * BLOCK * d;
-    const float* value_rows = values.data() + kb * BLOCK * d;
+    std::fill(dk_acc, dk_acc + 2 * BLOCK * d, 0.f);
+    const float* key_rows = keys + kb * BLOCK * d;
     for (long qb = kb; qb < s.blocks(); ++qb) {
       const int kind = mask.kind(qb, kb);
       if (kind == 0) continue;
-      if (kind == 2) mask.fill(qb, kb, true, visible.data());
-      const float* seen_t = kind == 1 ? all.data() : visible.data();
+      if (kind == 2) mask.fill(qb, kb, visible);
+      const float* seen_block = kind == 1 ? all : visible;
       for (long h = 0; h < g; ++h) {
-        const long head = kvh * g + h, rows = (h * n + qb * BLOCK) * d;
-        const float* head_lse = lse + (b * s.heads + head) * n + qb * BLOCK;
-        const float* head_delta = delta.data() + h * n + qb * BLOCK;
-        // Scores and the probabilities' gradient transposed: keys as rows, queries as columns.
-        gemm(BLOCK, BLOCK, d, key_rows, d, 1, queries_t.data() + rows, BLOCK, probs_t.data(),
+        const long rows = (h * n + qb * BLOCK) * d;
+        const float* head_lse = lse + (b * s.heads + kvh * g + h) * n + qb * BLOCK;
+        const float* head_delta = delta + h * n + qb * BLOCK;
+        gemm(BLOCK, BLOCK, d, queries + rows, d, 1, keys_t + kb * d * BLOCK, BLOCK, probs, BLOCK,
+             false);
+        gemm(BLOCK, BLOCK, d, grads + rows, d, 1, values_t + kb * d * BLOCK, BLOCK, dscores,
              BLOCK, false);
-        gemm(BLOCK, BLOCK, d, value_rows, d, 1, grads_t.data() + rows, BLOCK, dscores_t.data(),
-             BLOCK, false);
-        for (int j = 0; j < BLOCK; ++j) {
-          float* p = probs_t.data() + j * BLOCK;
-          float* ds = dscores_t.data() + j * BLOCK;
-          const float* seen = seen_t + j * BLOCK;
-          for (int i = 0; i < BLOCK; ++i) p[i] = masked_exp(p[i] - head_lse[i], seen[i]);
-          for (int i = 0; i < BLOCK; ++i) ds[i] = p[i] * (ds[i] - head_delta[i]);
+        for (int i = 0; i < BLOCK; ++i) {
+          float* p = probs + i * BLOCK;
+          float* ds = dscores + i * BLOCK;
+          const float* seen = seen_block + i * BLOCK;
+          for (int j = 0; j < BLOCK; ++j) {
+            p[j] = masked_exp(p[j] - head_lse[i], seen[j]);
+            ds[j] = p[j] * (ds[j] - head_delta[i]);  // the scores' gradient
+          }
         }
-        gemm(BLOCK, d, BLOCK, probs_t.data(), BLOCK, 1, grads.data() + rows, d, dv_acc.data(), d,
-             true);
-        gemm(BLOCK, d, BLOCK, dscores_t.data(), BLOCK, 1, queries.data() + rows, d,
-             dk_acc.data(), d, true);
-        gemm(BLOCK, d, BLOCK, dscores_t.data(), 1, BLOCK, key_rows, d, dq_acc.data() + rows, d,
-             true);
+        // dv += P^T dO, dk += dS^T (scaled q), dq += dS k
+        gemm(BLOCK, d, BLOCK, probs, 1, BLOCK, grads + rows, d, dv_acc, d, true);
+        gemm(BLOCK, d, BLOCK, dscores, 1, BLOCK, queries + rows, d, dk_acc, d, true);
+        gemm(BLOCK, d, BLOCK, dscores, BLOCK, 1, key_rows, d, dq_acc + rows, d, true);
       }
     }
     for (int j = 0; j < BLOCK; ++j) {
       const long at = s.kv_at(b, kb * BLOCK + j, kvh);
-      std::copy(dk_acc.data() + j * d, dk_acc.data() + (j + 1) * d, dk + at);
-      std::copy(dv_acc.data() + j * d, dv_acc.data() + (j + 1) * d, dv + at);
+      std::copy(dk_acc + j * d, dk_acc + (j + 1) * d, dk + at);
+      std::copy(dv_acc + j * d, dv_acc + (j + 1) * d, dv + at);
     }
   }
   for (long h = 0; h < g; ++h)
     for (long t = 0; t < n; ++t) {
       float* dst = dq + s.q_at(b, t, kvh * g + h);
-      const float* src = dq_acc.data() + (h * n + t) * d;
+      const float* src = dq_acc + (h * n + t) * d;
       for (long e = 0; e < d; ++e) dst[e] = src[e] * scale;
     }
 }
