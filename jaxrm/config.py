@@ -54,7 +54,8 @@ class ModelConfig:
     param_dtype: DType = "float32"
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
     attention: Literal["xla", "splash", "cudnn"] = "xla"  # see jaxrm/attention.py
-    # The layer stack as one scanned layer (short compiles) or unrolled; auto unrolls on CPU.
+    # The layer stack as one scanned layer (short compiles) or unrolled; auto unrolls on CPU
+    # except when generating (the scan updates the KV cache in place).
     layer_loop: Literal["auto", "scan", "unroll"] = "auto"
     # LoRA: rank 0 trains every parameter; rank > 0 adds adapters (alpha / rank scaling) to the
     # kernels named in lora_targets and trains only them and the reward head.

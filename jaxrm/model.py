@@ -307,14 +307,18 @@ class RewardModel(nnx.Module):
 
         if self.remat != "none":
             one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[self.remat])
-        x, carried = jax.lax.scan(one_layer, x, (layer_states, carried), unroll=self._unroll())
+        x, carried = jax.lax.scan(
+            one_layer, x, (layer_states, carried), unroll=self._unroll(carried)
+        )
         return self.final_norm(x), carried
 
-    def _unroll(self) -> bool:
-        """XLA:CPU runs a scanned layer stack slower: the scan zero-fills and then writes the
-        stacked activations the backward pass reads. Elsewhere the scan keeps compiles short."""
+    def _unroll(self, carried: Any) -> bool:
+        """XLA:CPU runs a scanned layer stack slower in training: the scan zero-fills and then
+        writes the stacked activations the backward pass reads. A carried KV cache is updated
+        in place by the scan, but copied whole by unrolled layers; elsewhere the scan keeps
+        compiles short."""
         if self.layer_loop == "auto":
-            return target_platform() == "cpu"
+            return target_platform() == "cpu" and carried is None
         return self.layer_loop == "unroll"
 
     def token_rewards(self, hidden: Array) -> Array:

@@ -105,3 +105,13 @@ def test_remat_policies_and_layer_loops_give_the_same_gradients(override):
     pairs = zip(reward_gradients(tiny()), reward_gradients(tiny(override)), strict=True)
     for a, b in pairs:
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("loop", "training", "generating"),
+    [("auto", True, False), ("scan", False, False), ("unroll", True, True)],
+)
+def test_layer_loop_unrolls_cpu_training_but_scans_a_kv_cache(loop, training, generating):
+    model = create_model(tiny(f"model.layer_loop={loop}"))
+    assert model._unroll(carried=None) is training  # the tests run on CPU
+    assert model._unroll(carried=jnp.zeros((2, 1))) is generating
