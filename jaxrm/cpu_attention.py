@@ -9,12 +9,14 @@ the output. It is compiled for this machine's CPU (-march=native) into JAXRM_KER
 (default ~/.cache/jaxrm/kernels), one file per source, compiler and jaxlib version.
 """
 
+import ctypes
 import functools
 import hashlib
 import importlib.resources
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -33,7 +35,7 @@ LANES = 16  # head_dim is padded to a multiple of the kernel's 16-float micro-ti
 CACHE_ENV = "JAXRM_KERNEL_CACHE"
 COMPILER_ENV = "CXX"
 NATIVE = "-mcpu=native" if platform.machine() in ("arm64", "aarch64") else "-march=native"
-FLAGS = ("-O3", NATIVE, "-ffast-math", "-std=c++17", "-shared", "-fPIC")
+FLAGS = ("-O3", NATIVE, "-ffast-math", "-std=c++17", "-fPIC")
 TARGETS = {"jaxrm_flash_forward": "JaxrmFlashForward", "jaxrm_flash_backward": "JaxrmFlashBackward"}
 
 
@@ -42,70 +44,84 @@ def _source() -> bytes:
 
 
 def _cpu_flags() -> bytes:
-    """-march=native depends on the CPU: a cache shared between machines keys on its flags."""
+    """-march=native depends on the CPU: a cache shared between machines keys on its features
+    (x86 "flags", ARM "Features")."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         return platform.processor().encode()
-    return next((line.encode() for line in lines if line.startswith("flags")), b"")
+    features = (line for line in lines if line.startswith(("flags", "Features")))
+    return next(features, platform.processor()).encode()
 
 
-def _compiler() -> str | None:
-    return os.environ.get(COMPILER_ENV) or shutil.which("c++") or shutil.which("g++")
+def _compiler() -> list[str] | None:
+    """The compiler command: CXX (which may carry arguments, "ccache g++"), else c++ or g++."""
+    if os.environ.get(COMPILER_ENV):
+        return shlex.split(os.environ[COMPILER_ENV])
+    found = shutil.which("c++") or shutil.which("g++")
+    return [found] if found else None
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: list[str]) -> Path:
     source = _source()
-    parts = [source, compiler.encode(), " ".join(FLAGS).encode(), jaxlib.__version__.encode()]
-    key = hashlib.sha256(b"\0".join([*parts, _cpu_flags()])).hexdigest()[:16]
+    parts = [source, *map(str.encode, compiler), " ".join(FLAGS).encode()]
+    key = hashlib.sha256(b"\0".join([*parts, jaxlib.__version__.encode(), _cpu_flags()]))
     cache = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "jaxrm" / "kernels")
-    library = cache / f"cpu_flash_attention-{key}.so"
+    library = cache / f"cpu_flash_attention-{key.hexdigest()[:16]}.so"
     if library.exists():
         return library
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as work:
-        source_path = Path(work) / "cpu_flash_attention.cc"
+        source_path, built = Path(work) / "kernel.cc", Path(work) / library.name
         source_path.write_bytes(source)
-        built = Path(work) / library.name
-        command = [
-            compiler,
-            *FLAGS,
-            f"-I{jax.ffi.include_dir()}",
-            str(source_path),
-            "-o",
-            str(built),
+        objects = f"{source_path}.o"
+        # Compiled and linked apart: -ffast-math at link time would add crtfastmath.o, which
+        # turns on flush-to-zero for the whole process when the library loads.
+        include = f"-I{jax.ffi.include_dir()}"
+        steps = [
+            [*compiler, *FLAGS, include, "-c", str(source_path), "-o", objects],
+            [*compiler, "-shared", objects, "-o", str(built)],
         ]
-        logger.info("compiling the CPU flash-attention kernel: %s", " ".join(command))
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            errors = [line for line in done.stderr.splitlines() if "error" in line]
-            raise RuntimeError(f"{compiler} exited {done.returncode}: {(errors or [''])[0]}")
+        for command in steps:
+            logger.info("building the CPU flash-attention kernel: %s", " ".join(command))
+            done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+            if done.returncode != 0:
+                errors = [line for line in done.stderr.splitlines() if "error" in line]
+                first = (errors or done.stderr.splitlines() or [""])[0]
+                raise RuntimeError(f"{compiler[0]} exited {done.returncode}: {first}")
         os.replace(built, library)  # atomic: concurrent builders each write a whole file
     return library
+
+
+def _load(library: Path) -> None:
+    loaded = ctypes.CDLL(str(library))
+    for target, symbol in TARGETS.items():
+        jax.ffi.register_ffi_target(
+            target, jax.ffi.pycapsule(getattr(loaded, symbol)), platform="cpu"
+        )
 
 
 @functools.cache
 def available() -> bool:
     """Builds (once per machine) and registers the kernel; False, with a warning, where no C++
-    compiler can build it (attention then runs as einsums, about 3x slower)."""
+    compiler can build it (attention then runs as einsums, about 3x slower). A cached library
+    that does not load (torn, or built against another libstdc++) is built again."""
     compiler = _compiler()
     if compiler is None:
         logger.warning("no C++ compiler (set CXX): CPU attention runs without its flash kernel")
         return False
     try:
         library = _build(compiler)
-    except (OSError, RuntimeError) as error:
+        try:
+            _load(library)
+        except OSError:
+            library.unlink(missing_ok=True)
+            _load(_build(compiler))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         logger.warning(
             "CPU attention runs without its flash kernel, which did not build: %s", error
         )
         return False
-    import ctypes
-
-    loaded = ctypes.CDLL(str(library))
-    for target, symbol in TARGETS.items():
-        jax.ffi.register_ffi_target(
-            target, jax.ffi.pycapsule(getattr(loaded, symbol)), platform="cpu"
-        )
     return True
 
 

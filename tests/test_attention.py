@@ -107,6 +107,18 @@ def test_cpu_flash_kernel_equals_the_reference(shared_prefix, shapes):
     assert_same_as_reference(xla_attention, shared_prefix, **shapes)
 
 
+def test_cpu_flash_kernel_follows_the_mask_for_scattered_ids():
+    """Segments that are not contiguous, negative ids, prefixes naming later segments."""
+    rng = np.random.default_rng(5)
+    segments = jnp.asarray(rng.integers(-2, 6, (3, LENGTH)), jnp.int32)
+    prefixes = jnp.asarray(rng.integers(0, 6, (3, LENGTH)) * (rng.random((3, LENGTH)) < 0.3))
+    q, k, v = qkv()
+    real = (segments != 0)[..., None, None]
+    want = reference_attention(q, k, v, segments, prefixes)
+    got = xla_attention(q, k, v, segments, prefixes)
+    np.testing.assert_allclose(jnp.where(real, got, 0), jnp.where(real, want, 0), atol=2e-6)
+
+
 def test_cpu_flash_kernel_takes_bfloat16():
     assert_same_as_reference(xla_attention, shared_prefix=True, dtype=jnp.bfloat16)
 

@@ -2,6 +2,7 @@
 it cannot be built. (Its outputs are checked against the reference in test_attention.py.)"""
 
 import logging
+import subprocess
 import sys
 
 from jaxrm import cpu_attention
@@ -24,6 +25,29 @@ def test_without_a_compiler_attention_warns_and_goes_on(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger=cpu_attention.__name__):
         assert cpu_attention.available.__wrapped__() is False
     assert "no C++ compiler (set CXX)" in caplog.text
+
+
+def test_a_torn_cached_library_is_built_again(monkeypatch, tmp_path):
+    monkeypatch.setenv(cpu_attention.CACHE_ENV, str(tmp_path))
+    library = cpu_attention._build(cpu_attention._compiler())
+    library.write_bytes(b"not a shared library")
+    assert cpu_attention.available.__wrapped__() is True
+    assert library.read_bytes().startswith(b"\x7fELF")
+
+
+def test_loading_the_kernel_leaves_subnormal_numbers_alone(tmp_path):
+    # -ffast-math in the link would flush them to zero process-wide (crtfastmath.o).
+    check = (
+        "import numpy as np\n"
+        "from jaxrm import cpu_attention\n"
+        "assert cpu_attention.available()\n"
+        "print(float(np.float32(1e-39) * np.float32(1)))\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "JAX_PLATFORMS": "cpu"}
+    env[cpu_attention.CACHE_ENV] = str(tmp_path / "cache")  # a fresh build
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout.split()[-1]) > 0
 
 
 def test_a_failing_compiler_is_named_in_one_warning_line(monkeypatch, tmp_path, caplog):

@@ -128,12 +128,12 @@ struct RowMask {
   void fill(long qb, long kb, float* visible) const {
     for (int i = 0; i < BLOCK; ++i) {
       const long qi = qb * BLOCK + i;
-      const int32_t own = segment[qi];
-      const int32_t continued = prefix[qi] != 0 ? prefix[qi] : -1;
+      const int32_t own = segment[qi], continued = prefix[qi];
       const int32_t* keys = segment + kb * BLOCK;
       const long last = qi - kb * BLOCK;  // the last key (in the block) the query may see
       for (int j = 0; j < BLOCK; ++j) {
-        const bool seen = own != 0 && j <= last && (keys[j] == own || keys[j] == continued);
+        const bool seen = own != 0 && j <= last &&
+                          (keys[j] == own || (continued != 0 && keys[j] == continued));
         visible[i * BLOCK + j] = seen ? 1.f : 0.f;
       }
     }
