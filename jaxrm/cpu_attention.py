@@ -119,7 +119,7 @@ def available() -> bool:
             _load(_build(compiler))
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         logger.warning(
-            "CPU attention runs without its flash kernel, which did not build: %s", error
+            "CPU attention runs without its flash kernel, which did not build or load: %s", error
         )
         return False
     return True
