@@ -21,6 +21,7 @@ Run it on an otherwise idle machine; torch keeps its default thread count (print
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -34,7 +35,6 @@ import jax
 import numpy as np
 import torch
 import transformers
-from bench_train import time_steps
 from data_helpers import hf_model
 
 from jaxrm.hf import load_hf
@@ -118,6 +118,19 @@ def run_transformers(
 
     torch.manual_seed(0)
     return timed(run, args.repeats)
+
+
+def time_steps(step: Callable[[], object], warmup: int, repeats: int, steps: int) -> float:
+    """Median seconds per step over `repeats` runs of `steps` steps, after `warmup` steps."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        times.append((time.perf_counter() - start) / steps)
+    return statistics.median(times)
 
 
 def run_jaxrm(sampler: Sampler, prompts: np.ndarray, args: argparse.Namespace) -> dict:

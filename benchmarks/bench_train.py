@@ -3,10 +3,11 @@
 Both train the same randomly initialised Llama-shaped reward model (jaxrm's weights, exported to
 transformers' LlamaForSequenceClassification) on the same batch with the same loss
 (-log sigmoid(r_chosen - r_rejected)), AdamW and global-norm clipping. Each is warmed up, then
-timed over several repetitions of a few steps; the median repetition counts. Printed: tokens/s (and
-examples/s), the ratio jaxrm / transformers, and each one's model FLOPs utilisation against the
-matmul peak measured in this run (the faster of JAX's and torch's square float32 matmuls), with
-model FLOPs counted by jaxrm/flops.py for the tokens each side processes.
+timed over several rounds of a few steps, the two taking turns in each round; each side's median
+round counts. Printed: tokens/s (and examples/s), the ratio jaxrm / transformers, and each one's
+model FLOPs utilisation against the matmul peak measured in this run (the fastest of JAX's and
+torch's square float32 matmuls, before and after the rounds), with model FLOPs counted by
+jaxrm/flops.py for the tokens each side processes.
 
     python benchmarks/bench_train.py                 # pairs: 4 pairs x 2 x 512 tokens
     python benchmarks/bench_train.py --polar         # POLAR triples: prompt + reference + 2
@@ -29,8 +30,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 os.environ["XLA_FLAGS"] = ""  # one real device; a faked device count splits the CPU
 
@@ -99,20 +100,24 @@ def packed_batch(examples: list[Example], config: Config) -> dict[str, np.ndarra
     return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
 
 
-def time_steps(step: Any, warmup: int, repeats: int, steps: int) -> float:
-    """Median seconds per step over `repeats` runs of `steps` steps, after `warmup` steps."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(steps):
+def interleaved_seconds(steps: dict[str, Callable[[], None]], args: argparse.Namespace) -> dict:
+    """Median seconds per step of each side over `repeats` rounds of `steps` steps, after
+    `warmup` steps. The sides take turns within each round, so that on a shared machine both
+    are timed through the same busy and quiet moments."""
+    for step in steps.values():
+        for _ in range(args.warmup):
             step()
-        times.append((time.perf_counter() - start) / steps)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(args.repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            times[name].append((time.perf_counter() - start) / args.steps)
+    return {name: statistics.median(seconds) for name, seconds in times.items()}
 
 
-def run_jaxrm(config: Config, batch: dict[str, np.ndarray], args: argparse.Namespace) -> dict:
+def prepare_jaxrm(config: Config, batch: dict[str, np.ndarray]) -> dict:
     mesh = make_mesh(fsdp=1)
     trainer = Trainer(config, mesh)
     model = create_model(config.model, seed=0, mesh=mesh, rules=config.mesh.rules)
@@ -130,13 +135,7 @@ def run_jaxrm(config: Config, batch: dict[str, np.ndarray], args: argparse.Names
         holder["state"], metrics = trainer.step(holder["state"], device_batch, 0)
         jax.block_until_ready(metrics)
 
-    seconds = time_steps(step, args.warmup, args.repeats, args.steps)
-    return {
-        "seconds_per_step": seconds,
-        "compile_seconds": compile_seconds,
-        "rewards": initial,
-        "params": params,
-    }
+    return {"step": step, "compile_seconds": compile_seconds, "rewards": initial, "params": params}
 
 
 def export_for_torch(config: Config, params: dict, directory: Path) -> Path:
@@ -151,7 +150,7 @@ def export_for_torch(config: Config, params: dict, directory: Path) -> Path:
     return export_hf(loaded, directory / "hf", arch="llama")
 
 
-def run_torch(hf_dir: Path, examples: list[Example], args: argparse.Namespace) -> dict:
+def prepare_torch(hf_dir: Path, examples: list[Example], args: argparse.Namespace) -> dict:
     import torch
     import transformers
 
@@ -174,8 +173,7 @@ def run_torch(hf_dir: Path, examples: list[Example], args: argparse.Namespace) -
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    seconds = time_steps(step, args.warmup, args.repeats, args.steps)
-    return {"seconds_per_step": seconds, "rewards": initial, "tokens": int(ids.numel())}
+    return {"step": step, "rewards": initial}
 
 
 def torch_matmul_peak(size: int = 1024) -> float:
@@ -214,8 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--attention", default="xla", help="model.attention for jaxrm")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=3, help="steps per timed repetition")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds")
+    parser.add_argument("--steps", type=int, default=3, help="steps per side in a round")
     parser.add_argument("--json", help="also write the results here")
     return parser
 
@@ -229,33 +227,35 @@ def main(argv: list[str] | None = None) -> dict:
     config = make_config(args, seq_len, max(len(s) for e in examples for s in e.sequences))
     batch = packed_batch(examples, config)
 
-    peak_jax = measured_matmul_peak(jax.devices()[0], "float32")
-    peak_torch = torch_matmul_peak()
-    peak = max(peak_jax, peak_torch)
-
-    print(f"jaxrm: compiling and timing ({args.pairs} {'triples' if args.polar else 'pairs'})")
-    ours = run_jaxrm(config, batch, args)
+    print(f"jaxrm: compiling ({args.pairs} {'triples' if args.polar else 'pairs'})")
+    ours = prepare_jaxrm(config, batch)
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = export_for_torch(config, ours.pop("params"), Path(tmp))
-        print("transformers: timing")
-        theirs = run_torch(hf_dir, examples, args)
+        theirs = prepare_torch(hf_dir, examples, args)
+    print(f"timing jaxrm and transformers in {args.repeats} alternating rounds")
+    # The machine's peak: the best of both libraries' matmuls, before and after the steps.
+    peak_jax = measured_matmul_peak(jax.devices()[0], "float32")
+    peak_torch = torch_matmul_peak()
+    seconds = interleaved_seconds({"jaxrm": ours["step"], "transformers": theirs["step"]}, args)
+    peak_jax = max(peak_jax, measured_matmul_peak(jax.devices()[0], "float32"))
+    peak_torch = max(peak_torch, torch_matmul_peak())
+    peak = max(peak_jax, peak_torch)
 
     jaxrm_tokens = int((batch["segment_ids"] != 0).sum())
     jaxrm_pairs = float(attention_pairs(batch["positions"], batch["segment_ids"]))
     torch_tokens, torch_pairs = sequence_stats(examples)
     rows = {}
-    for name, result, tokens, pairs in (
-        ("jaxrm", ours, jaxrm_tokens, jaxrm_pairs),
-        ("transformers", theirs, torch_tokens, torch_pairs),
+    for name, tokens, pairs in (
+        ("jaxrm", jaxrm_tokens, jaxrm_pairs),
+        ("transformers", torch_tokens, torch_pairs),
     ):
-        seconds = result["seconds_per_step"]
         flops = train_flops(config.model, tokens, pairs, lm_head=False)
         rows[name] = {
-            "seconds_per_step": seconds,
+            "seconds_per_step": seconds[name],
             "tokens_per_step": tokens,
-            "tokens_per_sec": tokens / seconds,
-            "examples_per_sec": args.pairs / seconds,
-            "mfu": flops / seconds / peak,
+            "tokens_per_sec": tokens / seconds[name],
+            "examples_per_sec": args.pairs / seconds[name],
+            "mfu": flops / seconds[name] / peak,
         }
     rows["jaxrm"]["compile_seconds"] = ours["compile_seconds"]
     difference = float(np.max(np.abs(ours["rewards"] - theirs["rewards"])))
