@@ -29,7 +29,8 @@ constexpr int BLOCK = 64;           // queries and keys per block
 constexpr float HIDDEN = -1e30f;    // the score of a key the query does not see
 constexpr float NOTHING_SEEN = -1e29f;  // a running maximum below this saw no key yet
 
-typedef float v8 __attribute__((vector_size(32), aligned(4)));
+// Eight floats; loads and stores through it may read any float array (may_alias), unaligned.
+typedef float v8 __attribute__((vector_size(32), aligned(4), __may_alias__));
 
 inline v8 load(const float* p) { return *reinterpret_cast<const v8*>(p); }
 inline void store(float* p, v8 x) { *reinterpret_cast<v8*>(p) = x; }
