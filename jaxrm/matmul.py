@@ -3,10 +3,12 @@
     y = einsum("bte,ehd->bthd", x, kernel)       # as jnp.einsum, two operands
     y = dense(x, kernel)                          # x's last axis times the kernel's first
 
-On CPU the backward pass first materialises the incoming gradient. Left alone, XLA fuses the
-elementwise work that produced it (SwiGLU's derivative, the residual sums, the softmax's) into
-the transposes the weight gradient needs; those fused transposes ran several times slower than
-the matmuls themselves. Elsewhere (TPU, GPU) these are plain `jnp.einsum`.
+On CPU a weight gradient contracts the batch and length axes of the activations and the
+gradient; left to autodiff, XLA transposes the 3-d activations for its matmul in a slow fused
+loop (a third of a layer's weight-gradient time here). The backward below merges those leading
+axes first, so the transpose is of a 2-d array. Elsewhere (TPU, GPU) these are plain `jnp.einsum`.
+(An optimisation barrier on the incoming gradient, once used here, is removed by XLA:CPU before
+fusion in jax 0.10.2: the compiled train step was identical with and without it.)
 """
 
 import functools
@@ -53,7 +55,6 @@ def _einsum_cpu_bwd(
     a, b = residuals
     inputs, out = spec.split("->")
     a_spec, b_spec = inputs.split(",")
-    grad = jax.lax.optimization_barrier(grad)
     da = jnp.einsum(f"{out},{b_spec}->{a_spec}", grad, b.astype(grad.dtype))
     db = _contract_leading(a_spec, out, b_spec, a.astype(grad.dtype), grad)
     return da.astype(a.dtype), db.astype(b.dtype)
