@@ -22,6 +22,8 @@
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using F32Buffer = ffi::Buffer<ffi::F32>;
+using S32Buffer = ffi::Buffer<ffi::S32>;
 
 namespace {
 
@@ -92,15 +94,17 @@ struct RowMask {
   const int32_t* segment;
   const int32_t* prefix;
   std::vector<int32_t> key_low, key_high, own_low, own_high, continued_low, continued_high;
+  std::vector<bool> has_padding;
 
   RowMask(const int32_t* segment, const int32_t* prefix, long blocks)
       : segment(segment), prefix(prefix), key_low(blocks), key_high(blocks), own_low(blocks),
-        own_high(blocks), continued_low(blocks), continued_high(blocks) {
+        own_high(blocks), continued_low(blocks), continued_high(blocks), has_padding(blocks) {
     for (long block = 0; block < blocks; ++block) {
       const int32_t* ids = segment + block * BLOCK;
       const int32_t* continued = prefix + block * BLOCK;
       key_low[block] = *std::min_element(ids, ids + BLOCK);
       key_high[block] = *std::max_element(ids, ids + BLOCK);
+      has_padding[block] = std::find(ids, ids + BLOCK, 0) != ids + BLOCK;
       own_low[block] = continued_low[block] = INT32_MAX;
       own_high[block] = continued_high[block] = INT32_MIN;
       for (int i = 0; i < BLOCK; ++i) {
@@ -121,8 +125,7 @@ struct RowMask {
     if (kb > qb || !(own || continued)) return 0;
     const bool one_sequence = own_low[qb] == own_high[qb] && key_low[kb] == key_high[kb] &&
                               own_low[qb] == key_low[kb] && !continued;
-    const bool no_padding = *std::min_element(segment + qb * BLOCK, segment + (qb + 1) * BLOCK) != 0;
-    return kb < qb && one_sequence && no_padding ? 1 : 2;
+    return kb < qb && one_sequence && !has_padding[qb] ? 1 : 2;
   }
 
   // visible[i * BLOCK + j]: 1 where query i of block qb sees key j of block kb, else 0.
@@ -140,6 +143,12 @@ struct RowMask {
     }
   }
 };
+
+// The mask of a block where every query sees every key.
+const float* all_visible() {
+  static const std::vector<float> ones(BLOCK * BLOCK, 1.f);
+  return ones.data();
+}
 
 // e^x for x <= 0 where masked entries (mask 0) come out exactly 0; x is clamped so that the
 // vectorised exp never takes its slow path for huge or tiny inputs.
@@ -191,7 +200,7 @@ class Scratch {
   }
 
  private:
-  std::vector<float> buffers_[12];
+  std::vector<float> buffers_[10];
 };
 
 thread_local Scratch scratch;
@@ -226,10 +235,8 @@ void forward_unit(const Shape& s, long unit, float scale, const float* q, const 
   float* scores = scratch.get(3, rows * BLOCK);
   float* acc = scratch.get(4, rows * d);
   float* visible = scratch.get(5, BLOCK * BLOCK);
-  float* all = scratch.get(6, BLOCK * BLOCK);
-  float* top = scratch.get(7, rows);
-  float* total = scratch.get(8, rows);
-  std::fill(all, all + BLOCK * BLOCK, 1.f);
+  float* top = scratch.get(6, rows);
+  float* total = scratch.get(7, rows);
   pack_blocks_t(k + s.kv_at(b, 0, kvh), s.kv_heads * d, n, d, 1.f, keys_t);
   pack_rows(v + s.kv_at(b, 0, kvh), s.kv_heads * d, n, d, 1.f, values);
   for (long qb = 0; qb < s.blocks(); ++qb) {
@@ -243,7 +250,7 @@ void forward_unit(const Shape& s, long unit, float scale, const float* q, const 
       const int kind = mask.kind(qb, kb);
       if (kind == 0) continue;
       if (kind == 2) mask.fill(qb, kb, visible);
-      const float* seen_block = kind == 1 ? all : visible;
+      const float* seen_block = kind == 1 ? all_visible() : visible;
       gemm(rows, BLOCK, d, queries, d, 1, keys_t + kb * d * BLOCK, BLOCK, scores, BLOCK, false);
       for (long r = 0; r < rows; ++r) {
         float* row = scores + r * BLOCK;
@@ -313,12 +320,10 @@ void backward_unit(const Shape& s, long unit, float scale, const float* q, const
     }
   }
   float* visible = scratch.get(7, BLOCK * BLOCK);
-  float* all = scratch.get(8, BLOCK * BLOCK);
-  float* probs = scratch.get(9, BLOCK * BLOCK);
-  float* dscores = scratch.get(10, BLOCK * BLOCK + 2 * BLOCK * d);  // then a key block's dk, dv
+  float* probs = scratch.get(8, BLOCK * BLOCK);
+  float* dscores = scratch.get(9, BLOCK * BLOCK + 2 * BLOCK * d);  // then a key block's dk, dv
   float* dk_acc = dscores + BLOCK * BLOCK;
   float* dv_acc = dk_acc + BLOCK * d;
-  std::fill(all, all + BLOCK * BLOCK, 1.f);
   for (long kb = 0; kb < s.blocks(); ++kb) {
     std::fill(dk_acc, dk_acc + 2 * BLOCK * d, 0.f);
     const float* key_rows = keys + kb * BLOCK * d;
@@ -326,7 +331,7 @@ void backward_unit(const Shape& s, long unit, float scale, const float* q, const
       const int kind = mask.kind(qb, kb);
       if (kind == 0) continue;
       if (kind == 2) mask.fill(qb, kb, visible);
-      const float* seen_block = kind == 1 ? all : visible;
+      const float* seen_block = kind == 1 ? all_visible() : visible;
       for (long h = 0; h < g; ++h) {
         const long rows = (h * n + qb * BLOCK) * d;
         const float* head_lse = lse + (b * s.heads + kvh * g + h) * n + qb * BLOCK;
@@ -364,8 +369,7 @@ void backward_unit(const Shape& s, long unit, float scale, const float* q, const
     }
 }
 
-ffi::Error check_shape(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
-                       Shape* shape) {
+ffi::Error check_shape(const F32Buffer& q, const F32Buffer& k, Shape* shape) {
   auto qd = q.dimensions(), kd = k.dimensions();
   if (qd.size() != 4 || kd.size() != 4)
     return ffi::Error::InvalidArgument("q, k and v must be [batch, length, heads, dim]");
@@ -377,10 +381,9 @@ ffi::Error check_shape(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F3
   return ffi::Error::Success();
 }
 
-ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                   ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> segment,
-                   ffi::Buffer<ffi::S32> prefix, float scale, ffi::ResultBuffer<ffi::F32> out,
-                   ffi::ResultBuffer<ffi::F32> lse) {
+ffi::Error Forward(ffi::ThreadPool pool, F32Buffer q, F32Buffer k, F32Buffer v,
+                   S32Buffer segment, S32Buffer prefix, float scale,
+                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
   Shape s;
   if (ffi::Error error = check_shape(q, k, &s); error.failure()) return error;
   parallel_for(pool, s.batch * s.kv_heads, [&](long unit) {
@@ -390,11 +393,9 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
   return ffi::Error::Success();
 }
 
-ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> segment,
-                    ffi::Buffer<ffi::S32> prefix, ffi::Buffer<ffi::F32> out,
-                    ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> grad, float scale,
-                    ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+ffi::Error Backward(ffi::ThreadPool pool, F32Buffer q, F32Buffer k, F32Buffer v,
+                    S32Buffer segment, S32Buffer prefix, F32Buffer out, F32Buffer lse,
+                    F32Buffer grad, float scale, ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
                     ffi::ResultBuffer<ffi::F32> dv) {
   Shape s;
   if (ffi::Error error = check_shape(q, k, &s); error.failure()) return error;
@@ -406,32 +407,31 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
+// Both handlers take the thread pool, then q, k, v, segment ids and prefix ids.
+auto bind_attention_inputs() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<F32Buffer>()
+      .Arg<F32Buffer>()
+      .Arg<F32Buffer>()
+      .Arg<S32Buffer>()
+      .Arg<S32Buffer>();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrmFlashForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
+                              bind_attention_inputs()
                                   .Attr<float>("scale")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<F32Buffer>()  // out
+                                  .Ret<F32Buffer>());  // log-sum-exp
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrmFlashBackward, Backward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                              bind_attention_inputs()
+                                  .Arg<F32Buffer>()  // out
+                                  .Arg<F32Buffer>()  // log-sum-exp
+                                  .Arg<F32Buffer>()  // the output's gradient
                                   .Attr<float>("scale")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<F32Buffer>()  // dq
+                                  .Ret<F32Buffer>()  // dk
+                                  .Ret<F32Buffer>());  // dv
