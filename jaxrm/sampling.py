@@ -150,7 +150,8 @@ def prefill(model: RewardModel, tokens: Array, lengths: Array) -> tuple:
         out = attention(q, k, v, segment_ids, None, model.attention)
         return out, (constrain(k, CACHE_AXES), constrain(v, CACHE_AXES))
 
-    hidden, cache = model.run_layers(model.embed_tokens(tokens), positions, attend)
+    x = model.embed_tokens(tokens)
+    hidden, cache = model.run_layers(x, positions, attend, position_limit=tokens.shape[1])
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)
     return model.lm_logits(last)[:, 0], cache
 

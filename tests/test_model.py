@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 
 from jaxrm.config import load_config
-from jaxrm.model import count_params, create_model, last_token_index, rewards_at
+from jaxrm.model import (
+    count_params,
+    create_model,
+    last_token_index,
+    rewards_at,
+    rope_inverse_frequencies,
+    rope_rotation,
+)
 from jaxrm.presets import PRESETS
 
 
@@ -115,3 +122,19 @@ def test_layer_loop_unrolls_cpu_training_but_scans_a_kv_cache(loop, training, ge
     model = create_model(tiny(f"model.layer_loop={loop}"))
     assert model._unroll(carried=None) is training  # the tests run on CPU
     assert model._unroll(carried=jnp.zeros((2, 1))) is generating
+
+
+def test_rope_table_lookup_equals_computing_each_angle():
+    inv_freq = jnp.asarray(rope_inverse_frequencies(tiny()))
+    positions = jnp.asarray([[0, 1, 2, 3, 0, 1, 4, 5], [7, 6, 5, 4, 3, 2, 1, 0]])
+    looked_up = rope_rotation(positions, inv_freq, limit=8)
+    computed = rope_rotation(positions, inv_freq)
+    for table, direct in zip(looked_up, computed, strict=True):
+        np.testing.assert_array_equal(np.asarray(table), np.asarray(direct))
+
+
+def test_rope_position_beyond_the_table_gives_nan_not_a_wrong_angle():
+    inv_freq = jnp.asarray(rope_inverse_frequencies(tiny()))
+    cos, sin = rope_rotation(jnp.asarray([[0, 1, 8]]), inv_freq, limit=8)
+    assert np.isfinite(np.asarray(cos[0, :2])).all()
+    assert np.isnan(np.asarray(cos[0, 2])).all() and np.isnan(np.asarray(sin[0, 2])).all()
