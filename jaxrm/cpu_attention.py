@@ -36,6 +36,9 @@ CACHE_ENV = "JAXRM_KERNEL_CACHE"
 COMPILER_ENV = "CXX"
 NATIVE = "-mcpu=native" if platform.machine() in ("arm64", "aarch64") else "-march=native"
 FLAGS = ("-O3", NATIVE, "-ffast-math", "-std=c++17", "-fPIC")
+# Under jax.vmap every operand gets the mapped axis in front, and the kernel folds all leading
+# axes into its batch.
+VMAP_METHOD = "broadcast_all"
 TARGETS = {"jaxrm_flash_forward": "JaxrmFlashForward", "jaxrm_flash_backward": "JaxrmFlashBackward"}
 
 
@@ -159,6 +162,7 @@ def _flash_fwd(
     out, lse = jax.ffi.ffi_call(
         "jaxrm_flash_forward",
         (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((b, n, t), jnp.float32)),
+        vmap_method=VMAP_METHOD,
     )(q, k, v, segment_ids, prefix_ids, scale=np.float32(scale))
     return out, (q, k, v, segment_ids, prefix_ids, out, lse)
 
@@ -168,6 +172,7 @@ def _flash_bwd(scale: float, residuals: tuple, grad: Array) -> tuple:
     dq, dk, dv = jax.ffi.ffi_call(
         "jaxrm_flash_backward",
         tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v)),
+        vmap_method=VMAP_METHOD,
     )(q, k, v, segment_ids, prefix_ids, out, lse, grad, scale=np.float32(scale))
     return dq, dk, dv, None, None
 

@@ -131,6 +131,26 @@ def test_cpu_flash_kernel_sees_nothing_in_a_row_of_padding():
     assert not bool(grads[0].any()) and not bool(grads[2].any())  # no query of rows 0, 2 sees
 
 
+@pytest.mark.parametrize("kv_axis", [0, None])
+def test_cpu_flash_kernel_under_vmap_equals_the_reference_per_example(kv_axis):
+    segments, prefixes = packed_segments(shared_prefix=True)
+    q, k, v = qkv()
+    queries = jnp.stack([q, q[::-1] * 0.5])
+    keys, values = (jnp.stack([x, x[::-1]]) if kv_axis == 0 else x for x in (k, v))
+
+    def loss(fn, q, k, v):
+        return jnp.sum(fn(q, k, v, segments, prefixes) ** 2)
+
+    def per_example(fn, q, k, v):
+        mapped = jax.vmap(lambda q, k, v: loss(fn, q, k, v), in_axes=(0, kv_axis, kv_axis))
+        return jnp.sum(mapped(q, k, v))
+
+    got = jax.value_and_grad(lambda q: per_example(xla_attention, q, keys, values))(queries)
+    want = jax.value_and_grad(lambda q: per_example(reference_attention, q, keys, values))(queries)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    np.testing.assert_allclose(got[1], want[1], atol=1e-5 * float(jnp.abs(want[1]).max()))
+
+
 @pytest.mark.parametrize("shared_prefix", [False, True])
 def test_xla_einsums_equal_the_reference(monkeypatch, shared_prefix):
     monkeypatch.setenv(CPU_FLASH_ENV, "0")

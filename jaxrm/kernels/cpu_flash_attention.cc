@@ -369,13 +369,27 @@ void backward_unit(const Shape& s, long unit, float scale, const float* q, const
     }
 }
 
-ffi::Error check_shape(const F32Buffer& q, const F32Buffer& k, Shape* shape) {
+// q [..., length, heads, dim], k and v [..., length, kv_heads, dim], the ids [..., length]; the
+// leading axes (a batch, and any that jax.vmap adds in front of it) are one batch here.
+ffi::Error check_shape(const F32Buffer& q, const F32Buffer& k, const S32Buffer& segment,
+                       const S32Buffer& prefix, Shape* shape) {
   auto qd = q.dimensions(), kd = k.dimensions();
-  if (qd.size() != 4 || kd.size() != 4)
+  const size_t rank = qd.size();
+  if (rank < 4 || kd.size() != rank)
     return ffi::Error::InvalidArgument("q, k and v must be [batch, length, heads, dim]");
-  *shape = Shape{qd[0], qd[1], qd[2], kd[2], qd[3]};
-  if (kd[0] != qd[0] || kd[1] != qd[1] || kd[3] != qd[3] || qd[2] % kd[2] != 0)
+  long batch = 1;
+  for (size_t i = 0; i + 3 < rank; ++i) {
+    if (kd[i] != qd[i]) return ffi::Error::InvalidArgument("q and k must have the same batch");
+    batch *= qd[i];
+  }
+  *shape = Shape{batch, qd[rank - 3], qd[rank - 2], kd[rank - 2], qd[rank - 1]};
+  if (kd[rank - 3] != shape->length || kd[rank - 1] != shape->dim || shape->heads % shape->kv_heads)
     return ffi::Error::InvalidArgument("k and v must be [batch, length, kv_heads, dim]");
+  for (const S32Buffer* ids : {&segment, &prefix}) {
+    auto id = ids->dimensions();
+    if (id.size() != rank - 2 || !std::equal(id.begin(), id.end(), qd.begin()))
+      return ffi::Error::InvalidArgument("segment and prefix ids must be [batch, length]");
+  }
   if (shape->length % BLOCK != 0 || shape->dim % 16 != 0)
     return ffi::Error::InvalidArgument("length must be a multiple of 64 and dim of 16");
   return ffi::Error::Success();
@@ -385,7 +399,7 @@ ffi::Error Forward(ffi::ThreadPool pool, F32Buffer q, F32Buffer k, F32Buffer v,
                    S32Buffer segment, S32Buffer prefix, float scale,
                    ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
   Shape s;
-  if (ffi::Error error = check_shape(q, k, &s); error.failure()) return error;
+  if (ffi::Error error = check_shape(q, k, segment, prefix, &s); error.failure()) return error;
   parallel_for(pool, s.batch * s.kv_heads, [&](long unit) {
     forward_unit(s, unit, scale, q.typed_data(), k.typed_data(), v.typed_data(),
                  segment.typed_data(), prefix.typed_data(), out->typed_data(), lse->typed_data());
@@ -398,7 +412,7 @@ ffi::Error Backward(ffi::ThreadPool pool, F32Buffer q, F32Buffer k, F32Buffer v,
                     F32Buffer grad, float scale, ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
                     ffi::ResultBuffer<ffi::F32> dv) {
   Shape s;
-  if (ffi::Error error = check_shape(q, k, &s); error.failure()) return error;
+  if (ffi::Error error = check_shape(q, k, segment, prefix, &s); error.failure()) return error;
   parallel_for(pool, s.batch * s.kv_heads, [&](long unit) {
     backward_unit(s, unit, scale, q.typed_data(), k.typed_data(), v.typed_data(),
                   segment.typed_data(), prefix.typed_data(), out.typed_data(), lse.typed_data(),
