@@ -22,6 +22,7 @@ from bench_train import build_parser, make_config, make_examples, packed_batch
 import jaxrm.attention
 from jaxrm import losses
 from jaxrm.flops import attention_pairs, measured_matmul_peak, train_flops
+from jaxrm.host_memory import keep_freed_memory
 from jaxrm.model import create_model
 from jaxrm.packing import layout
 from jaxrm.sharding import activation_sharding, make_mesh
@@ -53,6 +54,7 @@ def main() -> None:
         "--einsums", action="store_true", help="CPU attention as XLA einsums, not the C++ kernel"
     )
     args = parser.parse_args()
+    keep_freed_memory()
     if args.einsums:
         os.environ[jaxrm.attention.CPU_FLASH_ENV] = "0"
     examples = make_examples(args, np.random.default_rng(0))

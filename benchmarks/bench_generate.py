@@ -38,6 +38,7 @@ import transformers
 from data_helpers import hf_model
 
 from jaxrm.hf import load_hf
+from jaxrm.host_memory import keep_freed_memory
 from jaxrm.sampling import Sampler, Sampling
 from jaxrm.sharding import make_mesh
 
@@ -215,6 +216,7 @@ def run_queue(
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     rng = np.random.default_rng(0)
     prompts = rng.integers(4, args.vocab, (args.batch * max(args.queue, 1), args.prompt_len))
     prompts[:, 0] = BOS

@@ -12,6 +12,7 @@ from jaxrm.distributed import add_options as add_distributed_options
 from jaxrm.errors import UserError
 from jaxrm.evaluate import add_commands as add_eval_commands
 from jaxrm.generate import add_command as add_generate_command
+from jaxrm.host_memory import keep_freed_memory
 from jaxrm.metrics import add_command as add_plot_command
 from jaxrm.pools import add_commands as add_pool_commands
 from jaxrm.prefixes import add_command as add_prefixes_command
@@ -261,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     try:
         args.run(args)
     except UserError as e:
