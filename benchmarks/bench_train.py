@@ -21,11 +21,14 @@ token; transformers runs both full sequences of a triple, as xtuner and TRL user
 first batch are compared before training; they must agree.
 
 Run it on an otherwise idle machine; XLA_FLAGS should not fake devices (it is cleared here).
+Freed host memory is kept for reuse in this process, for both sides, as the `jaxrm` command
+does (jaxrm/host_memory.py); JAXRM_KEEP_FREED_MEMORY=0 measures without it.
 """
 
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -40,6 +43,7 @@ import numpy as np
 
 from jaxrm.config import Config, config_from_dict
 from jaxrm.flops import attention_pairs, measured_matmul_peak, train_flops
+from jaxrm.host_memory import keep_freed_memory
 from jaxrm.losses import ranked_rewards
 from jaxrm.model import create_model
 from jaxrm.packing import layout, pack
@@ -100,21 +104,28 @@ def packed_batch(examples: list[Example], config: Config) -> dict[str, np.ndarra
     return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
 
 
-def interleaved_seconds(steps: dict[str, Callable[[], None]], args: argparse.Namespace) -> dict:
+def interleaved_seconds(
+    steps: dict[str, Callable[[], None]], args: argparse.Namespace
+) -> tuple[dict, dict]:
     """Median seconds per step of each side over `repeats` rounds of `steps` steps, after
-    `warmup` steps. The sides take turns within each round, so that on a shared machine both
-    are timed through the same busy and quiet moments."""
-    for step in steps.values():
-        for _ in range(args.warmup):
+    `warmup` rounds of one step each, and each side's page faults per timed step. The sides take
+    turns within each round, so that on a shared machine both are timed through the same busy
+    and quiet moments (and their allocations settle together before the timing)."""
+    for _ in range(args.warmup):
+        for step in steps.values():
             step()
     times: dict[str, list[float]] = {name: [] for name in steps}
+    faults = dict.fromkeys(steps, 0)
     for _ in range(args.repeats):
         for name, step in steps.items():
+            faults[name] -= resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             start = time.perf_counter()
             for _ in range(args.steps):
                 step()
             times[name].append((time.perf_counter() - start) / args.steps)
-    return {name: statistics.median(seconds) for name, seconds in times.items()}
+            faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    per_step = {name: count / (args.repeats * args.steps) for name, count in faults.items()}
+    return {name: statistics.median(seconds) for name, seconds in times.items()}, per_step
 
 
 def prepare_jaxrm(config: Config, batch: dict[str, np.ndarray]) -> dict:
@@ -211,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--response", type=int, default=256, help="reference/candidate tokens")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--attention", default="xla", help="model.attention for jaxrm")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds")
     parser.add_argument("--steps", type=int, default=3, help="steps per side in a round")
     parser.add_argument("--json", help="also write the results here")
@@ -220,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    memory_kept = keep_freed_memory()
 
     examples = make_examples(args, np.random.default_rng(0))
     # A row holds one example: its pair, or its triple with the shared prefix once.
@@ -236,7 +248,9 @@ def main(argv: list[str] | None = None) -> dict:
     # The machine's peak: the best of both libraries' matmuls, before and after the steps.
     peak_jax = measured_matmul_peak(jax.devices()[0], "float32")
     peak_torch = torch_matmul_peak()
-    seconds = interleaved_seconds({"jaxrm": ours["step"], "transformers": theirs["step"]}, args)
+    seconds, faults = interleaved_seconds(
+        {"jaxrm": ours["step"], "transformers": theirs["step"]}, args
+    )
     peak_jax = max(peak_jax, measured_matmul_peak(jax.devices()[0], "float32"))
     peak_torch = max(peak_torch, torch_matmul_peak())
     peak = max(peak_jax, peak_torch)
@@ -256,6 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
             "tokens_per_sec": tokens / seconds[name],
             "examples_per_sec": args.pairs / seconds[name],
             "mfu": flops / seconds[name] / peak,
+            "page_faults_per_step": faults[name],
         }
     rows["jaxrm"]["compile_seconds"] = ours["compile_seconds"]
     difference = float(np.max(np.abs(ours["rewards"] - theirs["rewards"])))
@@ -267,6 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
             "jax_device": jax.devices()[0].device_kind,
             "matmul_peak_jax": peak_jax,
             "matmul_peak_torch": peak_torch,
+            "freed_memory_kept": memory_kept,  # jaxrm.host_memory, for both sides
         },
         **rows,
         "ratio_tokens_per_sec": rows["jaxrm"]["tokens_per_sec"]
@@ -286,13 +302,14 @@ def main(argv: list[str] | None = None) -> dict:
 
 def print_table(results: dict, unit: str) -> None:
     peak = max(results["machine"]["matmul_peak_jax"], results["machine"]["matmul_peak_torch"])
-    print(f"\nmatmul peak (measured): {peak / 1e9:.1f} GFLOP/s")
-    print(f"{'':14}{'s/step':>9}{'tokens/s':>11}{unit + '/s':>11}{'MFU':>7}")
+    kept = "kept" if results["machine"]["freed_memory_kept"] else "returned to the kernel"
+    print(f"\nmatmul peak (measured): {peak / 1e9:.1f} GFLOP/s; freed host memory {kept}")
+    print(f"{'':14}{'s/step':>9}{'tokens/s':>11}{unit + '/s':>11}{'MFU':>7}{'faults/step':>13}")
     for name in ("jaxrm", "transformers"):
         r = results[name]
         print(
             f"{name:14}{r['seconds_per_step']:>9.3f}{r['tokens_per_sec']:>11.0f}"
-            f"{r['examples_per_sec']:>11.2f}{r['mfu']:>7.1%}"
+            f"{r['examples_per_sec']:>11.2f}{r['mfu']:>7.1%}{r['page_faults_per_step']:>13.0f}"
         )
     print(
         f"jaxrm / transformers: {results['ratio_tokens_per_sec']:.2f}x tokens/s, "
