@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--response", type=int, default=256, help="reference/candidate tokens")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--attention", default="xla", help="model.attention for jaxrm")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
+    parser.add_argument("--warmup", type=int, default=6, help="untimed rounds first")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds")
     parser.add_argument("--steps", type=int, default=3, help="steps per side in a round")
     parser.add_argument("--json", help="also write the results here")
