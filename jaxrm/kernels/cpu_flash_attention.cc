@@ -371,11 +371,11 @@ void backward_unit(const Shape& s, long unit, float scale, const float* q, const
 
 // q [..., length, heads, dim], k and v [..., length, kv_heads, dim], the ids [..., length]; the
 // leading axes (a batch, and any that jax.vmap adds in front of it) are one batch here.
-ffi::Error check_shape(const F32Buffer& q, const F32Buffer& k, const S32Buffer& segment,
-                       const S32Buffer& prefix, Shape* shape) {
-  auto qd = q.dimensions(), kd = k.dimensions();
+ffi::Error check_shape(const F32Buffer& q, const F32Buffer& k, const F32Buffer& v,
+                       const S32Buffer& segment, const S32Buffer& prefix, Shape* shape) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   const size_t rank = qd.size();
-  if (rank < 4 || kd.size() != rank)
+  if (rank < 4 || kd.size() != rank || !std::equal(kd.begin(), kd.end(), vd.begin(), vd.end()))
     return ffi::Error::InvalidArgument("q, k and v must be [batch, length, heads, dim]");
   long batch = 1;
   for (size_t i = 0; i + 3 < rank; ++i) {
@@ -399,7 +399,7 @@ ffi::Error Forward(ffi::ThreadPool pool, F32Buffer q, F32Buffer k, F32Buffer v,
                    S32Buffer segment, S32Buffer prefix, float scale,
                    ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
   Shape s;
-  if (ffi::Error error = check_shape(q, k, segment, prefix, &s); error.failure()) return error;
+  if (ffi::Error error = check_shape(q, k, v, segment, prefix, &s); error.failure()) return error;
   parallel_for(pool, s.batch * s.kv_heads, [&](long unit) {
     forward_unit(s, unit, scale, q.typed_data(), k.typed_data(), v.typed_data(),
                  segment.typed_data(), prefix.typed_data(), out->typed_data(), lse->typed_data());
@@ -409,10 +409,10 @@ ffi::Error Forward(ffi::ThreadPool pool, F32Buffer q, F32Buffer k, F32Buffer v,
 
 ffi::Error Backward(ffi::ThreadPool pool, F32Buffer q, F32Buffer k, F32Buffer v,
                     S32Buffer segment, S32Buffer prefix, F32Buffer out, F32Buffer lse,
-                    F32Buffer grad, float scale, ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
-                    ffi::ResultBuffer<ffi::F32> dv) {
+                    F32Buffer grad, float scale, ffi::ResultBuffer<ffi::F32> dq,
+                    ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
   Shape s;
-  if (ffi::Error error = check_shape(q, k, segment, prefix, &s); error.failure()) return error;
+  if (ffi::Error error = check_shape(q, k, v, segment, prefix, &s); error.failure()) return error;
   parallel_for(pool, s.batch * s.kv_heads, [&](long unit) {
     backward_unit(s, unit, scale, q.typed_data(), k.typed_data(), v.typed_data(),
                   segment.typed_data(), prefix.typed_data(), out.typed_data(), lse.typed_data(),
