@@ -2,9 +2,12 @@
 
 Both train the same randomly initialised Llama-shaped reward model (jaxrm's weights, exported to
 transformers' LlamaForSequenceClassification) on the same batch with the same loss
-(-log sigmoid(r_chosen - r_rejected)), AdamW and global-norm clipping. Each is warmed up, then
-timed over several rounds of a few steps, the two taking turns in each round; each side's median
-round counts. Printed: tokens/s (and examples/s), the ratio jaxrm / transformers, and each one's
+(-log sigmoid(r_chosen - r_rejected)), AdamW and global-norm clipping. transformers runs in a
+process of its own, started by this one, so that each library has its own heap, as it would in
+use, and its own page faults and peak memory. Each side is warmed up, then timed over several
+rounds of a few steps, the two taking turns in each round and each timing its steps in its own
+process; each side's median round counts. Printed: tokens/s (and examples/s), the ratio
+jaxrm / transformers, each one's page faults per step and peak memory, and each one's
 model FLOPs utilisation against the matmul peak measured in this run (the fastest of JAX's and
 torch's square float32 matmuls, before and after the rounds), with model FLOPs counted by
 jaxrm/flops.py for the tokens each side processes.
@@ -21,12 +24,13 @@ token; transformers runs both full sequences of a triple, as xtuner and TRL user
 first batch are compared before training; they must agree.
 
 Run it on an otherwise idle machine; XLA_FLAGS should not fake devices (it is cleared here).
-Freed host memory is kept for reuse in this process, for both sides, as the `jaxrm` command
-does (jaxrm/host_memory.py); JAXRM_KEEP_FREED_MEMORY=0 measures without it.
+Freed host memory is kept for reuse in both processes, as the `jaxrm` command does
+(jaxrm/host_memory.py); JAXRM_KEEP_FREED_MEMORY=0 measures without it.
 """
 
 import argparse
 import json
+import multiprocessing
 import os
 import resource
 import statistics
@@ -34,6 +38,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 os.environ["XLA_FLAGS"] = ""  # one real device; a faked device count splits the CPU
@@ -104,28 +109,35 @@ def packed_batch(examples: list[Example], config: Config) -> dict[str, np.ndarra
     return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
 
 
+def timed_steps(step: Callable[[], None], count: int) -> tuple[float, int]:
+    """Seconds and minor page faults of `count` steps, in the calling process."""
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    start = time.perf_counter()
+    for _ in range(count):
+        step()
+    seconds = time.perf_counter() - start
+    return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+
+
 def interleaved_seconds(
-    steps: dict[str, Callable[[], None]], args: argparse.Namespace
-) -> tuple[dict, dict]:
-    """Median seconds per step of each side over `repeats` rounds of `steps` steps, after
-    `warmup` rounds of one step each, and each side's page faults per timed step. The sides take
-    turns within each round, so that on a shared machine both are timed through the same busy
-    and quiet moments (and their allocations settle together before the timing)."""
+    sides: dict[str, Callable[[int], tuple[float, int]]], args: argparse.Namespace
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Seconds per step of each side in each of `repeats` rounds of `steps` steps, after
+    `warmup` rounds of one step each, and each side's page faults per timed step. A side runs
+    `count` steps and reports their seconds and faults. The sides take turns within each round,
+    so that on a shared machine both are timed through the same busy and quiet moments."""
     for _ in range(args.warmup):
-        for step in steps.values():
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    faults = dict.fromkeys(steps, 0)
+        for run in sides.values():
+            run(1)
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    faults = dict.fromkeys(sides, 0)
     for _ in range(args.repeats):
-        for name, step in steps.items():
-            faults[name] -= resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            times[name].append((time.perf_counter() - start) / args.steps)
-            faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for name, run in sides.items():
+            seconds, round_faults = run(args.steps)
+            times[name].append(seconds / args.steps)
+            faults[name] += round_faults
     per_step = {name: count / (args.repeats * args.steps) for name, count in faults.items()}
-    return {name: statistics.median(seconds) for name, seconds in times.items()}, per_step
+    return times, per_step
 
 
 def prepare_jaxrm(config: Config, batch: dict[str, np.ndarray]) -> dict:
@@ -161,23 +173,23 @@ def export_for_torch(config: Config, params: dict, directory: Path) -> Path:
     return export_hf(loaded, directory / "hf", arch="llama")
 
 
-def prepare_torch(hf_dir: Path, examples: list[Example], args: argparse.Namespace) -> dict:
+def prepare_torch(hf_dir: str, ids: np.ndarray, dtype: str) -> dict:
     import torch
     import transformers
 
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
     model = transformers.LlamaForSequenceClassification.from_pretrained(
-        hf_dir, torch_dtype=getattr(torch, args.dtype), attn_implementation="sdpa"
+        hf_dir, torch_dtype=getattr(torch, dtype), attn_implementation="sdpa"
     )
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.999), weight_decay=0)
-    ids = torch.tensor(np.stack([s for e in examples for s in e.sequences]).astype(np.int64))
+    input_ids = torch.tensor(ids.astype(np.int64))
     with torch.no_grad():
-        initial = model(input_ids=ids).logits[:, 0].reshape(-1, 2).numpy()
+        initial = model(input_ids=input_ids).logits[:, 0].reshape(-1, 2).float().numpy()
 
     def step() -> None:
-        rewards = model(input_ids=ids).logits[:, 0].reshape(-1, 2)
+        rewards = model(input_ids=input_ids).logits[:, 0].reshape(-1, 2)
         loss = -torch.nn.functional.logsigmoid(rewards[:, 0] - rewards[:, 1]).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -185,6 +197,65 @@ def prepare_torch(hf_dir: Path, examples: list[Example], args: argparse.Namespac
         optimizer.zero_grad(set_to_none=True)
 
     return {"step": step, "rewards": initial}
+
+
+def torch_worker(connection: Connection, hf_dir: str, ids: np.ndarray, dtype: str) -> None:
+    """The transformers side, in its own process: sends the first batch's rewards, then answers
+    ("steps", count) with timed_steps' (seconds, faults), ("peak",) with its matmul peak and
+    ("rss",) with its peak resident memory until ("stop",)."""
+    keep_freed_memory()
+    side = prepare_torch(hf_dir, ids, dtype)
+    connection.send(side["rewards"])
+    answers = {
+        "steps": lambda count: timed_steps(side["step"], count),
+        "peak": torch_matmul_peak,
+        "rss": peak_rss_bytes,
+    }
+    while (request := connection.recv())[0] != "stop":
+        connection.send(answers[request[0]](*request[1:]))
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux counts KiB
+
+
+class TorchSide:
+    """The parent's handle on torch_worker's process."""
+
+    def __init__(self, hf_dir: Path, examples: list[Example], dtype: str) -> None:
+        ids = np.stack([s for e in examples for s in e.sequences])
+        context = multiprocessing.get_context("spawn")  # a fork would copy XLA's threads' state
+        self.connection, theirs = context.Pipe()
+        self.process = context.Process(
+            target=torch_worker, args=(theirs, str(hf_dir), ids, dtype), daemon=True
+        )
+        self.process.start()
+        theirs.close()
+        self.rewards = self.receive()
+
+    def receive(self) -> object:
+        try:
+            return self.connection.recv()
+        except EOFError:
+            self.process.join()
+            code = self.process.exitcode
+            raise SystemExit(f"the transformers process ended (exit code {code})") from None
+
+    def steps(self, count: int) -> tuple[float, int]:
+        self.connection.send(("steps", count))
+        return self.receive()
+
+    def matmul_peak(self) -> float:
+        self.connection.send(("peak",))
+        return self.receive()
+
+    def peak_rss_bytes(self) -> int:
+        self.connection.send(("rss",))
+        return self.receive()
+
+    def stop(self) -> None:
+        self.connection.send(("stop",))
+        self.process.join()
 
 
 def torch_matmul_peak(size: int = 1024) -> float:
@@ -223,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--attention", default="xla", help="model.attention for jaxrm")
     parser.add_argument("--warmup", type=int, default=6, help="untimed rounds first")
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds")
     parser.add_argument("--steps", type=int, default=3, help="steps per side in a round")
     parser.add_argument("--json", help="also write the results here")
     return parser
@@ -243,17 +314,22 @@ def main(argv: list[str] | None = None) -> dict:
     ours = prepare_jaxrm(config, batch)
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = export_for_torch(config, ours.pop("params"), Path(tmp))
-        theirs = prepare_torch(hf_dir, examples, args)
+        print("transformers: loading the same weights in a process of its own")
+        theirs = TorchSide(hf_dir, examples, args.dtype)
     print(f"timing jaxrm and transformers in {args.repeats} alternating rounds")
     # The machine's peak: the best of both libraries' matmuls, before and after the steps.
     peak_jax = measured_matmul_peak(jax.devices()[0], "float32")
-    peak_torch = torch_matmul_peak()
-    seconds, faults = interleaved_seconds(
-        {"jaxrm": ours["step"], "transformers": theirs["step"]}, args
+    peak_torch = theirs.matmul_peak()
+    rounds, faults = interleaved_seconds(
+        {"jaxrm": lambda count: timed_steps(ours["step"], count), "transformers": theirs.steps},
+        args,
     )
     peak_jax = max(peak_jax, measured_matmul_peak(jax.devices()[0], "float32"))
-    peak_torch = max(peak_torch, torch_matmul_peak())
+    peak_torch = max(peak_torch, theirs.matmul_peak())
     peak = max(peak_jax, peak_torch)
+    peak_rss = {"jaxrm": peak_rss_bytes(), "transformers": theirs.peak_rss_bytes()}
+    theirs.stop()
+    seconds = {name: statistics.median(times) for name, times in rounds.items()}
 
     jaxrm_tokens = int((batch["segment_ids"] != 0).sum())
     jaxrm_pairs = float(attention_pairs(batch["positions"], batch["segment_ids"]))
@@ -271,9 +347,11 @@ def main(argv: list[str] | None = None) -> dict:
             "examples_per_sec": args.pairs / seconds[name],
             "mfu": flops / seconds[name] / peak,
             "page_faults_per_step": faults[name],
+            "rounds_seconds_per_step": rounds[name],
+            "peak_rss_bytes": peak_rss[name],  # of the side's whole process
         }
     rows["jaxrm"]["compile_seconds"] = ours["compile_seconds"]
-    difference = float(np.max(np.abs(ours["rewards"] - theirs["rewards"])))
+    difference = float(np.max(np.abs(ours["rewards"] - theirs.rewards)))
     unit = "triples" if args.polar else "pairs"
     results = {
         "config": {k: v for k, v in vars(args).items() if k != "json"},
@@ -282,7 +360,8 @@ def main(argv: list[str] | None = None) -> dict:
             "jax_device": jax.devices()[0].device_kind,
             "matmul_peak_jax": peak_jax,
             "matmul_peak_torch": peak_torch,
-            "freed_memory_kept": memory_kept,  # jaxrm.host_memory, for both sides
+            "freed_memory_kept": memory_kept,  # jaxrm.host_memory, in both processes
+            "transformers_process": "separate",
         },
         **rows,
         "ratio_tokens_per_sec": rows["jaxrm"]["tokens_per_sec"]
@@ -304,12 +383,14 @@ def print_table(results: dict, unit: str) -> None:
     peak = max(results["machine"]["matmul_peak_jax"], results["machine"]["matmul_peak_torch"])
     kept = "kept" if results["machine"]["freed_memory_kept"] else "returned to the kernel"
     print(f"\nmatmul peak (measured): {peak / 1e9:.1f} GFLOP/s; freed host memory {kept}")
-    print(f"{'':14}{'s/step':>9}{'tokens/s':>11}{unit + '/s':>11}{'MFU':>7}{'faults/step':>13}")
+    header = f"{'s/step':>9}{'tokens/s':>11}{unit + '/s':>11}{'MFU':>7}{'faults/step':>13}"
+    print(f"{'':14}{header}{'peak RSS':>10}")
     for name in ("jaxrm", "transformers"):
         r = results[name]
         print(
             f"{name:14}{r['seconds_per_step']:>9.3f}{r['tokens_per_sec']:>11.0f}"
             f"{r['examples_per_sec']:>11.2f}{r['mfu']:>7.1%}{r['page_faults_per_step']:>13.0f}"
+            f"{r['peak_rss_bytes'] / 2**30:>6.2f} GiB"
         )
     print(
         f"jaxrm / transformers: {results['ratio_tokens_per_sec']:.2f}x tokens/s, "

@@ -6,7 +6,9 @@ gives them back to the kernel on free, so every step page-faults 1.7 GB in again
 kernel zero it: 0.9 s of kernel time a step, about a sixth of the step, on the 2-core machine
 RESULTS.md describes. With one malloc arena, no mmap'd blocks and no trimming, freed memory stays
 in the process and the next step reuses it; the process keeps its peak memory instead of
-returning it between steps.
+returning it between steps. As the heap fragments, it grows a few more times in the first steps
+before it settles, with room for the temporaries about three times over (6.1 GB against 2.8 GB
+for the benchmark's step).
 
 The settings are process-wide and only hold for threads that allocate afterwards, so
 `keep_freed_memory()` must run before JAX starts its CPU backend (the `jaxrm` command does it
