@@ -123,12 +123,12 @@ def interleaved_seconds(
     sides: dict[str, Callable[[int], tuple[float, int]]], args: argparse.Namespace
 ) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Seconds per step of each side in each of `repeats` rounds of `steps` steps, after
-    `warmup` rounds of one step each, and each side's page faults per timed step. A side runs
+    `warmup` untimed rounds alike, and each side's page faults per timed step. A side runs
     `count` steps and reports their seconds and faults. The sides take turns within each round,
     so that on a shared machine both are timed through the same busy and quiet moments."""
     for _ in range(args.warmup):
         for run in sides.values():
-            run(1)
+            run(args.steps)
     times: dict[str, list[float]] = {name: [] for name in sides}
     faults = dict.fromkeys(sides, 0)
     for _ in range(args.repeats):
@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--response", type=int, default=256, help="reference/candidate tokens")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--attention", default="xla", help="model.attention for jaxrm")
-    parser.add_argument("--warmup", type=int, default=6, help="untimed rounds first")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds")
     parser.add_argument("--steps", type=int, default=3, help="steps per side in a round")
     parser.add_argument("--json", help="also write the results here")
