@@ -25,7 +25,7 @@ def test_bench_train_runs_both_sides_on_the_same_model(
     tmp_path: Path, shape: str, unit: str
 ) -> None:
     out = tmp_path / "bench.json"
-    flags = f"{TINY} {shape} {QUICK} --json {out}".split()
+    flags = [*TINY.split(), *shape.split(), *QUICK.split(), "--json", str(out)]
     command = [sys.executable, str(BENCH_TRAIN), *flags]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
