@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 os.environ["XLA_FLAGS"] = ""  # one real device; a faked device count splits the CPU
 
@@ -233,7 +234,7 @@ class TorchSide:
         theirs.close()
         self.rewards = self.receive()
 
-    def receive(self) -> object:
+    def receive(self) -> Any:
         try:
             return self.connection.recv()
         except EOFError:
@@ -241,16 +242,9 @@ class TorchSide:
             code = self.process.exitcode
             raise SystemExit(f"the transformers process ended (exit code {code})") from None
 
-    def steps(self, count: int) -> tuple[float, int]:
-        self.connection.send(("steps", count))
-        return self.receive()
-
-    def matmul_peak(self) -> float:
-        self.connection.send(("peak",))
-        return self.receive()
-
-    def peak_rss_bytes(self) -> int:
-        self.connection.send(("rss",))
+    def ask(self, *request: object) -> Any:
+        """torch_worker's answer to `request` ("steps", count), ("peak",) or ("rss",)."""
+        self.connection.send(request)
         return self.receive()
 
     def stop(self) -> None:
@@ -319,15 +313,18 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"timing jaxrm and transformers in {args.repeats} alternating rounds")
     # The machine's peak: the best of both libraries' matmuls, before and after the steps.
     peak_jax = measured_matmul_peak(jax.devices()[0], "float32")
-    peak_torch = theirs.matmul_peak()
+    peak_torch = theirs.ask("peak")
     rounds, faults = interleaved_seconds(
-        {"jaxrm": lambda count: timed_steps(ours["step"], count), "transformers": theirs.steps},
+        {
+            "jaxrm": lambda count: timed_steps(ours["step"], count),
+            "transformers": lambda count: theirs.ask("steps", count),
+        },
         args,
     )
     peak_jax = max(peak_jax, measured_matmul_peak(jax.devices()[0], "float32"))
-    peak_torch = max(peak_torch, theirs.matmul_peak())
+    peak_torch = max(peak_torch, theirs.ask("peak"))
     peak = max(peak_jax, peak_torch)
-    peak_rss = {"jaxrm": peak_rss_bytes(), "transformers": theirs.peak_rss_bytes()}
+    peak_rss = {"jaxrm": peak_rss_bytes(), "transformers": theirs.ask("rss")}
     theirs.stop()
     seconds = {name: statistics.median(times) for name, times in rounds.items()}
 
