@@ -19,14 +19,14 @@ import jax
 import numpy as np
 from bench_train import build_parser, make_config, make_examples, packed_batch
 
-import jaxrm.attention
-from jaxrm import losses
-from jaxrm.flops import attention_pairs, measured_matmul_peak, train_flops
-from jaxrm.host_memory import keep_freed_memory
-from jaxrm.model import create_model
-from jaxrm.packing import layout
+import jaxrm.model.attention
+from jaxrm.data.packing import layout
+from jaxrm.model.decoder import create_model
 from jaxrm.sharding import activation_sharding, make_mesh
-from jaxrm.train import Trainer
+from jaxrm.train import losses
+from jaxrm.train.flops import attention_pairs, measured_matmul_peak, train_flops
+from jaxrm.train.host_memory import keep_freed_memory
+from jaxrm.train.trainer import Trainer
 
 
 def median_seconds(run: Callable[[], object], repeats: int = 5) -> float:
@@ -56,7 +56,7 @@ def main() -> None:
     args = parser.parse_args()
     keep_freed_memory()
     if args.einsums:
-        os.environ[jaxrm.attention.CPU_FLASH_ENV] = "0"
+        os.environ[jaxrm.model.attention.CPU_FLASH_ENV] = "0"
     examples = make_examples(args, np.random.default_rng(0))
     seq_len = max(layout(e, shared_prefix=args.polar).length for e in examples)
     config = make_config(args, seq_len, max(len(s) for e in examples for s in e.sequences))
@@ -67,12 +67,12 @@ def main() -> None:
     batch = trainer.global_batch(host_batch)
 
     whole = gradient_seconds(trainer, state, batch)
-    real_attention = jaxrm.attention.xla_attention
-    jaxrm.attention.xla_attention = lambda q, k, v, *rest, **options: q
+    real_attention = jaxrm.model.attention.xla_attention
+    jaxrm.model.attention.xla_attention = lambda q, k, v, *rest, **options: q
     try:
         without = gradient_seconds(trainer, state, batch)
     finally:
-        jaxrm.attention.xla_attention = real_attention
+        jaxrm.model.attention.xla_attention = real_attention
 
     peak = measured_matmul_peak(jax.devices()[0], "float32")
     pairs = float(attention_pairs(host_batch["positions"], host_batch["segment_ids"]))

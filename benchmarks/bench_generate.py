@@ -37,10 +37,10 @@ import torch
 import transformers
 from data_helpers import hf_model
 
-from jaxrm.hf import load_hf
-from jaxrm.host_memory import keep_freed_memory
-from jaxrm.sampling import Sampler, Sampling
+from jaxrm.generate.sampler import Sampler, Sampling
+from jaxrm.hf.convert import load_hf
 from jaxrm.sharding import make_mesh
+from jaxrm.train.host_memory import keep_freed_memory
 
 BOS = 1
 MODES = {

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxrm.weights_io import ShardedWriter
+from jaxrm.hf.weight_files import ShardedWriter
 
 
 def write_random_llama(

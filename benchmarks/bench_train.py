@@ -48,14 +48,14 @@ import jax
 import numpy as np
 
 from jaxrm.config import Config, config_from_dict
-from jaxrm.flops import attention_pairs, measured_matmul_peak, train_flops
-from jaxrm.host_memory import keep_freed_memory
-from jaxrm.losses import ranked_rewards
-from jaxrm.model import create_model
-from jaxrm.packing import layout, pack
+from jaxrm.data.packing import layout, pack
+from jaxrm.data.templates import Example
+from jaxrm.model.decoder import create_model
 from jaxrm.sharding import make_mesh
-from jaxrm.templates import Example
-from jaxrm.train import Trainer
+from jaxrm.train.flops import attention_pairs, measured_matmul_peak, train_flops
+from jaxrm.train.host_memory import keep_freed_memory
+from jaxrm.train.losses import ranked_rewards
+from jaxrm.train.trainer import Trainer
 
 REWARD_TOKEN = 2
 PAD_TOKEN = 0
@@ -165,9 +165,8 @@ def prepare_jaxrm(config: Config, batch: dict[str, np.ndarray]) -> dict:
 def export_for_torch(config: Config, params: dict, directory: Path) -> Path:
     from flax import nnx
 
-    from jaxrm.checkpoint import Loaded
-    from jaxrm.hf import export_hf
-    from jaxrm.model import abstract_model
+    from jaxrm.hf.convert import export_hf
+    from jaxrm.model.decoder import Loaded, abstract_model
 
     graphdef, _ = abstract_model(config.model)
     loaded = Loaded(nnx.merge(graphdef, params), config, None)
@@ -357,7 +356,7 @@ def main(argv: list[str] | None = None) -> dict:
             "jax_device": jax.devices()[0].device_kind,
             "matmul_peak_jax": peak_jax,
             "matmul_peak_torch": peak_torch,
-            "freed_memory_kept": memory_kept,  # jaxrm.host_memory, in both processes
+            "freed_memory_kept": memory_kept,  # jaxrm.train.host_memory, in both processes
             "transformers_process": "separate",
         },
         **rows,

@@ -5,21 +5,19 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from jaxrm.builders import add_commands as add_builder_commands
-from jaxrm.compile_check import add_command as add_compile_check_command
+from jaxrm.data import codepmp_pairs, polar_triples, prefixes, toy
 from jaxrm.demo import add_command as add_demo_command
-from jaxrm.distributed import add_options as add_distributed_options
 from jaxrm.errors import UserError
-from jaxrm.evaluate import add_commands as add_eval_commands
-from jaxrm.generate import add_command as add_generate_command
-from jaxrm.host_memory import keep_freed_memory
-from jaxrm.metrics import add_command as add_plot_command
-from jaxrm.pools import add_commands as add_pool_commands
-from jaxrm.prefixes import add_command as add_prefixes_command
-from jaxrm.scaling import add_command as add_scaling_command
-from jaxrm.scoring import add_command as add_score_command
-from jaxrm.serve import add_command as add_serve_command
-from jaxrm.toy import add_command as add_toy_command
+from jaxrm.generate import codepmp, polar_pool
+from jaxrm.generate.trajectories import add_command as add_generate_command
+from jaxrm.scoring.evaluate import add_commands as add_eval_commands
+from jaxrm.scoring.scorer import add_command as add_score_command
+from jaxrm.scoring.server import add_command as add_serve_command
+from jaxrm.tpu.compile_check import add_command as add_compile_check_command
+from jaxrm.train.distributed import add_options as add_distributed_options
+from jaxrm.train.host_memory import keep_freed_memory
+from jaxrm.train.metrics import add_command as add_plot_command
+from jaxrm.train.scaling import add_command as add_scaling_command
 
 if TYPE_CHECKING:
     from jaxrm.config import Config
@@ -35,8 +33,8 @@ def cmd_config(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from jaxrm.config import load_config
-    from jaxrm.distributed import initialize
-    from jaxrm.train import Stopped, train
+    from jaxrm.train.distributed import initialize
+    from jaxrm.train.loop import Stopped, train
 
     initialize(args.coordinator, args.num_processes, args.process_id)
     config = load_config(args.config, args.overrides)
@@ -51,7 +49,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_presets(args: argparse.Namespace) -> None:
     from jaxrm.config import load_config
-    from jaxrm.model import count_params
+    from jaxrm.model.decoder import count_params
     from jaxrm.presets import PRESETS
 
     print(
@@ -71,8 +69,9 @@ def cmd_presets(args: argparse.Namespace) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> None:
-    from jaxrm.checkpoint import require_new_dir, save_model
-    from jaxrm.hf import load_hf
+    from jaxrm.checkpoint.items import save_model
+    from jaxrm.hf.convert import load_hf
+    from jaxrm.storage import require_new_dir
 
     require_new_dir(args.out_checkpoint, "checkpoint path")
     loaded = load_hf(
@@ -91,8 +90,9 @@ def cmd_import(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from jaxrm.checkpoint import load_model, require_new_dir
-    from jaxrm.hf import export_hf
+    from jaxrm.checkpoint.loading import load_model
+    from jaxrm.hf.convert import export_hf
+    from jaxrm.storage import require_new_dir
 
     require_new_dir(args.out_dir, "export directory")
     loaded = load_model(args.checkpoint)
@@ -104,7 +104,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_data_prepare(args: argparse.Namespace) -> None:
     from jaxrm.config import load_config
-    from jaxrm.dataset_tools import prepare
+    from jaxrm.data.prepare import prepare
 
     config = load_config(args.config, args.overrides)
     spec = args.data or _data_spec(config, args.split)
@@ -119,7 +119,7 @@ def cmd_data_stats(args: argparse.Namespace) -> None:
     import json
 
     from jaxrm.config import load_config
-    from jaxrm.dataset_tools import format_stats, stats
+    from jaxrm.data.prepare import format_stats, stats
 
     config = load_config(args.config, args.overrides)
     report = stats(config, args.data or _data_spec(config, args.split))
@@ -245,10 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--shard-size", type=int, default=100_000, help="examples per shard")
         else:
             sub.add_argument("--json", action="store_true", help="print the report as JSON")
-    add_builder_commands(data_commands)
-    add_toy_command(data_commands)
-    add_prefixes_command(data_commands)
-    add_pool_commands(data_commands)
+    for module in (polar_triples, codepmp_pairs, toy, prefixes, polar_pool, codepmp):
+        module.add_command(data_commands)
     add_eval_commands(commands)
     add_score_command(commands)
     add_serve_command(commands)

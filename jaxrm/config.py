@@ -53,7 +53,7 @@ class ModelConfig:
     dtype: DType = "bfloat16"
     param_dtype: DType = "float32"
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
-    attention: Literal["xla", "splash", "cudnn"] = "xla"  # see jaxrm/attention.py
+    attention: Literal["xla", "splash", "cudnn"] = "xla"  # see jaxrm/model/attention.py
     # The layer stack as one scanned layer (short compiles) or unrolled; auto unrolls on CPU
     # except when generating (the scan updates the KV cache in place).
     layer_loop: Literal["auto", "scan", "unroll"] = "auto"

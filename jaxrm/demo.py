@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from jaxrm.checkpoint import require_new_dir
 from jaxrm.config import Config, config_from_dict
+from jaxrm.storage import require_new_dir
 
 DEMO_CONFIG: dict[str, Any] = {
     "objective": "polar",
@@ -42,11 +42,11 @@ def demo_config(out: Path, paths: dict[str, Path], steps: int, seed: int) -> Con
 
 
 def run_demo(out: Path, steps: int, seed: int) -> dict[str, Any]:
-    from jaxrm.checkpoint import load_model
-    from jaxrm.hf import export_hf
-    from jaxrm.metrics import read_metrics
-    from jaxrm.toy import write_toy_data
-    from jaxrm.train import train
+    from jaxrm.checkpoint.loading import load_model
+    from jaxrm.data.toy import write_toy_data
+    from jaxrm.hf.convert import export_hf
+    from jaxrm.train.loop import train
+    from jaxrm.train.metrics import read_metrics
 
     out = require_new_dir(out, "demo directory")
     print(f"1/4 toy data and tokenizer -> {out / 'data'}")
@@ -81,7 +81,7 @@ def _compare_with_transformers(loaded: Any, hf_dir: Path, rows_path: Path) -> fl
     except ImportError:
         print("    (torch / transformers not installed: skipped)")
         return None
-    from jaxrm.pipeline import template_spec
+    from jaxrm.data.pipeline import template_spec
 
     template = template_spec(loaded.config, loaded.tokenizer_dir).build()
     rows = [json.loads(line) for line in rows_path.read_text().splitlines()[:8]]

@@ -8,6 +8,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # As the `jaxrm` command does: XLA:CPU's per-step temporaries are reused instead of page-faulted in
 # again each call (jaxrm/host_memory.py); must run before JAX starts its CPU backend.
-from jaxrm.host_memory import keep_freed_memory
+from jaxrm.train.host_memory import keep_freed_memory
 
 keep_freed_memory()

@@ -4,7 +4,7 @@ import json
 import random
 from pathlib import Path
 
-from jaxrm.toy import train_tokenizer
+from jaxrm.data.toy_tokenizer import train_tokenizer
 
 WORDS = [
     "the",

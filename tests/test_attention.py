@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import jaxrm.attention
-from jaxrm.attention import (
+import jaxrm.model.attention
+from jaxrm.config import load_config
+from jaxrm.errors import UserError
+from jaxrm.model.attention import (
     CPU_FLASH_ENV,
     INTERPRET_ENV,
     attention,
@@ -18,9 +20,7 @@ from jaxrm.attention import (
     splash_attention,
     xla_attention,
 )
-from jaxrm.config import load_config
-from jaxrm.errors import UserError
-from jaxrm.model import create_model, last_token_index, rewards_at
+from jaxrm.model.decoder import create_model, last_token_index, rewards_at
 from jaxrm.sharding import DEFAULT_RULES, activation_sharding, make_mesh
 
 LENGTH = 200  # not a multiple of the kernel's 128-token blocks
@@ -103,7 +103,7 @@ def cudnn_via_xla(*args):
     ],
 )
 def test_cpu_flash_kernel_equals_the_reference(shared_prefix, shapes):
-    assert jaxrm.attention.available()  # the kernel built here; xla_attention runs it on CPU
+    assert jaxrm.model.attention.available()  # the kernel built here; xla_attention runs it on CPU
     assert_same_as_reference(xla_attention, shared_prefix, **shapes)
 
 

@@ -10,16 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from jaxrm.builders import (
-    add_commands,
-    code_blocks,
-    codepmp_pairs,
-    comment_density,
-    polar_triples,
-    write_jsonl,
-)
+from jaxrm.data import codepmp_pairs as codepmp_module
+from jaxrm.data import polar_triples as polar_module
+from jaxrm.data.code_text import code_blocks, comment_density
+from jaxrm.data.codepmp_pairs import codepmp_pairs
+from jaxrm.data.polar_triples import polar_triples
+from jaxrm.data.sources import open_source
 from jaxrm.errors import UserError
-from jaxrm.sources import open_source
+from jaxrm.storage import write_jsonl
 
 POLICIES = ("alpha", "beta", "gamma", "delta")
 
@@ -46,7 +44,9 @@ def read_trajectories(spec: str | list[str]) -> list[tuple[str, dict]]:
 
 def run_cli(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
-    add_commands(parser.add_subparsers(dest="cmd", required=True))
+    commands = parser.add_subparsers(dest="cmd", required=True)
+    for module in (polar_module, codepmp_module):
+        module.add_command(commands)
     args = parser.parse_args(argv)
     args.run(args)
 
@@ -90,8 +90,8 @@ def test_same_seed_same_triples_other_seed_other_triples(tmp_path):
 def test_output_does_not_depend_on_python_hash_seed(tmp_path):
     path = write_rows(tmp_path / "t.jsonl", trajectories(20, samples=3))
     script = (
-        "import json, sys; from jaxrm.builders import polar_triples; "
-        "from jaxrm.sources import open_source; s = open_source(sys.argv[1]); "
+        "import json, sys; from jaxrm.data.polar_triples import polar_triples; "
+        "from jaxrm.data.sources import open_source; s = open_source(sys.argv[1]); "
         "print(json.dumps(polar_triples((s.read(i) for i in range(len(s))), seed=3)))"
     )
     outputs = {

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from jaxrm import client as client_module
-from jaxrm.client import RewardClient, RewardServerError, compute_score, compute_score_batch
+from jaxrm.scoring import client as client_module
+from jaxrm.scoring.client import RewardClient, RewardServerError, compute_score, compute_score_batch
 
 Reply = tuple[int, Any]
 
@@ -90,7 +90,7 @@ def fast_client(url: str, **kwargs: Any) -> RewardClient:
 
 
 def test_import_stays_light() -> None:
-    code = "import sys, jaxrm.client; print(sorted({'jax', 'numpy'} & set(sys.modules)))"
+    code = "import sys, jaxrm.scoring.client; print(sorted({'jax', 'numpy'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

@@ -9,20 +9,21 @@ import re
 
 import pytest
 
-from jaxrm import cli, compile_check
-from jaxrm.attention import INTERPRET_ENV
-from jaxrm.compile_check import (
+from jaxrm import cli
+from jaxrm.config import load_config
+from jaxrm.errors import UserError
+from jaxrm.model.attention import INTERPRET_ENV
+from jaxrm.sharding import make_mesh
+from jaxrm.tpu import compile_check
+from jaxrm.tpu.compile_check import (
     abstract_batch,
     full_row_attention_pairs,
     parse_topology,
     topology_devices,
     without_no_tpu_warnings,
 )
-from jaxrm.config import load_config
-from jaxrm.errors import UserError
-from jaxrm.flops import train_flops
-from jaxrm.sharding import make_mesh
-from jaxrm.train import Trainer
+from jaxrm.train.flops import train_flops
+from jaxrm.train.trainer import Trainer
 
 TINY = "configs/tiny_polar.yaml"
 # 64 rows of 32768 tokens: the xla attention scores alone are hundreds of GiB per chip.

@@ -5,7 +5,7 @@ import logging
 import subprocess
 import sys
 
-from jaxrm import cpu_attention
+from jaxrm.model import cpu_attention
 
 
 def test_the_kernel_is_compiled_once_into_the_cache(monkeypatch, tmp_path):
@@ -28,11 +28,11 @@ def test_without_a_compiler_attention_warns_and_goes_on(monkeypatch, caplog):
 
 
 def run_in_a_fresh_process(code: str, cache) -> str:
-    """`code` after `from jaxrm import cpu_attention`, in a process that has not registered the
+    """`code` after `from jaxrm.model import cpu_attention`, in a process that has not registered the
     kernel yet (XLA refuses a second library under the same target names)."""
     env = {"PATH": "/usr/bin:/bin", "HOME": str(cache), "JAX_PLATFORMS": "cpu"}
     env[cpu_attention.CACHE_ENV] = str(cache)
-    script = f"from jaxrm import cpu_attention\n{code}"
+    script = f"from jaxrm.model import cpu_attention\n{code}"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     return done.stdout

@@ -9,8 +9,8 @@ from data_helpers import sentence, train_sentencepiece, write_jsonl
 
 from jaxrm.cli import main
 from jaxrm.config import load_config
+from jaxrm.data.pipeline import train_batches
 from jaxrm.errors import UserError
-from jaxrm.pipeline import train_batches
 
 
 @pytest.fixture(scope="module")

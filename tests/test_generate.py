@@ -12,7 +12,7 @@ import pytest
 from data_helpers import hf_model, sentence, train_sentencepiece, write_jsonl
 
 from jaxrm.cli import main
-from jaxrm.tokenizer import load_tokenizer
+from jaxrm.data.tokenizer import load_tokenizer
 
 pytest.importorskip("torch")
 VOCAB = 320  # above the tokenizer's ~300 pieces, as padded vocabularies are
@@ -257,7 +257,7 @@ def test_resume_reads_rows_holding_unicode_line_separators(models, tmp_path, cap
 def test_an_empty_output_restarts_with_new_settings_and_eos_text_is_not_made_special(
     models, tmp_path
 ):
-    from jaxrm.generate import open_model
+    from jaxrm.generate.trajectories import open_model
 
     prompts = prompt_file(tmp_path / "prompts.jsonl", 2)
     out = tmp_path / "out.jsonl"

@@ -12,11 +12,17 @@ import safetensors
 from data_helpers import hf_model
 from flax import nnx
 
-from jaxrm.checkpoint import load_model, save_model
+from jaxrm.checkpoint.items import save_model
+from jaxrm.checkpoint.loading import load_model
 from jaxrm.config import load_config
 from jaxrm.errors import UserError
-from jaxrm.hf import export_hf, load_hf
-from jaxrm.model import create_model, last_token_index, rewards_at, segments_from_attention_mask
+from jaxrm.hf.convert import export_hf, load_hf
+from jaxrm.model.decoder import (
+    create_model,
+    last_token_index,
+    rewards_at,
+    segments_from_attention_mask,
+)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

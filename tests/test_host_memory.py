@@ -3,13 +3,13 @@
 import subprocess
 import sys
 
-from jaxrm import host_memory
+from jaxrm.train import host_memory
 
 # Page faults of the second of two malloc-fill-free rounds of 256 MB, as XLA:CPU allocates a step's
 # temporaries (numpy would not do: it asks for huge pages itself).
 SECOND_FILL_FAULTS = """
 import ctypes, resource
-from jaxrm.host_memory import keep_freed_memory
+from jaxrm.train.host_memory import keep_freed_memory
 kept = keep_freed_memory()
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxrm.metrics import read_metrics
+from jaxrm.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 

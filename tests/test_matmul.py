@@ -1,11 +1,11 @@
-"""jaxrm.matmul's products equal jnp.einsum, values and gradients (its own backward runs on CPU)."""
+"""jaxrm.model.matmul's products equal jnp.einsum, values and gradients (its own backward runs on CPU)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrm.matmul import dense, einsum
+from jaxrm.model.matmul import dense, einsum
 
 
 @pytest.mark.parametrize(

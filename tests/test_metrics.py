@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from jaxrm.errors import UserError
-from jaxrm.metrics import MetricsLogger, add_command, plot_run, read_metrics
+from jaxrm.train.metrics import MetricsLogger, add_command, plot_run, read_metrics
 
 
 def train_metrics(step: int) -> dict[str, float]:

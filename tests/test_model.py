@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from jaxrm.config import load_config
-from jaxrm.model import (
+from jaxrm.model.decoder import (
     count_params,
     create_model,
     last_token_index,

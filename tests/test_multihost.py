@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxrm.checkpoint import load_model
+from jaxrm.checkpoint.loading import load_model
 from jaxrm.cli import main
-from jaxrm.distributed import initialize
 from jaxrm.errors import UserError
-from jaxrm.metrics import read_metrics
+from jaxrm.train.distributed import initialize
+from jaxrm.train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 RUN = [

@@ -9,14 +9,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxrm import losses
-from jaxrm.checkpoint import Loaded
 from jaxrm.config import load_config
-from jaxrm.hf import export_hf, load_hf
-from jaxrm.model import create_model, merge_lora
-from jaxrm.optim import decay_mask, learning_rate_schedule, make_optimizer
+from jaxrm.hf.convert import export_hf, load_hf
+from jaxrm.model.decoder import Loaded, create_model, merge_lora
 from jaxrm.sharding import make_mesh
-from jaxrm.train import Trainer
+from jaxrm.train import losses
+from jaxrm.train.optimizers import decay_mask, learning_rate_schedule, make_optimizer
+from jaxrm.train.trainer import Trainer
 
 
 def log_sigmoid(x):

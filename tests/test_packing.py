@@ -8,10 +8,10 @@ import pytest
 from data_helpers import polar_rows, train_sentencepiece
 
 from jaxrm.config import load_config
-from jaxrm.model import create_model, rewards_at
-from jaxrm.packing import common_prefix_length, pack
-from jaxrm.templates import Example, Template
-from jaxrm.tokenizer import load_tokenizer
+from jaxrm.data.packing import common_prefix_length, pack
+from jaxrm.data.templates import Example, Template
+from jaxrm.data.tokenizer import load_tokenizer
+from jaxrm.model.decoder import create_model, rewards_at
 
 SEQ_LEN = 384
 MAX_CANDIDATES = 4  # above the longest list here, so pairs and lists both leave -1 entries

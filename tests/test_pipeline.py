@@ -9,8 +9,8 @@ import pytest
 from data_helpers import polar_rows, train_sentencepiece, write_jsonl
 
 from jaxrm.config import load_config
+from jaxrm.data.pipeline import eval_batches, train_batches
 from jaxrm.errors import UserError
-from jaxrm.pipeline import eval_batches, train_batches
 
 
 @pytest.fixture(scope="module")
@@ -271,7 +271,7 @@ def test_bad_row_in_a_worker_process_is_reported(tokenizer, tmp_path):
 
 @pytest.mark.parametrize("chunk", [7, 64, 1 << 24])
 def test_jsonl_line_numbers_survive_chunked_scanning(tmp_path, monkeypatch, chunk):
-    from jaxrm.sources import JsonlSource
+    from jaxrm.data.sources import JsonlSource
 
     monkeypatch.setattr(JsonlSource, "CHUNK", chunk)
     text = "".join(

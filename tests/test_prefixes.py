@@ -10,9 +10,9 @@ import pytest
 from data_helpers import sentence, train_sentencepiece, write_jsonl
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from jaxrm.data.prefixes import PrefixCounts, add_command, draw_prefixes, prefix_ends
+from jaxrm.data.tokenizer import load_tokenizer
 from jaxrm.errors import UserError
-from jaxrm.prefixes import PrefixCounts, add_command, draw_prefixes, prefix_ends
-from jaxrm.tokenizer import load_tokenizer
 
 ODD_TEXTS = [
     "naïve café — 東京 😀 the fox",

@@ -9,12 +9,11 @@ import pytest
 from data_helpers import hf_model
 from flax import nnx
 
-from jaxrm.checkpoint import Loaded
 from jaxrm.config import load_config
 from jaxrm.errors import UserError
-from jaxrm.hf import export_hf, load_hf
-from jaxrm.model import create_model
-from jaxrm.sampling import Sampler, Sampling, restrict
+from jaxrm.generate.sampler import Sampler, Sampling, restrict
+from jaxrm.hf.convert import export_hf, load_hf
+from jaxrm.model.decoder import Loaded, create_model
 from jaxrm.sharding import make_mesh
 
 torch = pytest.importorskip("torch")
@@ -184,9 +183,9 @@ def test_generation_stops_at_the_models_context_and_needs_an_lm_head():
 
 def test_generation_compiles_for_a_tpu_slice_with_splash_prefill():
     pytest.importorskip("libtpu", reason="TPU compiles need libtpu (the test extra pins it)")
-    from jaxrm.compile_check import libtpu_warnings_hidden, parse_topology, topology_devices
-    from jaxrm.model import abstract_model
+    from jaxrm.model.decoder import abstract_model
     from jaxrm.sharding import activation_sharding, batch_sharding
+    from jaxrm.tpu.compile_check import libtpu_warnings_hidden, parse_topology, topology_devices
 
     with libtpu_warnings_hidden():
         mesh = make_mesh(fsdp=-1, devices=topology_devices(parse_topology("v5p-8")))

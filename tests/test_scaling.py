@@ -10,8 +10,8 @@ import pytest
 from jaxrm import cli
 from jaxrm.config import config_from_dict, dump_config
 from jaxrm.errors import UserError
-from jaxrm.flops import train_flops_per_token
-from jaxrm.scaling import PowerLaw, add_command, fit_power_law, run_point
+from jaxrm.train.flops import train_flops_per_token
+from jaxrm.train.scaling import PowerLaw, add_command, fit_power_law, run_point
 
 SEQ_LEN = 128
 # (hidden_size, intermediate_size, num_layers) of five models around the tiny preset.

@@ -12,20 +12,21 @@ import pytest
 from data_helpers import write_jsonl
 from flax import nnx
 
-from jaxrm.checkpoint import load_model, save_model
+from jaxrm.checkpoint.items import save_model
+from jaxrm.checkpoint.loading import load_model
 from jaxrm.cli import main
 from jaxrm.config import load_config
-from jaxrm.evaluate import (
+from jaxrm.data.pipeline import template_spec
+from jaxrm.hf.convert import export_hf
+from jaxrm.model.decoder import create_model
+from jaxrm.scoring.evaluate import (
     REWARDBENCH_COUNTS,
     best_of_n_report,
     oracle_accuracy,
     preference_report,
     top_of_subset_accuracy,
 )
-from jaxrm.hf import export_hf
-from jaxrm.model import create_model
-from jaxrm.pipeline import template_spec
-from jaxrm.scoring import bucket_length, plan_batches
+from jaxrm.scoring.scorer import bucket_length, plan_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "configs" / "toy"

@@ -14,7 +14,7 @@ from data_helpers import write_jsonl
 from test_scoring import TOY, make_checkpoint, read_rows
 
 from jaxrm.cli import main
-from jaxrm.client import RewardClient, RewardServerError
+from jaxrm.scoring.client import RewardClient, RewardServerError
 
 TOKEN = "s3cret"
 CLIENTS, REQUESTS = 16, 30

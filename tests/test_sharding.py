@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxrm import losses
 from jaxrm.config import load_config
 from jaxrm.errors import UserError
-from jaxrm.model import create_model
+from jaxrm.model.decoder import create_model
 from jaxrm.sharding import activation_sharding, batch_sharding, logical_to_spec, make_mesh
+from jaxrm.train import losses
 
 P = jax.sharding.PartitionSpec
 

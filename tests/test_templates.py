@@ -5,9 +5,9 @@ import pytest
 import sentencepiece as spm
 from data_helpers import train_sentencepiece
 
+from jaxrm.data.templates import Template
+from jaxrm.data.tokenizer import load_tokenizer
 from jaxrm.errors import UserError
-from jaxrm.templates import Template
-from jaxrm.tokenizer import load_tokenizer
 
 BOS = 1  # bos_id of the trained SentencePiece model
 

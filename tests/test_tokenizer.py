@@ -6,9 +6,9 @@ import pytest
 from data_helpers import sentence, train_sentencepiece
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from jaxrm.data.templates import Template
+from jaxrm.data.tokenizer import load_tokenizer
 from jaxrm.errors import UserError
-from jaxrm.templates import Template
-from jaxrm.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")

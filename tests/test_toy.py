@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 
-from jaxrm import toy
+from jaxrm.data import toy
+from jaxrm.data.rows import check_row
+from jaxrm.data.tokenizer import load_tokenizer
 from jaxrm.errors import UserError
 from jaxrm.presets import PRESETS
-from jaxrm.sources import check_row
-from jaxrm.tokenizer import load_tokenizer
 
 SHIPPED = Path(__file__).parent.parent / "configs" / "toy"
 KINDS = {

@@ -16,12 +16,13 @@ import yaml
 from data_helpers import polar_rows, train_sentencepiece, write_jsonl
 from flax import nnx
 
-from jaxrm.checkpoint import find_checkpoint, load_model
+from jaxrm.checkpoint.loading import find_checkpoint, load_model
 from jaxrm.config import dump_config, load_config
-from jaxrm.model import create_model
-from jaxrm.pipeline import train_batches
+from jaxrm.data.pipeline import train_batches
+from jaxrm.model.decoder import create_model
 from jaxrm.sharding import make_mesh
-from jaxrm.train import Trainer, train
+from jaxrm.train.loop import train
+from jaxrm.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,0 +1,140 @@
+"""The jaxrm checkpoint format: a model, its config and its tokenizer as Orbax items.
+
+A jaxrm checkpoint is a directory of Orbax items:
+
+    params/             the parameters (restore onto any mesh)
+    config/jaxrm.yaml   the resolved config (model shape, template settings, ...)
+    tokenizer/          the tokenizer files, when the model has them
+
+A training checkpoint (`train/checkpoints.py`) is the same plus what resuming needs.
+
+Orbax writes a checkpoint into a temporary directory and renames it when every item is complete,
+so an interrupted save is never taken for a checkpoint.
+"""
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import nnx
+
+from jaxrm.config import Config, dump_config
+from jaxrm.data.tokenizer import tokenizer_files
+from jaxrm.errors import UserError
+from jaxrm.model.decoder import RewardModel
+from jaxrm.storage import require_new_dir
+
+PARAMS = "params"
+CONFIG = "config"
+CONFIG_FILE = "jaxrm.yaml"
+TOKENIZER = "tokenizer"
+
+
+@dataclasses.dataclass
+class FilesSave(ocp.args.CheckpointArgs):
+    files: dict[str, bytes]
+
+
+class FilesHandler(ocp.CheckpointHandler):
+    """An item that is a few small files (the config, the tokenizer), written by host 0."""
+
+    def save(self, directory: epath.Path, args: FilesSave) -> None:
+        if jax.process_index() == 0:
+            for name, data in args.files.items():
+                (directory / name).write_bytes(data)
+
+    def restore(self, directory: epath.Path, args: Any = None) -> epath.Path:
+        return directory  # read as ordinary files (load_model, load_tokenizer)
+
+    def metadata(self, directory: epath.Path) -> None:
+        return None
+
+    def finalize(self, directory: epath.Path) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+ocp.args.register_with_handler(FilesHandler, for_save=True, for_restore=True)(FilesSave)
+
+
+def model_items(params: dict, config: Config, tokenizer: Path | None) -> dict[str, Any]:
+    """The Orbax save arguments of a model checkpoint (`tokenizer`: a directory or file)."""
+    items: dict[str, Any] = {
+        PARAMS: ocp.args.PyTreeSave(params),
+        CONFIG: FilesSave({CONFIG_FILE: dump_config(config).encode()}),
+    }
+    files = tokenizer_files(tokenizer)
+    if files:
+        items[TOKENIZER] = FilesSave(files)
+    return items
+
+
+def item_handlers(params: dict) -> dict[str, ocp.CheckpointHandler]:
+    return {
+        PARAMS: _params_handler(params),
+        CONFIG: FilesHandler(),
+        TOKENIZER: FilesHandler(),
+        "opt_state": ocp.PyTreeCheckpointHandler(),
+        "data": grain.checkpoint.CheckpointHandler(),
+        "train_state": ocp.JsonCheckpointHandler(),
+    }
+
+
+def save_model(
+    path: str | Path, model: RewardModel, config: Config, tokenizer_dir: Path | None = None
+) -> Path:
+    """Writes a new model checkpoint at `path`; an existing non-empty `path` is refused."""
+    path = require_new_dir(path, "checkpoint path")
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    items = model_items(params, config, tokenizer_dir)
+    handlers = {name: item_handlers(params)[name] for name in items}
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler(**handlers)) as checkpointer:
+        checkpointer.save(path, ocp.args.Composite(**items), force=True)
+    return path
+
+
+def _params_handler(params: dict) -> ocp.PyTreeCheckpointHandler:
+    """Moves as little at once as `params` allow.
+
+    Orbax stages arrays in host memory while it writes; capping that at the largest array shard
+    on this host (at least 1 GB) keeps a save from needing a second copy of the model.
+    """
+    shard_bytes = [
+        math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+        for x in jax.tree.leaves(params)
+        if hasattr(x, "sharding")
+    ]
+    limit_gb = max(1, math.ceil(max(shard_bytes, default=0) / 1e9))
+    return ocp.PyTreeCheckpointHandler(
+        save_concurrent_gb=limit_gb,
+        save_device_host_concurrent_gb=limit_gb,
+        restore_concurrent_gb=limit_gb,
+    )
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (path / CONFIG / CONFIG_FILE).is_file() and (path / PARAMS).is_dir()
+
+
+def restore_params(directory: Path, target: dict) -> dict:
+    """Parameters into the shapes and shardings of `target` (ShapeDtypeStructs)."""
+    restore = restore_args(target)
+    try:
+        with ocp.Checkpointer(_params_handler(target)) as checkpointer:
+            return checkpointer.restore(directory.absolute(), args=restore)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise UserError(
+            f"{directory}: parameters do not match the config ({str(e).splitlines()[0]})"
+        ) from None
+
+
+def restore_args(target: Any) -> ocp.args.PyTreeRestore:
+    """Orbax's arguments to restore a tree into the shapes and shardings of `target`."""
+    return ocp.args.PyTreeRestore(target, ocp.checkpoint_utils.construct_restore_args(target))

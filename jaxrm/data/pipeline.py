@@ -1,0 +1,458 @@
+"""The per-host Grain pipeline: rows -> checked -> templated -> packed rows -> host batches.
+
+    batches = train_batches(config, tokenizer)          # endless, shuffled anew each epoch
+    batch = next(batches)                               # dict of [rows per host, ...] numpy
+    state = batches.get_state()                         # store with the checkpoint ...
+    batches.set_state(state)                            # ... and resume exactly there
+
+The shuffle is one global permutation per epoch (seeded by `train.seed`). Row `j` of every global
+batch of R = `train.batch_size` rows is packed from its own stream: examples j, j + R, j + 2R, ...
+of that order, packed by first-fit decreasing over windows of `pack_window` examples. A host reads
+only the streams of its rows (host i of n: rows i·R/n to (i+1)·R/n - 1), so hosts see disjoint
+examples that together cover the data, and a global batch is the same on any number of hosts: a
+run on a pod equals the same run on one host. Rows are parsed, checked and templated in
+`data.num_workers` worker processes (or in threads of this process when 0). The iterator state is,
+per stream, the position of its current window plus the rows already taken from it, so a restored
+iterator yields exactly the batches an uninterrupted one would.
+
+A malformed row stops the run with its file, line and field, unless `data.skip_bad_rows`: then it
+is counted, and each batch reports the rows skipped since the previous one in `bad_rows`.
+"""
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+
+from jaxrm.config import Config
+from jaxrm.data.packing import empty_row, pack
+from jaxrm.data.rows import BadRow, check_row
+from jaxrm.data.sources import open_source
+from jaxrm.data.templates import Example, Template
+from jaxrm.data.tokenizer import load_tokenizer
+from jaxrm.errors import UserError
+
+# Examples packed together over a batch's streams (at least MIN_STREAM_WINDOW per stream): larger
+# windows pack tighter, and a restore replays more.
+PACK_WINDOW = 1024
+MIN_STREAM_WINDOW = 64
+MANIFEST = "manifest.json"
+PREPARED_FORMAT = "jaxrm-examples/1"
+# The settings a prepared (tokenised) dataset was made with; they must match the run's.
+TEMPLATE_KEYS = (
+    "objective",
+    "tokenizer_sha256",
+    "max_length",
+    "max_response_length",
+    "wrapper",
+    "separator",
+    "reward_marker",
+    "reward_token",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    """A malformed row that `data.skip_bad_rows` lets the run step over (and count)."""
+
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TemplateSpec:
+    """Everything needed to rebuild the template in a worker process."""
+
+    tokenizer: str
+    objective: str
+    max_length: int
+    max_response_length: int
+    wrapper: str
+    separator: str
+    reward_marker: str | int
+    reward_token: str | int | None
+
+    def build(self) -> Template:
+        settings = dataclasses.asdict(self)
+        tokenizer = load_tokenizer(settings.pop("tokenizer"))
+        return Template(tokenizer, settings.pop("objective"), **settings)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings a prepared dataset records, with the tokenizer by content."""
+        settings = dataclasses.asdict(self)
+        settings["tokenizer_sha256"] = _tokenizer_sha256(Path(settings.pop("tokenizer")))
+        return {key: settings[key] for key in TEMPLATE_KEYS}
+
+
+def template_spec(config: Config, tokenizer: str | Path | None = None) -> TemplateSpec:
+    data = config.data
+    path = tokenizer or data.tokenizer
+    if path is None:
+        raise UserError("no tokenizer: set data.tokenizer (a .model, tokenizer.json or directory)")
+    reward_token = data.reward_token
+    if reward_token is None:
+        reward_token = config.model.reward_token_id
+    return TemplateSpec(
+        tokenizer=str(load_tokenizer(path).path),
+        objective=config.objective,
+        max_length=data.max_length,
+        max_response_length=data.max_response_length,
+        wrapper=data.wrapper,
+        separator=data.separator,
+        reward_marker=data.reward_marker,
+        reward_token=reward_token,
+    )
+
+
+class ToExample:
+    """(where, row) -> Example, or Skipped when bad rows may be skipped. Runs in workers."""
+
+    def __init__(self, spec: TemplateSpec, skip_bad_rows: bool, max_candidates: int):
+        self.spec = spec
+        self.kind = spec.objective
+        self.skip_bad_rows = skip_bad_rows
+        self.max_candidates = max_candidates
+        self._template: Template | None = None
+
+    def __call__(self, item: tuple[str, Any]) -> Example | Skipped:
+        where, row = item
+        try:
+            if isinstance(row, BadRow):
+                raise row
+            check_row(row, self.kind, where)
+            ranked = row.get("ranked") or []
+            if len(ranked) > self.max_candidates:
+                raise BadRow(
+                    f"{where}: field 'ranked' holds {len(ranked)} responses, more than "
+                    f"data.max_candidates ({self.max_candidates}); raise data.max_candidates"
+                )
+            if self._template is None:
+                self._template = self.spec.build()
+            return self._template(row)
+        except BadRow as e:
+            if not self.skip_bad_rows:
+                raise
+            return Skipped(str(e))
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_template": None}
+
+
+class RowSource:
+    """A grain data source of (where, row); a row that cannot be parsed becomes its BadRow."""
+
+    def __init__(self, spec: str | Sequence[str], tfds_data_dir: str | None):
+        self.source = open_source(spec, tfds_data_dir)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple[str, Any]:
+        try:
+            return self.source.read(index)
+        except BadRow as e:
+            return "", e
+
+
+class PreparedSource:
+    """Examples tokenised ahead of time by `jaxrm data prepare` (ArrayRecord shards)."""
+
+    def __init__(self, directory: str, expected: dict[str, Any], max_candidates: int):
+        from grain.sources import ArrayRecordDataSource
+
+        manifest = read_manifest(directory)
+        prepared_candidates = manifest["data"].get("max_candidates", 2)
+        if prepared_candidates > max_candidates:
+            raise UserError(
+                f"{directory} was prepared with data.max_candidates {prepared_candidates}; "
+                f"set data.max_candidates to at least that (it is {max_candidates})"
+            )
+        differing = [k for k in TEMPLATE_KEYS if manifest["template"].get(k) != expected.get(k)]
+        if differing:
+            details = ", ".join(
+                f"{k}: {manifest['template'].get(k)!r} there, {expected.get(k)!r} here"
+                for k in differing
+            )
+            raise UserError(
+                f"{directory} was prepared with other settings ({details}); prepare it again"
+            )
+        self.records = ArrayRecordDataSource(
+            [f"{directory.rstrip('/')}/{name}" for name in manifest["shards"]]
+        )
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Example:
+        return decode_example(self.records[index])
+
+
+def encode_example(example: Example) -> bytes:
+    return json.dumps(
+        {
+            "sequences": [s.tolist() for s in example.sequences],
+            "lm_mask": None if example.lm_mask is None else example.lm_mask.tolist(),
+            "margin": example.margin,
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def decode_example(record: bytes) -> Example:
+    data = json.loads(record)
+    mask = data["lm_mask"]
+    return Example(
+        [np.asarray(s, np.int32) for s in data["sequences"]],
+        None if mask is None else np.asarray(mask, np.int8),
+        float(data["margin"]),
+    )
+
+
+def read_manifest(directory: str) -> dict[str, Any]:
+    path = f"{directory.rstrip('/')}/{MANIFEST}"
+    try:
+        manifest = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not a readable jaxrm data manifest ({e})") from None
+    if manifest.get("format") != PREPARED_FORMAT:
+        raise UserError(f"{path}: format {manifest.get('format')!r} is not {PREPARED_FORMAT!r}")
+    return manifest
+
+
+def is_prepared(spec: str | Sequence[str]) -> bool:
+    return isinstance(spec, str) and Path(spec, MANIFEST).is_file()
+
+
+def examples_dataset(
+    spec: str | Sequence[str], config: Config, template: TemplateSpec
+) -> grain.MapDataset:
+    """A random-access dataset of Examples (or Skipped rows), templated lazily on access."""
+    if is_prepared(spec):
+        prepared = PreparedSource(spec, template.fingerprint(), config.data.max_candidates)
+        return grain.MapDataset.source(prepared)
+    data = config.data
+    rows = grain.MapDataset.source(RowSource(spec, data.tfds_data_dir))
+    return rows.map(ToExample(template, data.skip_bad_rows, data.max_candidates))
+
+
+def pack_window(config: Config) -> int:
+    """Examples one row stream packs together: PACK_WINDOW shared by a batch's streams."""
+    return max(MIN_STREAM_WINDOW, PACK_WINDOW // config.train.batch_size)
+
+
+class PackIterDataset(grain.IterDataset):
+    """Packs the Examples of its parent into rows, window by window (see the module doc)."""
+
+    def __init__(self, parent: grain.IterDataset, config: Config):
+        super().__init__(parent)
+        self.config = config
+        self.window = pack_window(config)
+
+    def __iter__(self) -> "PackIterator":
+        return PackIterator(self._parent.__iter__(), self)
+
+
+class PackIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, packer: PackIterDataset):
+        super().__init__(parent)
+        self.config = packer.config
+        self.window = packer.window
+        self.window_start = parent.get_state()
+        self.rows: list[dict[str, np.ndarray]] = []
+        self.taken = 0
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        while self.taken == len(self.rows):
+            self._pack_window()
+        row = self.rows[self.taken]
+        self.taken += 1
+        return row
+
+    def _pack_window(self) -> None:
+        self.window_start = self._parent.get_state()
+        examples, skipped = [], 0
+        for item in self._parent:
+            if isinstance(item, Skipped):
+                skipped += 1
+            else:
+                examples.append(item)
+            if len(examples) + skipped == self.window:
+                break
+        if not examples and not skipped:
+            raise StopIteration
+        rows = pack_rows(examples, self.config, self.config.data.shared_prefix)
+        rows = [{**r, "bad_rows": np.int32(0)} for r in rows] or [padding_row(self.config)]
+        rows[0]["bad_rows"] = np.int32(skipped)
+        self.rows, self.taken = rows, 0
+
+    def get_state(self) -> dict[str, Any]:
+        return {"window_start": self.window_start, "taken": self.taken}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["window_start"])
+        self._pack_window()
+        self.taken = state["taken"]
+
+
+class StackRows(grain.IterDataset):
+    """Batches whose row k comes from stream k; a stream that ends gives padding rows until the
+    last one ends."""
+
+    def __init__(self, streams: Sequence[grain.IterDataset], config: Config):
+        super().__init__(streams)
+        self.config = config
+
+    def __iter__(self) -> "StackRowsIterator":
+        return StackRowsIterator([stream.__iter__() for stream in self.parents], self.config)
+
+
+class StackRowsIterator(grain.DatasetIterator):
+    def __init__(self, streams: list[grain.DatasetIterator], config: Config):
+        super().__init__(streams)
+        self.padding = padding_row(config)
+        self.ended = [False] * len(streams)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        rows = [self._next_row(k) for k in range(len(self._parents))]
+        if all(self.ended):
+            raise StopIteration
+        return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
+
+    def _next_row(self, k: int) -> dict[str, np.ndarray]:
+        if not self.ended[k]:
+            try:
+                return next(self._parents[k])
+            except StopIteration:
+                self.ended[k] = True
+        return self.padding
+
+    def get_state(self) -> dict[str, Any]:
+        return {"streams": [s.get_state() for s in self._parents], "ended": self.ended}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        for stream, stream_state in zip(self._parents, state["streams"], strict=True):
+            stream.set_state(stream_state)
+        self.ended = list(state["ended"])
+
+
+def host_batches(
+    dataset: grain.MapDataset,
+    config: Config,
+    rows: range,
+    *,
+    shuffle: bool,
+    num_epochs: int | None,
+) -> grain.IterDataset:
+    """Batches of the global batch rows `rows`, each packed from its own stream."""
+    if shuffle:
+        dataset = dataset.shuffle(seed=config.train.seed)
+    dataset = dataset.repeat(num_epochs)
+    total = config.train.batch_size
+    streams = [PackIterDataset(dataset[j::total].to_iter_dataset(), config) for j in rows]
+    batches: grain.IterDataset = StackRows(streams, config)
+    if config.data.num_workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; jaxrm has none
+            flags.FLAGS.mark_as_parsed()
+        options = grain.MultiprocessingOptions(num_workers=config.data.num_workers)
+        batches = batches.mp_prefetch(options)
+    return batches
+
+
+def host_rows(config: Config, process_index: int, process_count: int) -> range:
+    """The rows of each global batch that host `process_index` of `process_count` feeds."""
+    total = config.train.batch_size
+    if total % process_count:
+        raise UserError(
+            f"train.batch_size ({total}) must be a multiple of the number of hosts "
+            f"({process_count})"
+        )
+    per_host = total // process_count
+    return range(process_index * per_host, (process_index + 1) * per_host)
+
+
+def train_batches(
+    config: Config,
+    tokenizer: str | Path | None = None,
+    *,
+    num_epochs: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.DatasetIterator:
+    """This host's endless (or `num_epochs`) stream of [rows per host, ...] training batches."""
+    if config.data.train is None:
+        raise UserError("data.train is not set")
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    rows = host_rows(config, index, count)
+    template = template_spec(config, tokenizer)
+    dataset = examples_dataset(config.data.train, config, template)
+    if len(dataset) == 0:
+        raise UserError(f"data.train ({config.data.train}) holds no rows")
+    batches = host_batches(
+        dataset, config, rows, shuffle=config.data.shuffle, num_epochs=num_epochs
+    )
+    return iter(batches)
+
+
+def eval_batches(
+    config: Config,
+    spec: str | Sequence[str],
+    tokenizer: str | Path | None = None,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """This host's rows of every evaluation batch, in order, the last ones padded with empty rows.
+
+    Every host packs the whole evaluation set (it is small), so all hosts agree on the number of
+    batches, which a collective evaluation step needs.
+    """
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    rows = host_rows(config, index, count)
+    template = template_spec(config, tokenizer)
+    dataset = examples_dataset(spec, config, template)
+    everything = range(config.train.batch_size)
+    batches = host_batches(dataset, config, everything, shuffle=False, num_epochs=1)
+    return [{k: v[rows.start : rows.stop] for k, v in batch.items()} for batch in batches]
+
+
+def pack_rows(
+    examples: list[Example], config: Config, shared_prefix: bool
+) -> list[dict[str, np.ndarray]]:
+    """`examples` packed into rows as the config says (with or without shared prefixes)."""
+    data = config.data
+    with_lm = config.objective == "codepmp"
+    try:
+        return pack(
+            examples, data.seq_len, data.pairs_per_row, data.max_candidates, shared_prefix, with_lm
+        )
+    except ValueError as e:
+        raise UserError(
+            f"{e}; data.seq_len must hold an example's sequences (up to data.max_candidates of "
+            "data.max_length tokens each)"
+        ) from None
+
+
+def padding_row(config: Config) -> dict[str, np.ndarray]:
+    """A row with no tokens and no pairs, to fill a batch."""
+    data = config.data
+    with_lm = config.objective == "codepmp"
+    row = empty_row(data.seq_len, data.pairs_per_row, data.max_candidates, with_lm)
+    return {**row, "bad_rows": np.int32(0)}
+
+
+def _tokenizer_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256(path.read_bytes())
+    config = path.parent / "tokenizer_config.json"
+    if config.is_file():
+        digest.update(config.read_bytes())
+    return digest.hexdigest()

@@ -1,0 +1,105 @@
+"""The data formats' rows, checked: a malformed row is a `BadRow` naming file, line and field.
+
+    row = check_row(row, "polar", where)
+
+ARCHITECTURE.md, "Data formats": preference rows (polar, pairwise, codepmp), trajectory rows,
+scoring rows and prompt rows. Text fields are strings or lists of {role, content} messages.
+"""
+
+from typing import Any
+
+from jaxrm.errors import UserError
+
+# Required and optional fields of each kind of row (ARCHITECTURE.md, "Data formats"). A preference
+# row also needs its responses: "chosen" and "rejected", or "ranked" (2 or more, best first).
+ROW_KINDS = {
+    "polar": (("prompt", "reference"), ("category", "margin", "wrapper")),
+    "pairwise": (("prompt",), ("category", "margin", "wrapper", "reference")),
+    "codepmp": (("prompt",), ("category", "margin", "wrapper", "reference")),
+    "trajectory": (("prompt", "policy", "response"), ()),
+    "score": (("prompt", "response"), ("reference", "wrapper")),
+    "prompt": (("prompt",), ()),
+}
+PREFERENCE_KINDS = {"polar", "pairwise", "codepmp"}
+# Fields that must hold some text: a candidate the model scores.
+NON_EMPTY = {"chosen", "rejected", "response"}
+TEXT_FIELDS = {"prompt", "reference", "chosen", "rejected", "response"}
+
+
+class BadRow(UserError):
+    """A malformed row; the message names the file, the line (or record) and the field."""
+
+
+def check_row(row: Any, kind: str, where: str) -> dict[str, Any]:
+    """`row` if it is a valid row of `kind`; otherwise BadRow."""
+    if not isinstance(row, dict):
+        raise BadRow(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+    required, optional = ROW_KINDS[kind]
+    needs = ", ".join(required)
+    if kind in PREFERENCE_KINDS:
+        needs += " and its responses: chosen and rejected, or ranked"
+        required = (*required, *_response_fields(row))
+    for field in required:
+        if field not in row or row[field] is None:
+            raise BadRow(f"{where}: field '{field}' is missing (a {kind} row needs {needs})")
+    for field in (*required, *optional):
+        value = row.get(field)
+        if value is None:
+            continue
+        if field in TEXT_FIELDS:
+            _check_text(value, field, where)
+            if field in NON_EMPTY and not _has_text(value):
+                raise BadRow(f"{where}: field '{field}' is empty")
+        elif field == "ranked":
+            _check_ranked(row, where)
+        elif field == "margin" and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise BadRow(f"{where}: field 'margin' must be a number, got {value!r}")
+        elif field == "wrapper" and value not in ("sft", "pretrain"):
+            raise BadRow(f"{where}: field 'wrapper' must be 'sft' or 'pretrain', got {value!r}")
+        elif field in ("category", "policy") and not isinstance(value, str):
+            raise BadRow(f"{where}: field '{field}' must be a string, got {value!r}")
+    return row
+
+
+def _response_fields(row: dict[str, Any]) -> tuple[str, ...]:
+    """The fields that hold a preference row's responses ("ranked" unless it has a pair)."""
+    paired = any(row.get(f) is not None for f in ("chosen", "rejected"))
+    return ("chosen", "rejected") if paired and row.get("ranked") is None else ("ranked",)
+
+
+def _check_ranked(row: dict[str, Any], where: str) -> None:
+    ranked = row["ranked"]
+    paired = [f for f in ("chosen", "rejected") if row.get(f) is not None]
+    if paired:
+        raise BadRow(
+            f"{where}: field 'ranked' cannot go with '{paired[0]}' (give ranked, or chosen and "
+            "rejected)"
+        )
+    if not isinstance(ranked, list) or len(ranked) < 2:
+        raise BadRow(f"{where}: field 'ranked' must be a list of 2 or more responses, best first")
+    for i, response in enumerate(ranked):
+        _check_text(response, f"ranked[{i}]", where)
+        if not _has_text(response):
+            raise BadRow(f"{where}: field 'ranked[{i}]' is empty")
+
+
+def _check_text(value: Any, field: str, where: str) -> None:
+    if isinstance(value, str):
+        return
+    if isinstance(value, list) and value:
+        for i, message in enumerate(value):
+            content = message.get("content") if isinstance(message, dict) else None
+            if not isinstance(content, str):
+                raise BadRow(
+                    f"{where}: field '{field}' message {i} must be an object with a string "
+                    "'content'"
+                )
+        return
+    raise BadRow(
+        f"{where}: field '{field}' must be a string or a non-empty list of "
+        f"{{role, content}} messages, got {type(value).__name__}"
+    )
+
+
+def _has_text(value: str | list[dict]) -> bool:
+    return bool(value) if isinstance(value, str) else any(m["content"] for m in value)

@@ -1,0 +1,199 @@
+"""Row -> token sequences, exactly as the published models saw them (METHODS.md).
+
+A preference row's candidates are its chosen and rejected responses, or its "ranked" list; each
+gives one sequence, best first.
+
+POLAR (objective `polar`), for each candidate C of a row:
+
+    BOS + P + SEP + R + <|reward|> + P + SEP + C, then the reward token id appended
+
+as xtuner builds it: P, R and C are encoded on their own (with BOS, which counts towards their
+length), R and C keep their first `max_response_length` tokens, P keeps its last
+(max_length - 4 - len(R) - len(longest C)) // 2 tokens, each piece is decoded back to text, and the
+assembled text is encoded once. SEP is "" for the "pretrain" wrapper and next to an empty piece.
+Two decisions of ours, where xtuner has no answer: the response cap is at most half the budget (so
+the prompt budget is never negative), and a prompt budget of 0 keeps no prompt token (xtuner's
+`ids[-0:]` keeps them all). Should re-encoding the assembled text still overflow `max_length`
+(decoded pieces can re-encode longer), the prompt gives way, then the responses, until it fits.
+
+Pairwise and CodePMP: BOS + P + SEP, then the response, then the reward token. The prompt and the
+response are encoded apart, so the response tokens (the CodePMP LM-loss targets of the best
+response) and the shared prompt are exact token spans. The response keeps its head, the prompt its
+tail.
+"""
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from jaxrm.data.tokenizer import Tokenizer
+from jaxrm.errors import UserError
+
+POLAR_RESERVED = 4  # BOS, <|reward|>, the reward token and a spare, as in xtuner
+
+
+@dataclasses.dataclass
+class Example:
+    """One training example: a token sequence per candidate, best first (2 for a chosen /
+    rejected row, one per response of a "ranked" row).
+
+    `lm_mask` marks, in `sequences[0]`, the tokens that are LM-loss targets (CodePMP).
+    """
+
+    sequences: list[np.ndarray]
+    lm_mask: np.ndarray | None = None
+    margin: float = 0.0
+
+
+def responses(row: dict[str, Any]) -> list[Any]:
+    """A checked preference row's responses, best first: its "ranked" list, or chosen, rejected."""
+    ranked = row.get("ranked")
+    return [row["chosen"], row["rejected"]] if ranked is None else ranked
+
+
+def flatten(text: str | list[dict]) -> str:
+    """A text field: a string, or chat messages whose contents are joined with newlines."""
+    return text if isinstance(text, str) else "\n".join(m["content"] for m in text)
+
+
+class Template:
+    """Applies one objective's template with one tokenizer and one set of data settings."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        objective: str,
+        *,
+        max_length: int,
+        max_response_length: int = 4096,
+        wrapper: str = "sft",
+        separator: str = "\n",
+        reward_marker: str | int = "<|reward|>",
+        reward_token: str | int | None = None,
+    ):
+        self.tokenizer = tokenizer
+        self.objective = objective
+        self.max_length = max_length
+        self.max_response_length = max_response_length
+        self.wrapper = wrapper
+        self.separator = separator
+        if reward_token is None:
+            raise UserError(
+                "no reward token: set data.reward_token (a token string or id) or "
+                "model.reward_token_id"
+            )
+        self.reward_id = tokenizer.resolve(reward_token, "data.reward_token")
+        self.marker = reward_marker
+        if objective == "polar":
+            self.marker_id = tokenizer.resolve(reward_marker, "data.reward_marker")
+        self.special_prefix = _special_prefix(tokenizer)
+
+    def __call__(self, row: dict[str, Any]) -> Example:
+        wrapper = row.get("wrapper")
+        candidates = responses(row)
+        if self.objective == "polar":
+            sequences = self.polar(row["prompt"], row["reference"], candidates, wrapper)
+            return Example(sequences, margin=float(row.get("margin") or 0.0))
+        sequences, response_starts = self.pairwise(row["prompt"], candidates, wrapper)
+        mask = None
+        if self.objective == "codepmp":
+            mask = np.zeros(len(sequences[0]), np.int8)
+            mask[response_starts[0] : len(sequences[0]) - 1] = 1
+        return Example(sequences, lm_mask=mask, margin=float(row.get("margin") or 0.0))
+
+    def polar(
+        self, prompt: Any, reference: Any, candidates: list[Any], wrapper: str | None = None
+    ) -> list[np.ndarray]:
+        """The token sequence of each candidate, judged against `reference`."""
+        wrapper = wrapper or self.wrapper
+        encode = self.tokenizer.encode
+        prompt_ids = encode(flatten(prompt), add_special_tokens=True)
+        responses = [encode(flatten(r), add_special_tokens=True) for r in (reference, *candidates)]
+        cap = min(self.max_response_length, (self.max_length - POLAR_RESERVED) // 2)
+        prompt_budget = None
+        while cap > 1:
+            sequences, prompt_budget = self._polar_fit(
+                prompt_ids, [r[:cap] for r in responses], wrapper, prompt_budget
+            )
+            overflow = max(map(len, sequences)) - self.max_length
+            if overflow <= 0:
+                return sequences
+            # Re-encoding the decoded pieces came out longer: the prompt gives way first.
+            if prompt_budget > 0:
+                prompt_budget = max(0, prompt_budget - max(1, overflow // 2))
+            else:
+                cap, prompt_budget = cap - max(1, overflow // 2), None
+        raise UserError(
+            f"a POLAR example does not fit data.max_length ({self.max_length}) even with "
+            "nothing left of its prompt and responses; raise data.max_length"
+        )
+
+    def _polar_fit(
+        self,
+        prompt_ids: list[int],
+        responses: list[list[int]],
+        wrapper: str,
+        prompt_budget: int | None,
+    ) -> tuple[list[np.ndarray], int]:
+        """Sequences from the truncated reference and candidates (`responses`, in that order)."""
+        reference_ids, *candidate_ids = responses
+        if prompt_budget is None:
+            budget = self.max_length - POLAR_RESERVED
+            prompt_budget = (budget - len(reference_ids) - max(map(len, candidate_ids))) // 2
+        kept = prompt_ids[max(0, len(prompt_ids) - prompt_budget) :] if prompt_budget > 0 else []
+        decode = self.tokenizer.decode
+        prompt_text, reference_text = decode(kept), decode(reference_ids)
+        sequences = [
+            self._polar_sequence(prompt_text, reference_text, decode(ids), wrapper)
+            for ids in candidate_ids
+        ]
+        return sequences, prompt_budget
+
+    def _polar_sequence(
+        self, prompt: str, reference: str, candidate: str, wrapper: str
+    ) -> np.ndarray:
+        reference_part = self._join(prompt, reference, wrapper)
+        candidate_part = self._join(prompt, candidate, wrapper)
+        encode = self.tokenizer.encode
+        if isinstance(self.marker, str):
+            ids = encode(reference_part + self.marker + candidate_part, add_special_tokens=True)
+        else:
+            ids = [*encode(reference_part, add_special_tokens=True), self.marker_id]
+            ids += encode(candidate_part)
+        return np.asarray([*ids, self.reward_id], np.int32)
+
+    def _join(self, prompt: str, response: str, wrapper: str) -> str:
+        if wrapper == "pretrain" or not response:
+            return prompt + response
+        return prompt + self.separator + response
+
+    def pairwise(
+        self, prompt: Any, responses: list[Any], wrapper: str | None = None
+    ) -> tuple[list[np.ndarray], list[int]]:
+        """(a token sequence per response, where each response's tokens start)."""
+        wrapper = wrapper or self.wrapper
+        encode = self.tokenizer.encode
+        budget = self.max_length - 1 - len(self.special_prefix)
+        cap = min(self.max_response_length, budget // 2)
+        prompt_text = flatten(prompt)
+        if prompt_text and wrapper != "pretrain":
+            prompt_text += self.separator
+        response_ids = [encode(flatten(r))[:cap] for r in responses]
+        prompt_ids = encode(prompt_text)
+        keep = budget - max(map(len, response_ids))
+        prompt_ids = self.special_prefix + (
+            prompt_ids[max(0, len(prompt_ids) - keep) :] if keep else []
+        )
+        sequences = [np.asarray([*prompt_ids, *r, self.reward_id], np.int32) for r in response_ids]
+        return sequences, [len(prompt_ids)] * len(sequences)
+
+
+def _special_prefix(tokenizer: Tokenizer) -> list[int]:
+    """The ids the tokenizer puts before a text when adding special tokens (BOS or nothing)."""
+    plain = tokenizer.encode("a")
+    full = tokenizer.encode("a", add_special_tokens=True)
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start]
+    return []

@@ -1,0 +1,390 @@
+"""`jaxrm generate`: trajectory rows {prompt, policy, response} sampled from a causal LM.
+
+    jaxrm generate MODEL --prompts prompts.jsonl --out trajectories.jsonl --n 2
+
+MODEL is a Hugging Face Llama / Qwen2 / InternLM2 causal LM directory or a jaxrm checkpoint
+with an LM head. Each prompt row's `prompt` (a string, or messages joined by "\n" as POLAR's
+template joins them; no chat template) is tokenised with the tokenizer's BOS and completed
+`--n` times. Rows are appended in prompt order as each batch finishes, each with its
+`finish_reason`: "stop" (an EOS id) or "length".
+
+Resuming: `OUT.generate.json` records the settings. Rerunning the same command keeps the rows
+already in OUT (a line cut short by a kill is dropped) and generates the rest; every sample's
+randomness depends only on (seed, prompt index, sample index), so in float32 the result equals
+an uninterrupted run (see jaxrm/generate/sampler.py for bfloat16). Other settings for an existing OUT
+are refused.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+from tqdm import tqdm
+
+from jaxrm.checkpoint.loading import find_checkpoint, load_model
+from jaxrm.data.rows import check_row
+from jaxrm.data.sources import read_rows
+from jaxrm.data.templates import flatten
+from jaxrm.data.tokenizer import Tokenizer, load_tokenizer
+from jaxrm.errors import UserError
+from jaxrm.generate.sampler import Sampler, Sampling
+from jaxrm.hf.convert import load_hf
+from jaxrm.model.decoder import Loaded
+from jaxrm.sharding import make_mesh
+
+# POLAR's sampling for policy trajectories (METHODS.md, section 1).
+POLAR_SAMPLING = Sampling(temperature=1.0, top_p=0.9, top_k=50)
+POLAR_MAX_NEW_TOKENS = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One completion to make: a prompt as given, its token ids, and which sample of it."""
+
+    prompt: Any
+    ids: list[int]
+    prompt_index: int
+    sample: int
+
+
+@dataclasses.dataclass
+class Model:
+    """A causal LM ready to sample from, with its tokenizer and stop ids."""
+
+    loaded: Loaded
+    tokenizer: Tokenizer
+    eos_ids: list[int]
+
+    @property
+    def max_positions(self) -> int:
+        return self.loaded.config.model.max_position_embeddings
+
+    def sampler(self, sampling: Sampling, seed: int, batch_size: int) -> Sampler:
+        """A sampler on all devices that never draws ids the tokenizer cannot decode."""
+        mesh = make_mesh(fsdp=-1)
+        limit = self.tokenizer.vocab_size
+        return Sampler(self.loaded, mesh, sampling, seed, batch_size, vocab_limit=limit)
+
+
+def open_model(
+    path: str | Path,
+    overrides: Sequence[str] = (),
+    tokenizer: str | Path | None = None,
+    extra_eos: Sequence[str] = (),
+) -> Model:
+    """The causal LM behind MODEL: an HF directory (its LM head kept) or a jaxrm checkpoint.
+
+    EOS ids: the HF generation_config.json / config.json `eos_token_id` (an id or a list),
+    the tokenizer's EOS, and `extra_eos` (tokens or ids)."""
+    kind, directory = find_checkpoint(path)
+    if kind == "hf":
+        loaded = load_hf(directory, keep_lm_head=True, overrides=overrides)
+    else:
+        loaded = load_model(directory, overrides=overrides)
+    source = tokenizer or loaded.tokenizer_dir
+    if source is None:
+        raise UserError(f"{path}: no tokenizer files beside the model; give --tokenizer PATH")
+    tok = load_tokenizer(source)
+    if tok.vocab_size > loaded.config.model.vocab_size:
+        raise UserError(
+            f"tokenizer {tok.path} has {tok.vocab_size} tokens, more than the model's "
+            f"{loaded.config.model.vocab_size}"
+        )
+    eos = set(_configured_eos_ids([directory, loaded.tokenizer_dir]))
+    eos.update(i for i in [tok.eos_id] if i is not None)
+    eos.update(_stop_id(tok, t) for t in extra_eos)
+    return Model(loaded, tok, sorted(eos))
+
+
+def _configured_eos_ids(directories: Sequence[Path | None]) -> list[int]:
+    """`eos_token_id` (an id or a list) of the first generation_config.json or config.json that
+    sets one: HF directories have both, jaxrm checkpoints keep generation_config.json."""
+    for name in ("generation_config.json", "config.json"):
+        for directory in filter(None, directories):
+            path = directory / name
+            value = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+            if value is not None:
+                return [value] if isinstance(value, int) else list(value)
+    return []
+
+
+def _stop_id(tokenizer: Tokenizer, token: str) -> int:
+    """The id of a --eos token given as an id or as one vocabulary token (not registered as
+    special: that would change how prompts are encoded and what responses decode to)."""
+    token_id = int(token) if token.isdigit() else tokenizer.token_to_id(token)
+    if token_id is None or not 0 <= token_id < tokenizer.vocab_size:
+        raise UserError(f"--eos {token}: not a token id or a single token of {tokenizer.path}")
+    return token_id
+
+
+def read_prompts(spec: str | Sequence[str]) -> list[tuple[str, Any]]:
+    """(where, prompt) of every prompt row of `spec`; a row without a prompt is an error."""
+    prompts = [(where, check_row(row, "prompt", where)["prompt"]) for where, row in read_rows(spec)]
+    if not prompts:
+        raise UserError(f"{spec}: no prompt rows")
+    return prompts
+
+
+def make_jobs(
+    prompts: Sequence[tuple[str, Any]],
+    tokenizer: Tokenizer,
+    samples: Sequence[int] | int,
+    max_positions: int,
+) -> list[Job]:
+    """Every completion to make, prompt by prompt: `samples` of each prompt (one count for all,
+    or one per prompt). A prompt that is empty or leaves no room in the model's context is an
+    error naming its row."""
+    counts = [samples] * len(prompts) if isinstance(samples, int) else samples
+    jobs: list[Job] = []
+    for index, ((where, prompt), count) in enumerate(zip(prompts, counts, strict=True)):
+        if count == 0:
+            continue
+        ids = tokenizer.encode(flatten(prompt), add_special_tokens=True)
+        if not ids:
+            raise UserError(f"{where}: the prompt is empty and the tokenizer adds no BOS")
+        if len(ids) >= max_positions:
+            raise UserError(
+                f"{where}: the prompt has {len(ids)} tokens, leaving no room in the model's "
+                f"{max_positions} positions"
+            )
+        jobs += [Job(prompt, ids, index, s) for s in range(count)]
+    return jobs
+
+
+def settings_path(out: Path) -> Path:
+    return out.with_name(out.name + ".generate.json")
+
+
+def rows_done(out: Path, jobs: Sequence[Job], policy: str, settings: dict[str, Any]) -> int:
+    """How many of `jobs` an earlier run with the same `settings` already wrote to `out`.
+
+    A last line cut short (the run was killed while writing) is removed. A new `out` gets its
+    settings file; an existing one must have been written with the same settings."""
+    record = settings_path(out)
+    if out.exists() and not record.is_file():
+        raise UserError(
+            f"{out} already exists and was not written by jaxrm generate ({record} is missing)"
+        )
+    if not out.exists() or out.stat().st_size == 0:  # nothing generated yet: (re)start
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staged = record.with_name(record.name + ".tmp")
+        staged.write_text(json.dumps(settings, indent=2) + "\n")
+        staged.replace(record)
+        out.touch()
+        return 0
+    try:
+        before = json.loads(record.read_text())
+    except json.JSONDecodeError:
+        raise UserError(
+            f"{record}: not valid JSON; remove {out} and it, or write elsewhere"
+        ) from None
+    changed = sorted(k for k in settings.keys() | before.keys() if settings.get(k) != before.get(k))
+    if changed:
+        shown = ", ".join(f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in changed)
+        raise UserError(
+            f"{out} was generated with other settings ({shown}); remove it or write elsewhere"
+        )
+    _drop_torn_line(out)
+    # Split on newlines only: JSON text may hold U+2028 and other line breaks of str.splitlines.
+    lines = out.read_text(encoding="utf-8").split("\n")[:-1]
+    if len(lines) > len(jobs):
+        raise UserError(f"{out} has {len(lines)} rows, more than the {len(jobs)} to generate")
+    for number, (line, job) in enumerate(zip(lines, jobs[: len(lines)], strict=True), start=1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(
+                f"{out}:{number}: not a JSON row; remove it or write elsewhere"
+            ) from None
+        if (
+            not isinstance(row, dict)
+            or row.get("prompt") != job.prompt
+            or row.get("policy") != policy
+        ):
+            raise UserError(
+                f"{out}:{number}: does not belong to prompt {job.prompt_index} of the prompts "
+                "file (was it changed?); remove it or write elsewhere"
+            )
+    return len(lines)
+
+
+def _drop_torn_line(path: Path) -> None:
+    with open(path, "r+b") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def response_text(tokenizer: Tokenizer, prompt: list[int], new: list[int], eos: set[int]) -> str:
+    """The text of the new tokens (a final EOS left out) as it continues the prompt: decoding
+    them alone would lose a leading space that SentencePiece keeps inside the first token."""
+    if new and new[-1] in eos:
+        new = new[:-1]
+    before = tokenizer.decode(prompt)
+    whole = tokenizer.decode(prompt + new)
+    return whole[len(before) :] if whole.startswith(before) else tokenizer.decode(new)
+
+
+def generate_file(
+    model: Model,
+    sampler: Sampler,
+    jobs: Sequence[Job],
+    out: str | Path,
+    policy: str,
+    max_new_tokens: int,
+    settings: dict[str, Any],
+) -> dict[str, Any]:
+    """Writes one trajectory row per job to `out`, batch by batch, resuming an earlier run."""
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    out = Path(out)
+    settings = {**settings, "policy": policy, "max_new_tokens": max_new_tokens, "rows": len(jobs)}
+    done = rows_done(out, jobs, policy, settings)
+    eos = set(model.eos_ids)
+    counts = {"rows": len(jobs), "resumed_from": done, "new_tokens": 0, "stop": 0, "length": 0}
+    started = time.perf_counter()
+    bar = tqdm(
+        total=len(jobs), initial=done, unit="seq", desc=f"generate {policy}", dynamic_ncols=True
+    )
+    todo = jobs[done:]
+    finished: dict[int, str] = {}  # rows finished out of order, waiting for the ones before
+    written = 0
+    with bar, open(out, "a", encoding="utf-8") as f:
+        for results in sampler.completions(
+            [j.ids for j in todo],
+            [(j.prompt_index, j.sample) for j in todo],
+            max_new_tokens,
+            model.eos_ids,
+        ):
+            for number, result in results:
+                job = todo[number]
+                text = response_text(model.tokenizer, job.ids, result.tokens, eos)
+                row = {"prompt": job.prompt, "policy": policy, "response": text}
+                finished[number] = json.dumps(
+                    {**row, "finish_reason": result.finish}, ensure_ascii=False
+                )
+                counts["new_tokens"] += len(result.tokens)
+                counts[result.finish] += 1
+            while written in finished:  # in prompt order, so a rerun knows where to go on
+                f.write(finished.pop(written) + "\n")
+                written += 1
+            f.flush()
+            os.fsync(f.fileno())
+            bar.set_postfix_str(
+                f"{counts['new_tokens'] / (time.perf_counter() - started):.1f} tok/s"
+            )
+            bar.update(len(results))
+    seconds = time.perf_counter() - started
+    return {
+        **counts,
+        "seconds": round(seconds, 3),
+        "tokens_per_sec": counts["new_tokens"] / max(seconds, 1e-9),
+    }
+
+
+def check_run_settings(seed: int, batch_size: int, prefix: str) -> None:
+    """One-line errors for a seed or batch size jaxrm cannot use (`prefix`: "--" or a YAML path),
+    and for several processes: every host would append to the same files."""
+    if not 0 <= seed < 2**32:
+        raise UserError(f"{prefix}seed must be in [0, 2**32), got {seed}")
+    if batch_size < 1:
+        raise UserError(
+            f"{prefix}batch{'-' if prefix == '--' else '_'}size must be >= 1, got {batch_size}"
+        )
+    if jax.process_count() > 1:
+        raise UserError("generation runs in one process; start it on one host of a pod")
+
+
+def add_sampling_options(parser: argparse.ArgumentParser, defaults: Sampling) -> None:
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=defaults.temperature,
+        help="0 is greedy (default %(default)s)",
+    )
+    parser.add_argument(
+        "--top-p",
+        type=float,
+        default=defaults.top_p,
+        help="nucleus mass, 1 is off (default %(default)s)",
+    )
+    parser.add_argument(
+        "--top-k", type=int, default=defaults.top_k, help="0 is off (default %(default)s)"
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=POLAR_MAX_NEW_TOKENS,
+        help="per response (default %(default)s)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
+    parser.add_argument(
+        "--batch-size", type=int, default=32, help="sequences decoded together (default 32)"
+    )
+
+
+def sampling_from(args: argparse.Namespace) -> Sampling:
+    try:
+        return Sampling(args.temperature, args.top_k, args.top_p)
+    except UserError as e:  # name the flag: "top_p must ..." -> "--top-p must ..."
+        name, rest = str(e).split(" ", 1)
+        raise UserError(f"--{name.replace('_', '-')} {rest}") from None
+
+
+def add_command(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    gen = commands.add_parser(
+        "generate",
+        help="sample responses to prompts from a causal LM (POLAR / CodePMP data)",
+        description="Complete every prompt row {prompt} of --prompts --n times with MODEL (a "
+        "Hugging Face Llama / Qwen2 / InternLM2 causal LM directory, or a jaxrm checkpoint with an "
+        "LM head) and append trajectory rows {prompt, policy, response, finish_reason} to --out "
+        "as batches finish. Rerunning the same command resumes. Sampling defaults are POLAR's.",
+    )
+    gen.add_argument("model", metavar="MODEL", help="HF causal LM directory or jaxrm checkpoint")
+    gen.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config changes, e.g. model.dtype=float32"
+    )
+    gen.add_argument(
+        "--prompts", required=True, metavar="FILE", help="prompt rows: JSONL, Parquet or a glob"
+    )
+    gen.add_argument("--out", required=True, metavar="FILE", help="JSONL of trajectory rows")
+    gen.add_argument("--policy", help="the rows' policy name (default: MODEL's directory name)")
+    gen.add_argument("--n", type=int, default=1, help="responses per prompt (default 1)")
+    add_sampling_options(gen, POLAR_SAMPLING)
+    gen.add_argument("--tokenizer", help="tokenizer path when MODEL has none beside it")
+    gen.add_argument(
+        "--eos",
+        action="append",
+        default=[],
+        metavar="TOKEN",
+        help="one more stop token (text or id); repeatable",
+    )
+    gen.set_defaults(run=cmd_generate)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    if args.n < 1:
+        raise UserError(f"--n must be >= 1, got {args.n}")
+    check_run_settings(args.seed, args.batch_size, "--")
+    sampling = sampling_from(args)
+    model = open_model(args.model, args.overrides, args.tokenizer, args.eos)
+    policy = args.policy or Path(args.model).resolve().name
+    jobs = make_jobs(read_prompts(args.prompts), model.tokenizer, args.n, model.max_positions)
+    sampler = model.sampler(sampling, args.seed, args.batch_size)
+    settings = {
+        "model": str(Path(args.model).resolve()),
+        "overrides": list(args.overrides),
+        "prompts": str(Path(args.prompts).resolve()) if "://" not in args.prompts else args.prompts,
+        "n": args.n,
+        "seed": args.seed,
+        "eos_ids": model.eos_ids,
+        **dataclasses.asdict(sampling),
+    }
+    summary = generate_file(model, sampler, jobs, args.out, policy, args.max_new_tokens, settings)
+    print(json.dumps(summary))

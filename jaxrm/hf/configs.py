@@ -1,0 +1,152 @@
+"""HF `config.json` <-> `ModelConfig`: reading, detecting the architecture, writing.
+
+An export's config carries what transformers and the peers that load it read: `architectures`,
+one label, the pad and reward token ids, RoPE settings, and InternLM2's remote-code keys.
+"""
+
+import json
+from pathlib import Path
+from typing import Any
+
+from jaxrm.config import ModelConfig
+from jaxrm.errors import UserError
+from jaxrm.hf.layouts import ARCHS, Arch
+
+
+def read_hf_config(directory: Path) -> dict:
+    path = Path(directory) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(
+            f"{directory}: no config.json, so not a Hugging Face model directory"
+        ) from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+
+
+def detect_arch(hf_config: dict, where: str) -> Arch:
+    model_type = hf_config.get("model_type", "")
+    if model_type in ARCHS:
+        return model_type
+    architectures = " ".join(hf_config.get("architectures") or [])
+    for arch, marker in (("internlm2", "InternLM2"), ("qwen2", "Qwen2"), ("llama", "Llama")):
+        if marker in architectures:
+            return arch
+    raise UserError(
+        f"{where}: model_type {model_type!r} ({architectures or 'no architectures'}) is not "
+        "supported; jaxrm reads llama, qwen2 and internlm2 models"
+    )
+
+
+def _rope_from_hf(hf: dict) -> tuple[float, dict | None]:
+    """rope_theta and scaling from a transformers v4 (`rope_theta`, `rope_scaling`) or v5
+    (`rope_parameters`) config."""
+    params = hf.get("rope_parameters") or {}
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    scaling = hf.get("rope_scaling") or {k: v for k, v in params.items() if k != "rope_theta"}
+    kind = scaling.get("type", scaling.get("rope_type", "default")) if scaling else "default"
+    if kind == "default":
+        return theta, None
+    return theta, {
+        "type": kind,
+        **{k: v for k, v in scaling.items() if k not in ("type", "rope_type")},
+    }
+
+
+def model_config_from_hf(hf: dict, arch: Arch, where: str) -> dict[str, Any]:
+    """ModelConfig keys for an HF config (unsupported features are a UserError naming them)."""
+    unsupported = {
+        "llama": [("attention_bias", True), ("mlp_bias", True)],
+        "qwen2": [("use_sliding_window", True)],
+        "internlm2": [("bias", True)],
+    }[arch]
+    for key, bad in unsupported:
+        if hf.get(key) == bad:
+            raise UserError(f"{where}: {key}={bad} is not supported by jaxrm's {arch} layout")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise UserError(f"{where}: hidden_act={hf['hidden_act']!r}; jaxrm's MLP is SwiGLU (silu)")
+    theta, scaling = _rope_from_hf(hf)
+    heads = hf["num_attention_heads"]
+    return dict(
+        preset=None,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        rope_theta=theta,
+        rope_scaling=scaling,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        qkv_bias=arch == "qwen2",
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        reward_token_id=hf.get("reward_token_id"),
+        pad_token_id=hf.get("pad_token_id"),
+    )
+
+
+def hf_config(config: ModelConfig, arch: Arch, dtype: str, causal_lm: bool) -> dict[str, Any]:
+    """config.json for `arch`, as a reward model or (`causal_lm`) a causal LM."""
+    if arch in ("llama", "internlm2") and config.qkv_bias:
+        raise UserError(
+            f"this model has q/k/v biases, which the {arch} layout cannot hold; export with --arch qwen2"
+        )
+    if arch == "internlm2" and config.head_dim * config.num_heads != config.hidden_size:
+        raise UserError("internlm2 requires head_dim * num_heads == hidden_size")
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": config.rope_theta}
+    scaling = None
+    if config.rope_scaling:
+        extra = {k: v for k, v in config.rope_scaling.items() if k not in ("type", "rope_type")}
+        kind = config.rope_scaling.get("type", config.rope_scaling.get("rope_type"))
+        rope = {"rope_type": kind, "rope_theta": config.rope_theta, **extra}
+        scaling = {"type": kind, "rope_type": kind, **extra}
+    pad = config.pad_token_id
+    if pad is None:  # HF reads the reward at the rightmost non-pad token: pad must differ from it
+        pad = 0 if config.reward_token_id != 0 else 1
+    common = dict(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        hidden_act="silu",
+        max_position_embeddings=config.max_position_embeddings,
+        rms_norm_eps=config.rms_norm_eps,
+        rope_theta=config.rope_theta,
+        rope_scaling=scaling,
+        tie_word_embeddings=config.tie_embeddings,
+        pad_token_id=pad,
+        torch_dtype=dtype,
+        dtype=dtype,
+    )
+    if config.reward_token_id is not None:
+        common["reward_token_id"] = config.reward_token_id
+    if not causal_lm:
+        common.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+    if arch == "internlm2":
+        # The modeling code is POLAR's own (remote code); jaxrm ships none of it.
+        kind = "InternLM2ForCausalLM" if causal_lm else "InternLM2ForRewardModel"
+        auto = "AutoModelForCausalLM" if causal_lm else "AutoModel"
+        return dict(
+            architectures=[kind],
+            model_type="internlm2",
+            auto_map={
+                "AutoConfig": "internlm/POLAR-7B--configuration_internlm2.InternLM2Config",
+                auto: f"internlm/POLAR-7B--modeling_internlm2.{kind}",
+            },
+            bias=False,
+            attn_implementation="eager",
+            **common,
+        )
+    family = {"llama": "Llama", "qwen2": "Qwen2"}[arch]
+    kind = f"{family}ForCausalLM" if causal_lm else f"{family}ForSequenceClassification"
+    extra: dict[str, Any] = {"head_dim": config.head_dim, "rope_parameters": rope}
+    if arch == "llama":
+        extra.update(attention_bias=False, mlp_bias=False)
+    else:
+        extra.update(use_sliding_window=False, sliding_window=None)
+    return dict(architectures=[kind], model_type=arch, **common, **extra)

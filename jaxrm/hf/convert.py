@@ -1,0 +1,192 @@
+"""Whole models in both directions: `jaxrm import` (HF -> jaxrm) and `jaxrm export` (jaxrm -> HF).
+
+    loaded = load_hf("hf_dir")                            # a base LM or a reward model
+    export_hf(loaded, "out_dir", arch="llama")            # LlamaForSequenceClassification
+
+Import reads the HF config (`hf/configs.py`), walks the layout table (`hf/layouts.py`) and
+streams tensors into their target shardings (`hf/params.py`). Export writes safetensors shards,
+a config transformers and InternLM's remote code load, the tokenizer and a README that says how
+to load it.
+"""
+
+import dataclasses
+import json
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import jax
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxrm.config import apply_overrides, config_from_dict, config_to_dict
+from jaxrm.data.tokenizer import TOKENIZER_FILES, copy_tokenizer
+from jaxrm.errors import UserError
+from jaxrm.hf.configs import detect_arch, hf_config, model_config_from_hf, read_hf_config
+from jaxrm.hf.layouts import Arch, head_names, links
+from jaxrm.hf.params import place_on_device, read_params, unused_tensors, write_params
+from jaxrm.hf.weight_files import ShardedWriter, WeightReader
+from jaxrm.model.decoder import Loaded, abstract_model, merge_lora
+from jaxrm.presets import PRESETS, preset_shape
+from jaxrm.sharding import Rules, make_mesh
+from jaxrm.storage import require_new_dir
+
+HeadInit = Literal["zero", "normal"]
+EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+def load_hf(
+    directory: str | Path,
+    mesh: Mesh | None = None,
+    rules: Rules | None = None,
+    head: HeadInit = "zero",
+    keep_lm_head: bool = False,
+    preset: str | None = None,
+    seed: int = 0,
+    overrides: Sequence[str] = (),
+) -> Loaded:
+    """A jaxrm model from an HF Llama / Qwen2 / InternLM2 causal LM or reward model.
+
+    A reward head in the files (`score` / `v_head`) is kept; otherwise one is made, zero
+    (`head="zero"`, POLAR: rewards start at 0) or normal with std 0.02 (CodePMP).
+    """
+    directory = Path(directory)
+    where = str(directory)
+    hf = read_hf_config(directory)
+    arch = detect_arch(hf, where)
+    reader = WeightReader(directory)
+    score_name, lm_name = head_names(arch)
+    has_score = score_name in reader
+    model_keys = model_config_from_hf(hf, arch, where)
+    if preset is not None:
+        _check_preset(preset, model_keys, where)
+        model_keys["preset"] = preset
+    model_keys.update(lm_head=keep_lm_head, reward_head_init=head)
+    saved = hf.get("jaxrm") or {}  # the full config of a model jaxrm exported
+    raw = {**saved, "model": {**saved.get("model", {}), **model_keys}}
+    config = config_from_dict(apply_overrides(raw, overrides))
+
+    mesh = mesh or make_mesh(fsdp=-1)
+    rules = config.mesh.rules if rules is None else rules
+    graphdef, abstract = abstract_model(config.model, mesh, rules)
+    table = links(config.model, arch, score=has_score, lm_head=keep_lm_head)
+    unknown = [n for n in unused_tensors(reader, table, config.model.num_layers) if n != lm_name]
+    if unknown:
+        raise UserError(
+            f"{where}: tensors jaxrm does not know how to use: {', '.join(unknown[:5])}"
+        )
+    params = read_params(reader, table, abstract, config.model.num_layers, where)
+    if not has_score:
+        std = 0.0 if head == "zero" else 0.02
+        value = std * np.asarray(jax.random.normal(jax.random.key(seed), abstract["score"].shape))
+        params["score"] = place_on_device(value.astype(abstract["score"].dtype), abstract["score"])
+    has_tokenizer = any((directory / name).is_file() for name in TOKENIZER_FILES)
+    return Loaded(nnx.merge(graphdef, params), config, directory if has_tokenizer else None)
+
+
+def _check_preset(preset: str, model_keys: dict, where: str) -> None:
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    differ = [k for k, v in preset_shape(preset).items() if model_keys.get(k) != v]
+    if differ:
+        shown = ", ".join(
+            f"{k}={model_keys.get(k)!r} (preset {preset_shape(preset)[k]!r})" for k in differ
+        )
+        raise UserError(f"{where}: does not have the shape of preset {preset}: {shown}")
+
+
+def export_hf(
+    loaded: Loaded,
+    out_dir: str | Path,
+    arch: Arch | None = None,
+    dtype: str = "float32",
+    causal_lm: bool = False,
+    max_shard_bytes: int = 5 * 2**30,
+) -> Path:
+    """Writes `loaded` as an HF reward model (or, with `causal_lm`, its LM) into a new `out_dir`."""
+    config = loaded.config.model
+    arch = arch or ("qwen2" if config.qkv_bias else "llama")
+    if causal_lm and not config.lm_head:
+        raise UserError(
+            "this checkpoint has no LM head to export (it was trained without model.lm_head)"
+        )
+    if dtype not in EXPORT_DTYPES:
+        raise UserError(f"--dtype {dtype!r}: choose from {', '.join(EXPORT_DTYPES)}")
+    out_dir = require_new_dir(out_dir, "export directory")
+    hf = hf_config(config, arch, dtype, causal_lm)
+    params = nnx.to_pure_dict(nnx.state(loaded.model, nnx.Param))
+    if config.lora_rank:  # users get one ordinary model: adapters folded into the kernels
+        params = merge_lora(params, config)
+        config = dataclasses.replace(config, lora_rank=0)
+    hf["jaxrm"] = config_to_dict(dataclasses.replace(loaded.config, model=config))
+    layout = config
+    if arch == "qwen2" and not config.qkv_bias:  # Qwen2 always has q/k/v biases: write zeros
+        layout = dataclasses.replace(config, qkv_bias=True)
+        for name, heads in (
+            ("bq", config.num_heads),
+            ("bk", config.num_kv_heads),
+            ("bv", config.num_kv_heads),
+        ):
+            zeros = np.zeros((config.num_layers, heads, config.head_dim), np.float32)
+            params["layers"]["attention"][name] = zeros
+    table = links(layout, arch, score=not causal_lm, lm_head=causal_lm)
+
+    primary = jax.process_index() == 0
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = (
+        Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent)) if primary else None
+    )
+    try:
+        writer = ShardedWriter(staging, max_shard_bytes) if staging else None
+        write_params(params, table, writer, config.num_layers, EXPORT_DTYPES[dtype])
+        if staging is not None and writer is not None:
+            writer.close()
+            (staging / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+            copy_tokenizer(loaded.tokenizer_dir, staging)
+            (staging / "README.md").write_text(export_readme(hf, causal_lm))
+            if out_dir.exists():
+                out_dir.rmdir()
+            staging.rename(out_dir)
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+def export_readme(hf: dict, causal_lm: bool) -> str:
+    kind = hf["architectures"][0]
+    if causal_lm:
+        return f"# {kind} exported by jaxrm\n\nLoad with `AutoModelForCausalLM.from_pretrained(...)`.\n"
+    remote = ", trust_remote_code=True" if hf["model_type"] == "internlm2" else ""
+    auto = "AutoModel" if remote else "AutoModelForSequenceClassification"
+    reward_token = hf.get("reward_token_id")
+    append = (
+        f"ids = ids + [{reward_token}]  # the reward token: the score is read there\n"
+        if reward_token is not None
+        else ""
+    )
+    return f"""# Reward model exported by jaxrm ({kind})
+
+One scalar reward per sequence, read at its last non-padding token (`pad_token_id` =
+{hf["pad_token_id"]}). Build the input text exactly as the model was trained (the `jaxrm` block of
+config.json holds the full training config). For a POLAR model the text is
+
+    prompt + "\\n" + reference + "<|reward|>" + prompt + "\\n" + candidate
+
+with the tokenizer's BOS in front and the reward token appended.
+
+```python
+import torch
+from transformers import AutoTokenizer, {auto}
+
+tokenizer = AutoTokenizer.from_pretrained(PATH{remote})
+model = {auto}.from_pretrained(PATH, torch_dtype=torch.float32{remote})
+ids = tokenizer(text)["input_ids"]
+{append}with torch.no_grad():
+    reward = model(torch.tensor([ids])).logits[0, 0].item()
+```
+"""

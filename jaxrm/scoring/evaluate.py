@@ -1,0 +1,353 @@
+"""Preference accuracy and Best-of-N of a reward model on the user's rows.
+
+    jaxrm eval CHECKPOINT --data prefs.jsonl [--by category]
+    jaxrm best-of-n CHECKPOINT --data candidates.jsonl
+
+`eval` reads preference rows (chosen / rejected, or "ranked" best first; POLAR rows carry their
+reference), builds each response's sequence exactly as training does, and reports as JSON:
+accuracy (the best response must score strictly above every other: ties count as wrong), the
+rewards' mean / std / min / max, the mean margin (best minus second-ranked), for ranked lists the
+share of correctly ordered pairs, per-group accuracy with `--by FIELD` (rows without the field
+form the group "(none)"), and, when rows carry
+`subset`, RewardBench's scores: per subset, per section (Chat, Chat Hard, Safety, Reasoning;
+subsets weighted by RewardBench's example counts, prm-math upweighted as there) and their mean.
+Subsets RewardBench does not name form a section "Other", weighted by their own counts.
+
+`best-of-n` reads rows {prompt, reference?, candidates[], correct[], answers[]?} and reports, for
+N = 1, 2, 4, ... up to the candidates every row has, how often the top-scored of N candidates is
+correct. N candidates are a uniformly random subset; the expectation over subsets is computed
+exactly (a candidate ranked i-th of M is the top of a random N-subset with probability
+C(M-1-i, N-1) / C(M, N); tied rewards share their probability). Beside it: the random baseline
+(the share of correct candidates), the oracle (some candidate of the N is correct) and majority
+vote over `answers` (else over the candidate texts), estimated from `--samples` random subsets
+per row, its ties split evenly.
+"""
+
+import argparse
+import json
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from jaxrm.data.rows import BadRow, check_row
+from jaxrm.data.sources import read_rows
+from jaxrm.data.templates import flatten
+from jaxrm.errors import UserError
+from jaxrm.scoring.scorer import Scorer, add_scorer_options, open_scorer
+
+# RewardBench (allenai/reward-bench, rewardbench/constants.py): sections and the example count
+# each subset is weighted by.
+REWARDBENCH_SECTIONS = {
+    "Chat": [
+        "alpacaeval-easy",
+        "alpacaeval-length",
+        "alpacaeval-hard",
+        "mt-bench-easy",
+        "mt-bench-med",
+    ],
+    "Chat Hard": [
+        "mt-bench-hard",
+        "llmbar-natural",
+        "llmbar-adver-neighbor",
+        "llmbar-adver-GPTInst",
+        "llmbar-adver-GPTOut",
+        "llmbar-adver-manual",
+    ],
+    "Safety": [
+        "refusals-dangerous",
+        "refusals-offensive",
+        "xstest-should-refuse",
+        "xstest-should-respond",
+        "donotanswer",
+    ],
+    "Reasoning": ["math-prm", "hep-cpp", "hep-go", "hep-java", "hep-js", "hep-python", "hep-rust"],
+}
+REWARDBENCH_COUNTS = {
+    "alpacaeval-easy": 100,
+    "alpacaeval-length": 95,
+    "alpacaeval-hard": 95,
+    "mt-bench-easy": 28,
+    "mt-bench-med": 40,
+    "mt-bench-hard": 37,
+    "math-prm": 984,  # 447 rows, upweighted to equal the code subsets
+    "refusals-dangerous": 100,
+    "refusals-offensive": 100,
+    "llmbar-natural": 100,
+    "llmbar-adver-neighbor": 134,
+    "llmbar-adver-GPTInst": 92,
+    "llmbar-adver-GPTOut": 47,
+    "llmbar-adver-manual": 46,
+    "xstest-should-refuse": 250,
+    "xstest-should-respond": 154,
+    "donotanswer": 136,
+    **{f"hep-{language}": 164 for language in ("cpp", "go", "java", "js", "python", "rust")},
+}
+
+
+# --- preference accuracy -------------------------------------------------------------------------
+
+
+def preference_report(
+    rows: Sequence[dict], rewards: Sequence[np.ndarray], by: str | None = None
+) -> dict[str, Any]:
+    """The report of rows whose responses (best first) got `rewards[i]`."""
+    correct = np.array([bool(r[0] > r[1:].max()) for r in rewards])
+    ties = np.array([bool(r[0] == r[1:].max()) for r in rewards])
+    margins = np.array([float(r[0] - r[1]) for r in rewards])
+    every = np.concatenate(list(rewards))
+    report: dict[str, Any] = {
+        "examples": len(rows),
+        "accuracy": float(correct.mean()),
+        "ties": int(ties.sum()),
+        "margin": float(margins.mean()),
+        "reward": {
+            "mean": float(every.mean()),
+            "std": float(every.std()),
+            "min": float(every.min()),
+            "max": float(every.max()),
+        },
+        "best_reward_mean": float(np.mean([r[0] for r in rewards])),
+        "others_reward_mean": float(np.concatenate([r[1:] for r in rewards]).mean()),
+    }
+    if any(len(r) > 2 for r in rewards):
+        pairs = [
+            (r[i] > r[j]) for r in rewards for i in range(len(r)) for j in range(i + 1, len(r))
+        ]
+        report["pair_accuracy"] = float(np.mean(pairs))
+    if by is not None:
+        report["by"] = {by: _grouped(rows, by, correct, margins)}
+    if any("subset" in row for row in rows):
+        subsets = _grouped(rows, "subset", correct, margins)
+        report["subsets"] = subsets
+        report.update(rewardbench_scores({k: v["accuracy"] for k, v in subsets.items()}, subsets))
+    return report
+
+
+def _grouped(
+    rows: Sequence[dict], field: str, correct: np.ndarray, margins: np.ndarray
+) -> dict[str, dict[str, float]]:
+    keys = np.array([str(row.get(field, "(none)")) for row in rows])
+    return {
+        key: {
+            "examples": int((keys == key).sum()),
+            "accuracy": float(correct[keys == key].mean()),
+            "margin": float(margins[keys == key].mean()),
+        }
+        for key in sorted(set(keys))
+    }
+
+
+def rewardbench_scores(
+    accuracy: dict[str, float], subsets: dict[str, dict[str, float]]
+) -> dict[str, Any]:
+    """{"sections": {name: weighted accuracy}, "score": their mean}."""
+    known = {s for members in REWARDBENCH_SECTIONS.values() for s in members}
+    sections = {
+        name: [s for s in members if s in accuracy]
+        for name, members in REWARDBENCH_SECTIONS.items()
+    }
+    sections["Other"] = sorted(s for s in accuracy if s not in known)
+    weight = lambda s: REWARDBENCH_COUNTS.get(s, subsets[s]["examples"])  # noqa: E731
+    scores = {
+        name: sum(accuracy[s] * weight(s) for s in members) / sum(weight(s) for s in members)
+        for name, members in sections.items()
+        if members
+    }
+    return {"sections": scores, "score": float(np.mean(list(scores.values())))}
+
+
+def evaluate_file(scorer: Scorer, data: str, by: str | None = None) -> dict[str, Any]:
+    def sequences(row: Any, where: str) -> list[np.ndarray]:
+        check_row(row, scorer.objective, where)
+        return scorer.template(row).sequences
+
+    rows, every, counts = read_rows_as_sequences(data, sequences)
+    if by is not None and not any(by in row for row in rows):
+        raise UserError(f"--by {by}: no row of {data} has a field '{by}'")
+    rewards = rewards_per_row(scorer, every, counts)
+    return {**preference_report(rows, rewards, by), "scoring": scorer.counts.summary()}
+
+
+def read_rows_as_sequences(
+    data: str, sequences: Callable[[Any, str], list[np.ndarray]]
+) -> tuple[list[dict], list[np.ndarray], list[int]]:
+    """(rows, all their token sequences, how many each row has): every row of `data`, checked
+    and turned into sequences by `sequences(row, where)`."""
+    rows, every, counts = [], [], []
+    for where, row in read_rows(data):
+        row_sequences = sequences(row, where)
+        rows.append(row)
+        every.extend(row_sequences)
+        counts.append(len(row_sequences))
+    if not rows:
+        raise UserError(f"{data}: no rows to evaluate")
+    return rows, every, counts
+
+
+def rewards_per_row(
+    scorer: Scorer, sequences: list[np.ndarray], counts: list[int]
+) -> list[np.ndarray]:
+    bar = tqdm(desc="scoring", total=len(sequences), unit="seq", dynamic_ncols=True)
+    with bar:
+        rewards = scorer.rewards(sequences, bar)
+    return np.split(rewards, np.cumsum(counts)[:-1])
+
+
+# --- Best-of-N -----------------------------------------------------------------------------------
+
+
+def n_values(max_n: int) -> list[int]:
+    """1, 2, 4, ... up to `max_n`, and `max_n` itself."""
+    values = [2**k for k in range(int(math.log2(max_n)) + 1)]
+    return values if values[-1] == max_n else [*values, max_n]
+
+
+def top_of_subset_accuracy(rewards: np.ndarray, correct: np.ndarray, n: int) -> float:
+    """Expected correctness of the top-rewarded of a uniformly random n-subset (exact)."""
+    m = len(rewards)
+    total = math.comb(m, n)
+    expected, higher = 0.0, 0
+    for value in sorted(set(rewards.tolist()), reverse=True):
+        group = rewards == value
+        # The group is on top when the subset takes some of it and none of the higher ones.
+        p_top = (math.comb(m - higher, n) - math.comb(m - higher - int(group.sum()), n)) / total
+        expected += p_top * float(correct[group].mean())
+        higher += int(group.sum())
+    return expected
+
+
+def oracle_accuracy(correct: np.ndarray, n: int) -> float:
+    """Probability that a random n-subset holds a correct candidate."""
+    m = len(correct)
+    return 1 - math.comb(m - int(correct.sum()), n) / math.comb(m, n)
+
+
+def majority_accuracy(
+    answers: Sequence[str], correct: np.ndarray, n: int, samples: int, rng: np.random.Generator
+) -> float:
+    """Mean correctness of the most frequent answer of random n-subsets, ties split evenly."""
+    m = len(answers)
+    draws = 1 if n == m else samples
+    total = 0.0
+    for _ in range(draws):
+        chosen = rng.choice(m, n, replace=False)
+        votes = Counter(answers[i] for i in chosen)
+        top = max(votes.values())
+        winners = [a for a, v in votes.items() if v == top]
+        total += np.mean([correct[[i for i in chosen if answers[i] == a]].mean() for a in winners])
+    return total / draws
+
+
+def best_of_n_report(
+    rows: Sequence[dict], rewards: Sequence[np.ndarray], samples: int = 256, seed: int = 0
+) -> dict[str, Any]:
+    """{"n": [...], "reward": [...], "majority": [...], "random": [...], "oracle": [...]}."""
+    max_n = min(len(r) for r in rewards)
+    rng = np.random.default_rng(seed)
+    corrects = [np.asarray(row["correct"], np.float64) for row in rows]
+    answers = [
+        [flatten(a).strip() for a in row.get("answers") or row["candidates"]] for row in rows
+    ]
+    with_answers = sum("answers" in row for row in rows)
+    report: dict[str, Any] = {
+        "rows": len(rows),
+        "n": n_values(max_n),
+        "majority_over": {0: "candidate texts", len(rows): "answers"}.get(with_answers, "mixed"),
+    }
+    for name in ("reward", "majority", "random", "oracle"):
+        report[name] = []
+    for n in report["n"]:
+        per_row = {
+            "reward": [
+                top_of_subset_accuracy(r, c, n) for r, c in zip(rewards, corrects, strict=True)
+            ],
+            "majority": [
+                majority_accuracy(a, c, n, samples, rng)
+                for a, c in zip(answers, corrects, strict=True)
+            ],
+            "random": [float(c.mean()) for c in corrects],
+            "oracle": [oracle_accuracy(c, n) for c in corrects],
+        }
+        for name, values in per_row.items():
+            report[name].append(float(np.mean(values)))
+    return report
+
+
+def check_best_of_n_row(row: Any, scorer: Scorer, where: str) -> dict[str, Any]:
+    if not isinstance(row, dict):
+        raise BadRow(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+    for field in ("prompt", "candidates", "correct"):
+        if row.get(field) is None:
+            raise BadRow(
+                f"{where}: field '{field}' is missing (a best-of-n row needs prompt, "
+                "candidates and correct)"
+            )
+    candidates, correct = row["candidates"], row["correct"]
+    if not isinstance(candidates, list) or not candidates:
+        raise BadRow(f"{where}: field 'candidates' must be a non-empty list of responses")
+    if not isinstance(correct, list) or len(correct) != len(candidates):
+        raise BadRow(
+            f"{where}: field 'correct' must be a list with one entry per candidate "
+            f"({len(candidates)})"
+        )
+    if any(not isinstance(c, bool | int) or c not in (0, 1) for c in correct):
+        raise BadRow(f"{where}: field 'correct' must hold true/false (or 1/0) values")
+    answers = row.get("answers")
+    if answers is not None and (not isinstance(answers, list) or len(answers) != len(candidates)):
+        raise BadRow(f"{where}: field 'answers' must be a list with one entry per candidate")
+    for response in candidates:
+        scorer.check_score_row({**row, "response": response}, where)
+    return row
+
+
+def best_of_n_file(scorer: Scorer, data: str, samples: int, seed: int) -> dict[str, Any]:
+    def sequences(row: Any, where: str) -> list[np.ndarray]:
+        check_best_of_n_row(row, scorer, where)
+        return [scorer.score_sequence({**row, "response": c}) for c in row["candidates"]]
+
+    rows, every, counts = read_rows_as_sequences(data, sequences)
+    report = best_of_n_report(rows, rewards_per_row(scorer, every, counts), samples, seed)
+    return {**report, "scoring": scorer.counts.summary()}
+
+
+# --- command line --------------------------------------------------------------------------------
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    print(json.dumps(evaluate_file(open_scorer(args), args.data, args.by), indent=2))
+
+
+def cmd_best_of_n(args: argparse.Namespace) -> None:
+    if args.samples < 1:
+        raise UserError("--samples must be positive")
+    report = best_of_n_file(open_scorer(args), args.data, args.samples, args.seed)
+    print(json.dumps(report, indent=2))
+
+
+def add_commands(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    evaluate = commands.add_parser(
+        "eval",
+        help="preference accuracy of a checkpoint as JSON",
+        description=__doc__.split("\n\n")[2],
+    )
+    add_scorer_options(evaluate)
+    evaluate.add_argument("--data", required=True, help="preference rows (JSONL, Parquet, ...)")
+    evaluate.add_argument("--by", metavar="FIELD", help="also report accuracy per value of FIELD")
+    evaluate.set_defaults(run=cmd_eval)
+
+    best = commands.add_parser(
+        "best-of-n",
+        help="accuracy of the top-scored of N candidates, beside majority vote and random",
+        description=__doc__.split("\n\n")[3],
+    )
+    add_scorer_options(best)
+    best.add_argument(
+        "--data", required=True, help="rows {prompt, reference?, candidates, correct}"
+    )
+    best.add_argument("--samples", type=int, default=256, help="random subsets per row (majority)")
+    best.add_argument("--seed", type=int, default=0)
+    best.set_defaults(run=cmd_best_of_n)

@@ -1,0 +1,398 @@
+"""The train loop: one jitted step, sharded batches, metrics, evaluation and checkpoints.
+
+    summary = train(load_config("configs/tiny_polar.yaml"))
+
+Each step takes a global batch of packed rows (every host contributes its rows, split over the
+mesh's `data` and `fsdp` axes), splits it into `train.micro_batches` parts whose gradients are
+summed, clips, and applies the optimizer. Losses are normalised by the whole batch's counts
+(examples, LM tokens), so accumulating micro-batches gives the gradient of the whole batch.
+
+Resuming is automatic: when `output_dir/checkpoints/` holds a checkpoint, the run continues from
+the newest one (parameters, optimizer state, step, data-iterator position), on whatever mesh this
+run has, after checking that the config is compatible. SIGTERM (TPU preemption) and SIGINT save a
+checkpoint at the current step before the process stops.
+"""
+
+import contextlib
+import dataclasses
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import yaml
+from flax import nnx
+from jax.sharding import Mesh
+from tqdm import tqdm
+
+from jaxrm.checkpoint.items import TOKENIZER
+from jaxrm.checkpoint.loading import find_checkpoint, load_model
+from jaxrm.config import Config, config_to_dict, dump_config
+from jaxrm.data.pipeline import eval_batches, template_spec, train_batches
+from jaxrm.data.tokenizer import tokenizer_files
+from jaxrm.errors import UserError
+from jaxrm.model.decoder import RewardModel, create_model
+from jaxrm.sharding import make_mesh
+from jaxrm.storage import require_local
+from jaxrm.train import losses
+from jaxrm.train.checkpoints import TrainCheckpoints
+from jaxrm.train.flops import peak_flops, train_flops
+from jaxrm.train.metrics import MetricsLogger
+from jaxrm.train.trainer import Trainer, TrainState
+
+# Keys that may change when a run resumes; any other difference stops the run.
+RESUMABLE_CHANGES = (
+    "output_dir",
+    "train.steps",
+    "train.log_every",
+    "train.eval_every",
+    "train.init_from",
+    "checkpoint.",
+    "mesh.",
+    "data.eval",
+    "data.tfds_data_dir",
+    "data.tokenizer",
+    "model.remat",
+    "model.attention",
+)
+SHAPE_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "qkv_bias",
+    "tie_embeddings",
+)
+
+
+def train(config: Config) -> dict[str, Any]:
+    """Trains (or resumes) the run `config.output_dir`; returns the final metrics."""
+    _check(config)
+    run_dir = Path(config.output_dir)
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    config = _with_tokenizer(config)
+    spec = template_spec(config)
+    config = _with_reward_token(config, spec.build())
+    tokenizer = Path(spec.tokenizer)
+    trainer = Trainer(config, mesh)
+    checkpoints = TrainCheckpoints(run_dir, config.checkpoint, trainer.abstract_params)
+    latest = checkpoints.latest_step()
+    if latest is not None:
+        _check_resumable(config, checkpoints.saved_config(latest))
+        if checkpoints.saved_tokenizer(latest) != tokenizer_files(tokenizer):
+            raise UserError(
+                f"data.tokenizer ({config.data.tokenizer}) differs from the tokenizer the run in "
+                f"{run_dir} was trained with"
+            )
+        saved_hosts = checkpoints.saved_process_count(latest)
+        if saved_hosts != jax.process_count():
+            raise UserError(
+                f"{run_dir}/checkpoints/{latest} was saved by {saved_hosts} processes, each with "
+                f"its own data position; resume it on {saved_hosts} (this run has "
+                f"{jax.process_count()})"
+            )
+    data = train_batches(config)
+    first_batch = next(data)  # a malformed first window stops the run before anything is written
+    eval_data = eval_batches(config, config.data.eval) if config.data.eval else []
+
+    if latest is None:
+        state = trainer.init_state(_initial_model(config, mesh))
+        start, trained = 0, {"tokens": 0, "flops": 0.0}
+    else:
+        state, start, trained = _restore(trainer, checkpoints, latest, data)
+        first_batch = next(data)
+    if start >= config.train.steps:
+        print(f"{run_dir} is already at step {start} of train.steps={config.train.steps}")
+        checkpoints.close()
+        return {"step": start}
+    if jax.process_index() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(config))
+    trainer.compile(state, trainer.global_batch(first_batch))  # kept out of the throughput
+    with contextlib.ExitStack() as stack:
+        received = stack.enter_context(_stop_signals())
+        stack.callback(checkpoints.close)
+        stack.callback(checkpoints.wait)
+        logger = None
+        if jax.process_index() == 0:
+            logger = stack.enter_context(MetricsLogger(run_dir, resume_step=start))
+        bar = stack.enter_context(
+            tqdm(
+                total=config.train.steps,
+                initial=start,
+                unit="step",
+                dynamic_ncols=True,
+                disable=jax.process_index() != 0,
+            )
+        )
+        loop = _Loop(config, trainer, checkpoints, data, tokenizer, logger, bar, trained)
+        state, step, final = loop.run(state, start, first_batch, eval_data, received)
+    if received:
+        raise Stopped(received[0], step, run_dir)
+    return {"step": step, **final}
+
+
+WORK_SUMS = ("tokens", "attention_pairs")
+
+
+class _Loop:
+    """The steps of one `train` call: log, evaluate and save on schedule."""
+
+    def __init__(
+        self,
+        config: Config,
+        trainer: Trainer,
+        checkpoints: TrainCheckpoints,
+        data: Any,
+        tokenizer: Path,
+        logger: MetricsLogger | None,
+        bar: tqdm,
+        trained: dict[str, float],
+    ):
+        self.config, self.trainer, self.checkpoints = config, trainer, checkpoints
+        self.data, self.tokenizer, self.logger, self.bar = data, tokenizer, logger, bar
+        self.trained = trained  # tokens and model FLOPs so far, up to the last logged step
+        device = jax.devices()[0]
+        # A CPU "device" count can be faked; the measured peak is the whole host's.
+        chips = jax.process_count() if device.platform == "cpu" else jax.device_count()
+        self.peak = peak_flops(device, config.model.dtype) * chips
+
+    def run(
+        self, state: TrainState, step: int, batch: dict, eval_data: list, received: list[int]
+    ) -> tuple[TrainState, int, dict[str, float]]:
+        config, trainer = self.config, self.trainer
+        steps, every = config.train.steps, config.train.eval_every
+        pending: list[dict] = []
+        final: dict[str, float] = {}
+        if eval_data and step == 0:  # where training starts from
+            final.update(self.evaluate(state, eval_data, step))
+        interval_start = time.perf_counter()
+        while step < steps:
+            state, metrics = trainer.step(state, trainer.global_batch(batch), step)
+            step += 1
+            pending.append(metrics)
+            self.bar.update(1)
+            if step % config.train.log_every == 0 or step == steps:
+                jax.block_until_ready(pending)  # steps run asynchronously: time them done
+                final = self.log(pending, time.perf_counter() - interval_start, step)
+                pending, interval_start = [], time.perf_counter()
+            if eval_data and (step == steps or (every and step % every == 0)):
+                started = time.perf_counter()
+                final.update(self.evaluate(state, eval_data, step))
+                interval_start += time.perf_counter() - started  # not training time
+            multi_host_stop = jax.process_count() > 1 and self.checkpoints.reached_preemption(step)
+            stop = bool(received) or multi_host_stop
+            if step % config.checkpoint.every == 0 or step == steps or stop:
+                self.save(state, step, pending)
+            if stop:
+                break
+            if step < steps:
+                batch = next(self.data)
+        return state, step, final
+
+    def log(self, pending: list[dict], seconds: float, step: int) -> dict[str, float]:
+        host = jax.device_get(pending)
+        sums = {key: sum(float(m[key]) for m in host) for key in host[0]}
+        metrics = losses.summarize(sums, self.config.loss)
+        metrics["grad_norm"] = sums["grad_norm"] / len(host)
+        metrics["lr"] = float(host[-1]["lr"])
+        work = self._work(sums)
+        self.trained = {key: self.trained[key] + work[key] for key in work}
+        metrics.update(self.trained)
+        metrics["tokens_per_sec"] = sums["tokens"] / seconds
+        metrics["examples_per_sec"] = sums["examples"] / seconds
+        metrics["mfu"] = work["flops"] / seconds / self.peak
+        metrics["step_time"] = seconds / len(host)
+        metrics["bad_rows"] = sums["bad_rows"]
+        if self.logger:
+            self.logger.log(step, metrics)
+        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.3f}")
+        return metrics
+
+    def _work(self, sums: dict[str, float]) -> dict[str, float]:
+        """Tokens and model FLOPs (jaxrm/flops.py) of steps whose statistics add up to `sums`."""
+        config = self.config
+        lm_head = config.objective == "codepmp"
+        flops = train_flops(config.model, sums["tokens"], sums["attention_pairs"], lm_head)
+        return {"tokens": int(sums["tokens"]), "flops": flops}
+
+    def evaluate(self, state: TrainState, eval_data: list, step: int) -> dict[str, float]:
+        result = self.trainer.evaluate(state, eval_data)
+        if self.logger:
+            self.logger.log(step, result, prefix="eval/")
+        self.bar.write(f"step {step}: eval " + " ".join(f"{k}={v:.4g}" for k, v in result.items()))
+        return {f"eval/{k}": v for k, v in result.items()}
+
+    def save(self, state: TrainState, step: int, pending: list[dict]) -> None:
+        host = jax.device_get(pending)
+        not_logged = self._work({k: sum(float(m[k]) for m in host) for k in WORK_SUMS})
+        train_state = {"step": step, "seed": self.config.train.seed}
+        train_state.update({key: self.trained[key] + not_logged[key] for key in self.trained})
+        self.checkpoints.save(
+            step,
+            self.trainer.params(state),
+            state.opt_state,
+            self.data,
+            train_state,
+            self.config,
+            self.tokenizer,
+        )
+
+
+class Stopped(Exception):
+    """Training stopped by a signal after saving a checkpoint."""
+
+    def __init__(self, signum: int, step: int, run_dir: Path):
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved in "
+            f"{run_dir}/checkpoints/{step}; run the same command again to resume"
+        )
+        self.exit_code = 128 + signum
+
+
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[list[int]]:
+    """Collects SIGTERM / SIGINT so the loop can save and stop; a second one acts at once."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def on_signal(signum: int, frame: Any) -> None:
+        received.append(signum)
+        signal.signal(signum, previous[signum])
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _check(config: Config) -> None:
+    if config.objective == "codepmp" and not config.model.lm_head:
+        raise UserError("objective codepmp needs an LM head: set model.lm_head: true")
+    paths = {
+        "output_dir": config.output_dir,
+        "data.tokenizer": config.data.tokenizer,
+        "train.init_from": config.train.init_from,
+    }
+    for key, value in paths.items():
+        if value is not None:
+            require_local(value, key)
+
+
+def _with_tokenizer(config: Config) -> Config:
+    """The config with `data.tokenizer` defaulting to the tokenizer `train.init_from` carries."""
+    if config.data.tokenizer is not None or config.train.init_from is None:
+        return config
+    kind, directory = find_checkpoint(config.train.init_from)
+    source = directory / TOKENIZER if kind == "jaxrm" else directory
+    if not tokenizer_files(source):
+        raise UserError(
+            f"train.init_from {config.train.init_from} carries no tokenizer; set data.tokenizer"
+        )
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, tokenizer=str(source)))
+
+
+def _with_reward_token(config: Config, template: Any) -> Config:
+    """The config with `model.reward_token_id` = the id the template appends, so checkpoints
+    and exports say where the reward is read."""
+    model = config.model
+    if model.reward_token_id not in (None, template.reward_id):
+        raise UserError(
+            f"data.reward_token is id {template.reward_id} but model.reward_token_id is "
+            f"{model.reward_token_id}; set one of them only"
+        )
+    if template.tokenizer.vocab_size > model.vocab_size:
+        raise UserError(
+            f"the tokenizer has {template.tokenizer.vocab_size} tokens but model.vocab_size is "
+            f"{model.vocab_size}"
+        )
+    model = dataclasses.replace(model, reward_token_id=template.reward_id)
+    return dataclasses.replace(config, model=model)
+
+
+def _initial_model(config: Config, mesh: Mesh) -> RewardModel:
+    model = create_model(config.model, config.train.seed, mesh, config.mesh.rules)
+    if config.train.init_from is None:
+        return model
+    loaded = load_model(config.train.init_from, mesh, config.mesh.rules)
+    differing = [
+        key for key in SHAPE_KEYS if getattr(loaded.config.model, key) != getattr(config.model, key)
+    ]
+    if differing:
+        details = ", ".join(
+            f"{k}: {getattr(loaded.config.model, k)} there, {getattr(config.model, k)} here"
+            for k in differing
+        )
+        raise UserError(
+            f"train.init_from {config.train.init_from}: another model shape ({details})"
+        )
+    if config.model.lm_head and not loaded.config.model.lm_head:
+        raise UserError(
+            f"train.init_from {config.train.init_from} has no LM head; import it with "
+            "--keep-lm-head for the codepmp objective"
+        )
+    fresh = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    _update_from(fresh, nnx.to_pure_dict(nnx.state(loaded.model, nnx.Param)))
+    return nnx.merge(nnx.split(model)[0], fresh)
+
+
+def _update_from(target: dict, source: dict) -> None:
+    """Copies `source` into `target` where both have the key (LoRA adapters stay fresh)."""
+    for key, value in source.items():
+        if key not in target:
+            continue
+        if isinstance(value, dict):
+            _update_from(target[key], value)
+        else:
+            target[key] = value
+
+
+def _restore(
+    trainer: Trainer, checkpoints: TrainCheckpoints, step: int, data: Any
+) -> tuple[TrainState, int, dict[str, float]]:
+    """(state, step, tokens and FLOPs trained) of the checkpoint at `step`."""
+    params, opt_state, train_state = checkpoints.restore(
+        step, trainer.abstract_params, trainer.abstract.opt_state, data
+    )
+    trainable, frozen = trainer.split_params(params)
+    state = TrainState(trainable, frozen, opt_state)
+    trained = {"tokens": int(train_state["tokens"]), "flops": float(train_state["flops"])}
+    return state, int(train_state["step"]), trained
+
+
+def _check_resumable(config: Config, saved_text: str) -> None:
+    saved = _flatten(yaml.safe_load(saved_text))
+    current = _flatten(config_to_dict(config))
+    differing = [
+        key
+        for key in sorted(saved.keys() | current.keys())
+        if saved.get(key) != current.get(key) and not key.startswith(RESUMABLE_CHANGES)
+    ]
+    if differing:
+        details = ", ".join(
+            f"{k}: {saved.get(k)!r} there, {current.get(k)!r} here" for k in differing
+        )
+        raise UserError(
+            f"{config.output_dir} holds a run with another config ({details}); use a new "
+            "output_dir or restore those settings"
+        )
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and key != "rules":
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -1,0 +1,148 @@
+"""The training objectives over packed batches.
+
+A batch holds, besides `tokens`, `segment_ids`, `positions` and `prefix_ids` [rows, length], the
+index of the token where each response's reward is read, best response first: `reward_index`
+[rows, slots, max_candidates], -1 where unused; `margin` [rows, slots]; and for CodePMP
+`lm_weights` [rows, length] (1 where the next token is an LM target).
+
+Each example ranks its responses. Its loss is Plackett-Luce, -sum_i log softmax_i(r_i, ..., r_K),
+which for a pair is Bradley-Terry, -log sigmoid(r_chosen - r_rejected). So one loss covers all:
+- polar: the pair (r(p, ref, chosen), r(p, ref, rejected)) of a triple, or a ranked list of
+  candidates against one reference;
+- pairwise: as TRL trains reward models, with the row's margin subtracted from the best
+  response's reward (`loss.margin`) and `loss.center_rewards` * mean over examples of
+  (sum of the example's rewards)^2, which for pairs is TRL's center_rewards_coefficient term;
+- codepmp: the same plus `loss.lm_weight` * next-token cross-entropy on the chosen response.
+
+Every loss is a sum over the micro-batch divided by a count over the whole batch (`totals`), so
+gradients of micro-batches add up to the gradient of the batch. The statistics come back as sums
+too; `summarize` turns sums into metrics.
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxrm.config import Config, DataConfig, LossConfig
+from jaxrm.model.decoder import RewardModel, rewards_at
+from jaxrm.train.flops import attention_pairs
+
+Batch = dict[str, jax.Array]
+NO_REWARD = -1e9  # stands for a missing response; exp() of it is 0, and it stays finite
+
+
+def attention_span(data: DataConfig) -> int:
+    """How far back a token of a packed row can attend: its sequence is at most
+    data.max_length tokens, and with a shared prefix the example's other candidates may sit
+    between it and the prefix."""
+    return data.max_length * (data.max_candidates if data.shared_prefix else 1)
+
+
+def ranked_rewards(
+    model: RewardModel, batch: Batch, span: int | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(hidden states, rewards [rows, slots, K], valid [rows, slots, K])."""
+    hidden = model(
+        batch["tokens"], batch["segment_ids"], batch["positions"], batch.get("prefix_ids"), span
+    )
+    index = batch["reward_index"]
+    rows, slots, k = index.shape
+    rewards = rewards_at(model.token_rewards(hidden), index.reshape(rows, slots * k))
+    return hidden, rewards.reshape(rows, slots, k), index >= 0
+
+
+def plackett_luce(rewards: jax.Array, valid: jax.Array, margin: jax.Array) -> jax.Array:
+    """Per example [..., K] -> [...]: -sum_i log(exp(r_i) / sum_{j >= i} exp(r_j)) over the
+    ranked responses, the best one's reward lowered by `margin`. For K = 2 this is
+    -log sigmoid(r_0 - margin - r_1)."""
+    scores = jnp.where(valid, rewards, NO_REWARD)
+    scores = scores.at[..., 0].add(-margin)
+    rest = jax.lax.cumlogsumexp(scores, axis=scores.ndim - 1, reverse=True)
+    has_next = jnp.concatenate([valid[..., 1:], jnp.zeros_like(valid[..., :1])], axis=-1)
+    return jnp.sum(jnp.where(has_next, rest - scores, 0.0), axis=-1)
+
+
+def totals(batch: Batch) -> dict[str, jax.Array]:
+    """The whole batch's counts that losses are divided by."""
+    index = batch["reward_index"]
+    counts = {"examples": jnp.maximum(jnp.sum(_ranked(index >= 0)), 1)}
+    if "lm_weights" in batch:
+        counts["lm_tokens"] = jnp.maximum(jnp.sum(batch["lm_weights"]), 1.0)
+    return counts
+
+
+def _ranked(valid: jax.Array) -> jax.Array:
+    """Examples with at least two responses."""
+    return valid[..., 0] & valid[..., 1]
+
+
+def objective(
+    model: RewardModel, batch: Batch, config: Config, totals: dict[str, jax.Array]
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(this part's share of the batch loss, summed statistics)."""
+    hidden, rewards, valid = ranked_rewards(model, batch, attention_span(config.data))
+    examples = _ranked(valid)
+    margin = batch["margin"] if config.loss.margin else jnp.zeros_like(batch["margin"])
+    rank_losses = jnp.where(examples, plackett_luce(rewards, valid, margin), 0.0)
+    loss = jnp.sum(rank_losses) / totals["examples"]
+    present = jnp.where(valid, rewards, 0.0)
+    centering = jnp.sum(jnp.where(examples, jnp.sum(present, axis=-1) ** 2, 0.0))
+    if config.loss.center_rewards:
+        loss += config.loss.center_rewards * centering / totals["examples"]
+    others = jnp.where(valid[..., 1:], rewards[..., 1:], -jnp.inf)
+    correct = examples & (rewards[..., 0] > jnp.max(others, axis=-1))
+    sums = {
+        "rank_loss": jnp.sum(rank_losses),
+        "centering": centering,
+        "examples": jnp.sum(examples),
+        "correct": jnp.sum(correct),
+        "reward_sum": jnp.sum(present),
+        "reward_sq_sum": jnp.sum(present**2),
+        "rewards": jnp.sum(valid),
+        "margin_sum": jnp.sum(jnp.where(examples, rewards[..., 0] - rewards[..., 1], 0.0)),
+        "tokens": jnp.sum(batch["segment_ids"] != 0),
+        "attention_pairs": attention_pairs(
+            batch["positions"].astype(jnp.float32), batch["segment_ids"]
+        ),
+    }
+    if "bad_rows" in batch:
+        sums["bad_rows"] = jnp.sum(batch["bad_rows"])
+    if "lm_weights" in batch:
+        lm_sum = next_token_loss(model, hidden, batch["tokens"], batch["lm_weights"])
+        loss += config.loss.lm_weight * lm_sum / totals["lm_tokens"]
+        sums["lm_loss"] = lm_sum
+        sums["lm_tokens"] = jnp.sum(batch["lm_weights"])
+    return loss, sums
+
+
+def next_token_loss(
+    model: RewardModel, hidden: jax.Array, tokens: jax.Array, weights: jax.Array
+) -> jax.Array:
+    """Sum over positions of weight * cross-entropy of predicting the next token."""
+    logits = model.lm_logits(hidden)
+    targets = jnp.roll(tokens, -1, axis=-1)
+    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    losses = jax.nn.logsumexp(logits, axis=-1) - target_logits
+    return jnp.sum(weights * losses)
+
+
+def summarize(sums: dict[str, Any], config: LossConfig) -> dict[str, float]:
+    """Metrics from summed statistics (over micro-batches, steps or evaluation batches); `loss`
+    is the objective over all of them pooled, which for one step is that step's loss."""
+    examples = max(float(sums["examples"]), 1.0)
+    rewards = max(float(sums["rewards"]), 1.0)
+    mean = float(sums["reward_sum"]) / rewards
+    rank_loss = float(sums["rank_loss"]) / examples
+    metrics = {
+        "loss": rank_loss + config.center_rewards * float(sums["centering"]) / examples,
+        "accuracy": float(sums["correct"]) / examples,
+        "rank_loss": rank_loss,
+        "reward_mean": mean,
+        "reward_std": max(float(sums["reward_sq_sum"]) / rewards - mean**2, 0.0) ** 0.5,
+        "margin": float(sums["margin_sum"]) / examples,
+    }
+    if "lm_loss" in sums:
+        metrics["lm_loss"] = float(sums["lm_loss"]) / max(float(sums["lm_tokens"]), 1.0)
+        metrics["loss"] += config.lm_weight * metrics["lm_loss"]
+    return metrics

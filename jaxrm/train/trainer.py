@@ -1,0 +1,184 @@
+"""The compiled train and eval steps of one config on one mesh: the whole story of a step.
+
+Each step takes a global batch of packed rows (every host contributes its rows, split over the
+mesh's `data` and `fsdp` axes), splits it into `train.micro_batches` parts whose gradients are
+summed, clips, and applies the optimizer. Losses are normalised by the whole batch's counts
+(examples, LM tokens), so accumulating micro-batches gives the gradient of the whole batch.
+"""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxrm.config import Config
+from jaxrm.model.decoder import RewardModel, abstract_model
+from jaxrm.sharding import activation_sharding, batch_sharding
+from jaxrm.train import losses
+from jaxrm.train.optimizers import learning_rate_schedule, make_optimizer
+
+
+class TrainState(NamedTuple):
+    trainable: dict  # parameters the optimizer updates (all, or LoRA adapters + reward head)
+    frozen: dict  # the rest (empty without LoRA)
+    opt_state: Any
+
+
+def trainable_filter(config: Config) -> nnx.filterlib.Filter:
+    if config.model.lora_rank:
+        return nnx.Any(nnx.LoRAParam, nnx.PathContains("score"))
+    return nnx.Param
+
+
+class Trainer:
+    """The compiled train and eval steps of one config on one mesh."""
+
+    def __init__(self, config: Config, mesh: Mesh):
+        self.config = config
+        self.mesh = mesh
+        self.rules = config.mesh.rules
+        self.optimizer = make_optimizer(config.optimizer, config.train.steps)
+        self.schedule = learning_rate_schedule(config.optimizer, config.train.steps)
+        self.full_graphdef, self.abstract_params = abstract_model(config.model, mesh, self.rules)
+        abstract = nnx.merge(self.full_graphdef, self.abstract_params)
+        self.graphdef, trainable, frozen = nnx.split(abstract, trainable_filter(config), ...)
+        trainable, frozen = nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen)
+        opt_abstract = jax.eval_shape(self.optimizer.init, trainable)
+        opt_shardings = self._opt_state_shardings(opt_abstract, trainable)
+        opt_state = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            opt_abstract,
+            opt_shardings,
+        )
+        self.abstract = TrainState(trainable, frozen, opt_state)
+        self.shardings = TrainState(_shardings(trainable), _shardings(frozen), opt_shardings)
+        self._step = None
+        self._eval = None
+
+    def _opt_state_shardings(self, opt_abstract: Any, trainable: dict) -> Any:
+        """Moments shard like their parameters; anything else (counts, factored statistics of
+        other shapes, keys) is replicated."""
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        return optax.tree_map_params(
+            self.optimizer,
+            lambda leaf, param: param.sharding if leaf.shape == param.shape else replicated,
+            opt_abstract,
+            trainable,
+            transform_non_params=lambda _: replicated,
+            is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct),
+        )
+
+    def init_state(self, model: RewardModel) -> TrainState:
+        _, trainable, frozen = nnx.split(model, trainable_filter(self.config), ...)
+        trainable, frozen = nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen)
+        init = jax.jit(self.optimizer.init, out_shardings=self.shardings.opt_state)
+        return TrainState(trainable, frozen, init(trainable))
+
+    def model(self, state: TrainState) -> RewardModel:
+        return nnx.merge(self.graphdef, state.trainable, state.frozen)
+
+    def params(self, state: TrainState) -> dict:
+        return nnx.to_pure_dict(nnx.state(self.model(state), nnx.Param))
+
+    def split_params(self, params: dict) -> tuple[dict, dict]:
+        _, trainable, frozen = nnx.split(
+            nnx.merge(self.full_graphdef, params), trainable_filter(self.config), ...
+        )
+        return nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen)
+
+    def global_batch(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This host's rows -> arrays over all hosts' rows, split over the batch mesh axes."""
+        out = {}
+        for key, value in host_batch.items():
+            shape = (value.shape[0] * jax.process_count(), *value.shape[1:])
+            sharding = batch_sharding(self.mesh, self.rules, shape)
+            out[key] = jax.make_array_from_process_local_data(sharding, value, shape)
+        return out
+
+    def compile(self, state: TrainState, batch: dict[str, jax.Array]) -> jax.stages.Compiled:
+        """Compiles the train step for these shapes or abstract arrays (the first `step` does it
+        otherwise)."""
+        with activation_sharding(self.mesh, self.rules):
+            self._step = (
+                jax.jit(
+                    self._train_step,
+                    in_shardings=(self.shardings, None, None),
+                    out_shardings=(self.shardings, None),
+                    donate_argnums=(0,),
+                )
+                .lower(state, batch, jnp.int32(0))
+                .compile()
+            )
+        return self._step
+
+    def step(
+        self, state: TrainState, batch: dict[str, jax.Array], step: int
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
+        if self._step is None:
+            self.compile(state, batch)
+        # TrainState is donated as a whole; the frozen part comes back unchanged.
+        return self._step(state, batch, jnp.int32(step))
+
+    def _loss(
+        self, trainable: dict, frozen: dict, batch: dict, totals: dict
+    ) -> tuple[jax.Array, dict]:
+        model = nnx.merge(self.graphdef, trainable, frozen)
+        return losses.objective(model, batch, self.config, totals)
+
+    def _train_step(
+        self, state: TrainState, batch: dict, step: jax.Array
+    ) -> tuple[TrainState, dict]:
+        totals = losses.totals(batch)
+        parts = self.config.train.micro_batches
+        grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+
+        def accumulate(carry: tuple, micro: dict) -> tuple[tuple, None]:
+            (_, sums), grads = grad_fn(state.trainable, state.frozen, micro, totals)
+            return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+        micro_batches = jax.tree.map(lambda x: _split_rows(x, parts), batch)
+        first = jax.tree.map(lambda x: x[0], micro_batches)
+        if parts == 1:
+            (_, sums), grads = grad_fn(state.trainable, state.frozen, first, totals)
+        else:
+            zeros = jax.eval_shape(grad_fn, state.trainable, state.frozen, first, totals)
+            zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (zeros[1], zeros[0][1]))
+            (grads, sums), _ = jax.lax.scan(accumulate, zeros, micro_batches)
+
+        def objective(trainable: dict) -> jax.Array:  # Sophia's Hessian estimate (one part)
+            return self._loss(trainable, state.frozen, first, totals)[0]
+
+        updates, opt_state = self.optimizer.update(
+            grads, state.opt_state, state.trainable, obj_fn=objective
+        )
+        trainable = optax.apply_updates(state.trainable, updates)
+        metrics = {**sums, "grad_norm": optax.tree.norm(grads), "lr": self.schedule(step)}
+        return TrainState(trainable, state.frozen, opt_state), metrics
+
+    def evaluate(self, state: TrainState, batches: list[dict[str, np.ndarray]]) -> dict:
+        """Metrics over all of `batches` (host batches), as one sum."""
+        if self._eval is None:
+            with activation_sharding(self.mesh, self.rules):
+                self._eval = jax.jit(self._eval_step)
+        totals: dict[str, float] = {}
+        for host_batch in batches:
+            sums = self._eval(state.trainable, state.frozen, self.global_batch(host_batch))
+            for key, value in jax.device_get(sums).items():
+                totals[key] = totals.get(key, 0.0) + float(value)
+        return losses.summarize(totals, self.config.loss)
+
+    def _eval_step(self, trainable: dict, frozen: dict, batch: dict) -> dict:
+        return self._loss(trainable, frozen, batch, losses.totals(batch))[1]
+
+
+def _split_rows(x: jax.Array, parts: int) -> jax.Array:
+    """[rows, ...] -> [parts, rows / parts, ...], each part taking rows from every device."""
+    return x.reshape(x.shape[0] // parts, parts, *x.shape[1:]).swapaxes(0, 1)
+
+
+def _shardings(tree: Any) -> Any:
+    return jax.tree.map(lambda x: x.sharding, tree)
