@@ -92,12 +92,24 @@ def cmd_import(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from jaxrm.checkpoint.loading import load_model
     from jaxrm.hf.convert import export_hf
+    from jaxrm.scoring.scorer import Scorer, reward_statistics
+    from jaxrm.sharding import make_mesh
     from jaxrm.storage import require_new_dir
 
     require_new_dir(args.out_dir, "export directory")
-    loaded = load_model(args.checkpoint)
+    mesh = make_mesh(fsdp=-1)
+    loaded = load_model(args.checkpoint, mesh)
+    stats = None
+    if args.calibrate:
+        stats = reward_statistics(Scorer(loaded, mesh), args.calibrate)
+        print(f"rewards on {stats['rows']} rows: mean {stats['mean']:.6g}, std {stats['std']:.6g}")
     out = export_hf(
-        loaded, args.out_dir, arch=args.arch, dtype=args.dtype, causal_lm=args.causal_lm
+        loaded,
+        args.out_dir,
+        arch=args.arch,
+        dtype=args.dtype,
+        causal_lm=args.causal_lm,
+        reward_stats=stats,
     )
     print(f"exported {args.checkpoint} -> {out}")
 
@@ -209,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     exp.add_argument("--causal-lm", action="store_true", help="export the LM head as a causal LM")
+    exp.add_argument(
+        "--calibrate",
+        metavar="ROWS",
+        help="scoring rows {prompt, reference?, response}: write the mean and std of their "
+        "rewards into config.json (OpenRLHF's normalize_reward, mean, std)",
+    )
     exp.set_defaults(run=cmd_export)
 
     data = commands.add_parser(
@@ -258,8 +276,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, with `key=value` overrides anywhere after the command's positional
+    arguments (argparse alone takes them only before the first option)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all(_is_override(x) for x in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     keep_freed_memory()
     try:
         args.run(args)
@@ -270,6 +300,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("jaxrm: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _is_override(argument: str) -> bool:
+    return not argument.startswith("-") and "=" in argument
 
 
 if __name__ == "__main__":

@@ -24,6 +24,9 @@ def default_reply(path: str, body: Any) -> Reply:
     """Rewards that identify their item: the response (or query) read as a number."""
     if path == "/score":
         return 200, {"rewards": [float(item["response"]) for item in body["items"]]}
+    if path == "/score_groups":
+        rewards = [[float(r) for r in group["responses"]] for group in body["groups"]]
+        return 200, {"rewards": rewards, "normalized": [[-r for r in g] for g in rewards]}
     if path == "/get_reward":
         rewards = [float(text) for text in body["query"]]
         return 200, {"rewards": rewards, "scores": rewards}
@@ -252,19 +255,41 @@ def test_verl_compute_score_batch(server: FakeServer, monkeypatch: pytest.Monkey
     # verl's batch manager passes numpy object arrays; list-valued parquet fields arrive as arrays.
     messages = np.array([{"role": "user", "content": "Q"}], dtype=object)
     rewards = compute_score_batch(
-        data_sources=np.array(["a", "b", "c"], dtype=object),
-        solution_strs=np.array(["1", "2", "3"]),
-        ground_truths=np.array(["r1", "r2", "r3"], dtype=object),
-        extra_infos=np.array([{"prompt": messages}, {"question": "q2"}, None], dtype=object),
+        data_sources=np.array(["a", "b", "a", "c"], dtype=object),
+        solution_strs=np.array(["1", "2", "5", "3"]),
+        ground_truths=np.array(["r1", "r2", "r1", "r3"], dtype=object),
+        extra_infos=np.array(
+            [{"prompt": messages}, {"question": "q2"}, {"prompt": messages}, None], dtype=object
+        ),
     )
-    assert rewards == [1.0, 2.0, 3.0]
+    assert rewards == [1.0, 2.0, 5.0, 3.0]  # in the input order, not the groups'
+    q = [{"role": "user", "content": "Q"}]
     assert server.bodies() == [
         {
-            "items": [
-                {"prompt": [{"role": "user", "content": "Q"}], "reference": "r1", "response": "1"},
-                {"prompt": "q2", "reference": "r2", "response": "2"},
-                {"prompt": "", "reference": "r3", "response": "3"},
+            "groups": [  # the two responses to the same prompt and reference form one group
+                {"prompt": q, "reference": "r1", "responses": ["1", "5"]},
+                {"prompt": "q2", "reference": "r2", "responses": ["2"]},
+                {"prompt": "", "reference": "r3", "responses": ["3"]},
             ]
         }
     ]
     assert compute_score_batch(["x"], ["4"], ["r"]) == [4.0]
+
+
+def test_score_groups_chunks_by_responses_and_keeps_groups_whole(server: FakeServer) -> None:
+    client = fast_client(server.url, max_items=4)
+    groups = [
+        {"prompt": "p", "responses": [str(i + 10 * g) for i in range(n)]}
+        for g, n in enumerate((3, 2, 5, 1))
+    ]
+    rewards, normalized = client.score_groups(groups)
+    assert rewards == [[0.0, 1.0, 2.0], [10.0, 11.0], [20.0, 21.0, 22.0, 23.0, 24.0], [30.0]]
+    assert normalized == [[-r for r in g] for g in rewards]
+    sizes = [[len(g["responses"]) for g in body["groups"]] for body in server.bodies()]
+    assert sizes == [[3], [2], [5], [1]]  # 3+2 > 4; a group of 5 goes alone
+
+
+def test_score_groups_reply_must_match_the_groups(server: FakeServer) -> None:
+    server.respond = lambda path, body: (200, {"rewards": [[1.0]], "normalized": [[0.0]]})
+    with pytest.raises(RewardServerError, match="expected 2 rewards"):
+        fast_client(server.url).score_groups([{"prompt": "p", "responses": ["a", "b"]}])

@@ -110,6 +110,8 @@ def test_exported_model_loads_in_transformers_and_gives_jaxrm_rewards(tmp_path, 
     hf_config = json.loads((out / "config.json").read_text())
     assert hf_config["num_labels"] == 1 and hf_config["id2label"] == {"0": "LABEL_0"}
     assert hf_config["pad_token_id"] is not None
+    # Without it vLLM serves sigmoid(reward) to every request that does not opt out.
+    assert hf_config["problem_type"] == "regression"
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert (
@@ -146,6 +148,22 @@ def test_internlm2_export_then_import_is_bit_identical_with_grouped_wqkv(tmp_pat
     hf_config = json.loads((out / "config.json").read_text())
     assert hf_config["architectures"] == ["InternLM2ForRewardModel"]
     assert hf_config["reward_token_id"] == 7
+    # Every key of POLAR-7B's released config.json that InternLM2Config and its modeling code
+    # read; pretraining_tp missing made InternLM's remote code fail to load an export.
+    released = {
+        "architectures", "auto_map", "attn_implementation", "bias", "bos_token_id",
+        "eos_token_id", "hidden_act", "hidden_size", "initializer_range", "intermediate_size",
+        "max_position_embeddings", "model_type", "num_attention_heads", "num_hidden_layers",
+        "num_key_value_heads", "pad_token_id", "pretraining_tp", "reward_token_id",
+        "rms_norm_eps", "rope_scaling", "rope_theta", "tie_word_embeddings", "torch_dtype",
+        "use_cache", "vocab_size",
+    }  # fmt: skip
+    assert released <= hf_config.keys(), released - hf_config.keys()
+    assert (hf_config["pretraining_tp"], hf_config["bos_token_id"], hf_config["eos_token_id"]) == (
+        1,
+        1,
+        2,
+    )
 
     # The fused layout, built here independently: per KV head g, rows of [q heads of g..., k_g, v_g].
     attention = model.layers.attention

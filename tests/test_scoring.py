@@ -26,7 +26,7 @@ from jaxrm.scoring.evaluate import (
     preference_report,
     top_of_subset_accuracy,
 )
-from jaxrm.scoring.scorer import bucket_length, plan_batches
+from jaxrm.scoring.scorer import Grid, Groups, Scorer, bucket_length, plan_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "configs" / "toy"
@@ -180,6 +180,26 @@ def test_a_hugging_face_export_scores_the_same(polar_checkpoint, tmp_path, capsy
     np.testing.assert_allclose(scored["hf"], scored["jaxrm"], atol=1e-5, rtol=0)
 
 
+def test_export_calibrate_writes_openrlhf_reward_statistics(polar_checkpoint, tmp_path, capsys):
+    rows = [
+        {"prompt": r["prompt"], "reference": r["reference"], "response": r[key]}
+        for r in read_rows(TOY / "polar_eval.jsonl")[:6]
+        for key in ("chosen", "rejected")
+    ]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    out = tmp_path / "scored.jsonl"
+    run_json(capsys, "score", str(polar_checkpoint), "--data", str(data), "--out", str(out))
+    rewards = np.asarray([r["reward"] for r in read_rows(out)], np.float64)
+    argv = ["export", str(polar_checkpoint), str(tmp_path / "hf"), "--calibrate", str(data)]
+    assert main(argv) == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["normalize_reward"] is True
+    assert config["mean"] == pytest.approx(rewards.mean(), abs=1e-6)
+    assert config["std"] == pytest.approx(rewards.std(ddof=1), abs=1e-6)
+    readme = (tmp_path / "hf" / "README.md").read_text()
+    assert "## Serving" in readme and "vllm serve" in readme and "`std`" in readme
+
+
 def test_score_errors_name_the_row_and_write_nothing(polar_checkpoint, tmp_path, capsys):
     rows = [{"prompt": "a", "reference": "b", "response": "c"}, {"prompt": "a", "response": "c"}]
     data, out = write_jsonl(tmp_path / "rows.jsonl", rows), tmp_path / "scored.jsonl"
@@ -292,3 +312,68 @@ def test_by_groups_rows_without_the_field_and_refuses_a_field_no_row_has(
     assert main(["eval", str(polar_checkpoint), "--data", str(data), "--by", "categroy"]) == 1
     err = capsys.readouterr().err.strip()
     assert err == f"jaxrm: error: --by categroy: no row of {data} has a field 'categroy'"
+
+
+def test_every_planned_batch_has_a_grid_shape():
+    grid = Grid(max_length=1536, batch_tokens=4096, row_multiple=2, max_rows=64)
+    shapes = set(grid.shapes())
+    assert [length for length in grid.lengths()] == [
+        32,
+        48,
+        64,
+        96,
+        128,
+        192,
+        256,
+        384,
+        512,
+        768,
+        1024,
+        1536,
+    ]
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        lengths = rng.integers(1, 1537, size=int(rng.integers(1, 300))).tolist()
+        for batch in grid.plan(lengths):
+            assert (batch.rows, batch.length) in shapes
+            assert batch.rows * batch.length <= 2 * max(4096, batch.length)
+
+
+def test_groups_share_their_prefix_and_get_the_rewards_of_each_alone(polar_checkpoint):
+    scorer = Scorer.open(polar_checkpoint, batch_tokens=2048, max_rows=16)
+    source = read_rows(TOY / "polar_eval.jsonl")[:3]
+    groups = [
+        [
+            scorer.score_sequence(
+                {"prompt": r["prompt"], "reference": r["reference"], "response": x}
+            )
+            for x in (r["chosen"], r["rejected"], r["reference"], r["chosen"] + " Sure.", "Ok.")
+        ]
+        for r in source
+    ]
+    alone = scorer.rewards([s for group in groups for s in group])
+    grouped = np.concatenate(scorer.group_rewards(groups))
+    np.testing.assert_allclose(grouped, alone, atol=1e-5, rtol=0)
+    packed = Groups.pack(groups, scorer.grid.max_length)
+    assert len(packed.rows) == 3  # one row per group: the prefix once, then its five responses
+    assert sum(len(r) for r in packed.rows) < 0.6 * sum(len(s) for g in groups for s in g)
+    # A row length too short for a whole group: the responses spill into more rows, each
+    # starting with the prefix again; the rewards stay the same.
+    longest = max(len(s) for g in groups for s in g)
+    split = Groups.pack(groups, longest + 8)
+    assert len(split.rows) > 3 and all(len(r) <= longest + 8 for r in split.rows)
+    values = split.rewards(scorer.row_rewards(split.rows))
+    np.testing.assert_allclose(np.concatenate(values), alone, atol=1e-5, rtol=0)
+
+
+def test_after_compile_grid_no_input_compiles(polar_checkpoint):
+    scorer = Scorer.open(polar_checkpoint, ["data.max_length=128"], batch_tokens=512, max_rows=8)
+    scorer.compile_grid()
+    compiled = scorer.counts.compiles
+    assert compiled == len(scorer.grid.shapes())
+    rng = np.random.default_rng(2)
+    sequences = [
+        rng.integers(5, 900, size=int(n)).astype(np.int32) for n in rng.integers(1, 129, 200)
+    ]
+    scorer.rewards(sequences)
+    assert scorer.counts.compiles == compiled

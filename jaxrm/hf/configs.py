@@ -88,8 +88,18 @@ def model_config_from_hf(hf: dict, arch: Arch, where: str) -> dict[str, Any]:
     )
 
 
-def hf_config(config: ModelConfig, arch: Arch, dtype: str, causal_lm: bool) -> dict[str, Any]:
-    """config.json for `arch`, as a reward model or (`causal_lm`) a causal LM."""
+def hf_config(
+    config: ModelConfig,
+    arch: Arch,
+    dtype: str,
+    causal_lm: bool,
+    special_ids: dict[str, int | None] | None = None,
+) -> dict[str, Any]:
+    """config.json for `arch`, as a reward model or (`causal_lm`) a causal LM.
+
+    `special_ids` ({"bos_token_id", "eos_token_id"}, from the tokenizer) go in when known. A
+    reward model says `problem_type: regression`, so engines that pick an activation from it
+    (vLLM: sigmoid for a one-label classifier otherwise) serve the raw reward."""
     if arch in ("llama", "internlm2") and config.qkv_bias:
         raise UserError(
             f"this model has q/k/v biases, which the {arch} layout cannot hold; export with --arch qwen2"
@@ -120,13 +130,21 @@ def hf_config(config: ModelConfig, arch: Arch, dtype: str, causal_lm: bool) -> d
         rope_scaling=scaling,
         tie_word_embeddings=config.tie_embeddings,
         pad_token_id=pad,
+        initializer_range=0.02,
+        use_cache=True,
         torch_dtype=dtype,
         dtype=dtype,
     )
+    common.update({k: v for k, v in (special_ids or {}).items() if v is not None})
     if config.reward_token_id is not None:
         common["reward_token_id"] = config.reward_token_id
     if not causal_lm:
-        common.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+        common.update(
+            num_labels=1,
+            id2label={"0": "LABEL_0"},
+            label2id={"LABEL_0": 0},
+            problem_type="regression",
+        )
     if arch == "internlm2":
         # The modeling code is POLAR's own (remote code); jaxrm ships none of it.
         kind = "InternLM2ForCausalLM" if causal_lm else "InternLM2ForRewardModel"
@@ -140,7 +158,9 @@ def hf_config(config: ModelConfig, arch: Arch, dtype: str, causal_lm: bool) -> d
             },
             bias=False,
             attn_implementation="eager",
-            **common,
+            # Read by InternLM's modeling_internlm2.py (POLAR's released config has them).
+            pretraining_tp=1,
+            **{"bos_token_id": 1, "eos_token_id": 2, **common},
         )
     family = {"llama": "Llama", "qwen2": "Qwen2"}[arch]
     kind = f"{family}ForCausalLM" if causal_lm else f"{family}ForSequenceClassification"

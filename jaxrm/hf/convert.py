@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxrm.config import apply_overrides, config_from_dict, config_to_dict
-from jaxrm.data.tokenizer import TOKENIZER_FILES, copy_tokenizer
+from jaxrm.data.tokenizer import TOKENIZER_FILES, copy_tokenizer, load_tokenizer
 from jaxrm.errors import UserError
 from jaxrm.hf.configs import detect_arch, hf_config, model_config_from_hf, read_hf_config
 from jaxrm.hf.layouts import Arch, head_names, links
@@ -106,8 +106,12 @@ def export_hf(
     dtype: str = "float32",
     causal_lm: bool = False,
     max_shard_bytes: int = 5 * 2**30,
+    reward_stats: dict[str, float] | None = None,
 ) -> Path:
-    """Writes `loaded` as an HF reward model (or, with `causal_lm`, its LM) into a new `out_dir`."""
+    """Writes `loaded` as an HF reward model (or, with `causal_lm`, its LM) into a new `out_dir`.
+
+    `reward_stats` ({"mean", "std"} of the rewards on calibration rows) go into config.json as
+    OpenRLHF reads them (`mean`, `std`, `normalize_reward`: it then serves (r - mean) / std)."""
     config = loaded.config.model
     arch = arch or ("qwen2" if config.qkv_bias else "llama")
     if causal_lm and not config.lm_head:
@@ -117,7 +121,9 @@ def export_hf(
     if dtype not in EXPORT_DTYPES:
         raise UserError(f"--dtype {dtype!r}: choose from {', '.join(EXPORT_DTYPES)}")
     out_dir = require_new_dir(out_dir, "export directory")
-    hf = hf_config(config, arch, dtype, causal_lm)
+    hf = hf_config(config, arch, dtype, causal_lm, _special_ids(loaded.tokenizer_dir))
+    if reward_stats is not None:
+        hf.update(normalize_reward=True, mean=reward_stats["mean"], std=reward_stats["std"])
     params = nnx.to_pure_dict(nnx.state(loaded.model, nnx.Param))
     if config.lora_rank:  # users get one ordinary model: adapters folded into the kernels
         params = merge_lora(params, config)
@@ -157,6 +163,13 @@ def export_hf(
     return out_dir
 
 
+def _special_ids(tokenizer_dir: Path | None) -> dict[str, int | None]:
+    if tokenizer_dir is None:
+        return {}
+    tokenizer = load_tokenizer(tokenizer_dir)
+    return {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
+
+
 def export_readme(hf: dict, causal_lm: bool) -> str:
     kind = hf["architectures"][0]
     if causal_lm:
@@ -189,4 +202,47 @@ ids = tokenizer(text)["input_ids"]
 {append}with torch.no_grad():
     reward = model(torch.tensor([ids])).logits[0, 0].item()
 ```
-"""
+{_serving_notes(hf)}"""
+
+
+def _serving_notes(hf: dict) -> str:
+    """How inference engines serve this export, and what each must be told."""
+    internlm2 = hf["model_type"] == "internlm2"
+    token = hf.get("reward_token_id")
+    ends = (
+        f"End every input with the reward token (id {token}): the engines below append nothing."
+        if token is not None
+        else "The engines below read the reward at the input's last token."
+    )
+    stats = (
+        f"\nconfig.json carries OpenRLHF's `normalize_reward`, `mean` ({hf['mean']:.6g}) and `std` "
+        f"({hf['std']:.6g}): OpenRLHF serves (r - mean) / std; the engines below serve raw r.\n"
+        if "mean" in hf
+        else ""
+    )
+    lmdeploy = (
+        "- lmdeploy (InternLM2ForRewardModel): `lmdeploy serve api_server PATH --backend pytorch`;\n"
+        '  POST /pooling {"input": [text]} -> `data[i]["data"]` (one raw float).\n'
+        if internlm2
+        else "- lmdeploy serves reward models of the InternLM2 layout only (`jaxrm export --arch "
+        "internlm2`).\n"
+    )
+    remote = " --trust-remote-code" if internlm2 else ""
+    return f"""
+## Serving
+
+{ends}
+config.json says `problem_type: regression`, so engines that choose an activation by it serve
+the raw reward.
+
+- vLLM: `vllm serve PATH --runner pooling{remote}`. POST /pooling {{"input": [text]}} ->
+  `data[i]["data"]`, a [score] per token, the reward at the last; POST /classify -> `probs[0]`.
+  vLLM before 0.12 applies a sigmoid to one-label heads unless told otherwise: send
+  `"use_activation": false` (0.12 and later) or serve with `--override-pooler-config
+  '{{"softmax": false}}'` (earlier).
+- SGLang: `python -m sglang.launch_server --model-path PATH --is-embedding{remote}`.
+  POST /classify {{"text": [text]}} -> `item["embedding"][0]`; POST /v1/embeddings
+  {{"input": text}} -> `data[0]["embedding"][0]` (raw).
+{lmdeploy}- jaxrm: `jaxrm serve PATH` speaks all of these, OpenRLHF's /get_reward and /score_groups
+  (GRPO groups with their shared prefix computed once), and appends the reward token itself.
+{stats}"""

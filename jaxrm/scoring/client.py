@@ -3,6 +3,7 @@
     from jaxrm.scoring.client import RewardClient
     client = RewardClient("http://127.0.0.1:8000")   # token: argument or $JAXRM_SERVE_TOKEN
     client.score(prompts, responses, references)      # POST /score -> one float per item
+    rewards, advantages = client.score_groups(groups) # POST /score_groups: GRPO groups
 
 verl: use this file as a custom reward function (it needs only the standard library, so verl
 can load it by path; `python -c "import jaxrm.scoring.client as c; print(c.__file__)"` prints
@@ -95,6 +96,26 @@ class RewardClient:
         """One reward per scoring row `{"prompt", "reference"?, "response"}`, in order."""
         return self._post_chunked("/score", "items", [dict(item) for item in items])
 
+    def score_groups(
+        self, groups: Sequence[Mapping[str, Any]]
+    ) -> tuple[list[list[float]], list[list[float]]]:
+        """(rewards, normalized) of groups `{"prompt", "reference"?, "responses": [...]}`: each
+        response's reward and its group-normalised value ((r - mean) / (std + 1e-6)). The server
+        computes a group's shared prefix once; groups go in requests of at most `max_items`
+        responses (a larger group goes alone)."""
+        rewards: list[list[float]] = []
+        normalized: list[list[float]] = []
+        for chunk in _group_chunks([dict(g) for g in groups], self.max_items):
+            url = self.url + "/score_groups"
+            reply = self._request("POST", "/score_groups", {"groups": chunk})
+            for key, out in (("rewards", rewards), ("normalized", normalized)):
+                values = reply.get(key)
+                if not isinstance(values, list) or len(values) != len(chunk):
+                    raise RewardServerError(url, f"expected {len(chunk)} groups of {key}")
+                for group, value in zip(chunk, values, strict=True):
+                    out.append(_checked_rewards({"rewards": value}, len(group["responses"]), url))
+        return rewards, normalized
+
     def get_reward(self, texts: Sequence[str]) -> list[float]:
         """One reward per already formatted text (OpenRLHF's remote reward-model API)."""
         return self._post_chunked("/get_reward", "query", list(texts))
@@ -133,6 +154,22 @@ class RewardClient:
                 time.sleep(delay * random.uniform(0.5, 1.0))
         attempts = f"failed after {self.retries + 1} attempts; last error: {last_error}"
         raise RewardServerError(f"{method} {url}", attempts, last_status)
+
+
+def _group_chunks(groups: list[dict], max_items: int) -> list[list[dict]]:
+    chunks: list[list[dict]] = []
+    size = max_items
+    for group in groups:
+        responses = group.get("responses")
+        if not isinstance(responses, (list, tuple)) or not responses:
+            raise ValueError("every group needs a non-empty list of 'responses'")
+        group["responses"] = list(responses)
+        if size + len(responses) > max_items:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(group)
+        size += len(responses)
+    return chunks
 
 
 def _tolist(value: Any) -> Any:
@@ -207,7 +244,22 @@ def compute_score_batch(
     extra_infos: Sequence[Any] | None = None,
     **kwargs: Any,
 ) -> list[float]:
-    """verl's batch custom reward function (`reward_model.reward_manager=batch`)."""
+    """verl's batch custom reward function (`reward_model.reward_manager=batch`). Responses to
+    the same prompt and reference (a GRPO group) go to /score_groups together, so the server
+    computes their shared prefix once; the rewards come back raw, in the input order."""
     client = _verl_client(kwargs.get("url"))
     infos = [None] * len(solution_strs) if extra_infos is None else extra_infos
-    return client.score_items(_verl_items(solution_strs, ground_truths, infos))
+    items = _verl_items(solution_strs, ground_truths, infos)
+    groups: dict[str, dict[str, Any]] = {}
+    places: list[tuple[str, int]] = []
+    for item in items:
+        key = json.dumps([item["prompt"], item["reference"]], default=_tolist, sort_keys=True)
+        group = groups.setdefault(
+            key, {"prompt": item["prompt"], "reference": item["reference"], "responses": []}
+        )
+        places.append((key, len(group["responses"])))
+        group["responses"].append(item["response"])
+    order = list(groups)
+    rewards, _ = client.score_groups([groups[key] for key in order])
+    by_key = dict(zip(order, rewards, strict=True))
+    return [by_key[key][k] for key, k in places]

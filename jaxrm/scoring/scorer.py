@@ -1,15 +1,22 @@
-"""Rewards for many token sequences at once: length-bucketed, sharded batches on a loaded model.
+"""Rewards for many token sequences at once, in a fixed grid of compiled batch shapes.
 
     scorer = Scorer.open("runs/tiny_polar")              # a run, checkpoint or HF directory
     sequences = [scorer.score_sequence(row) for row in rows]   # {prompt, reference?, response}
     rewards = scorer.rewards(sequences)                  # np.ndarray [len(sequences)], float32
 
-Sequences are sorted by length and batched with others of the same bucket: a length rounded up
-to a quarter-octave step (..., 96, 112, 128, 160, 192, 224, 256, 320, ...), so padding costs at
-most a fifth of the compute and few shapes get compiled. A batch holds about `batch_tokens`
-tokens per device; its rows are a power of two times the devices that split the batch. Each
-sequence is scored in a row of its own (no packing), so its reward never depends on what else
-is in the batch.
+Every batch has a shape of the grid (`Grid`): a row length from the half-octave buckets 32, 48,
+64, 96, 128, 192, ... up to the bucket of `data.max_length`, and a row count of the devices that
+split the batch times a power of two, at most `batch_tokens` tokens per device (and `max_rows`
+rows). So padding costs at most a third of a row's compute, and the shapes are few and known in
+advance: `compile_grid()` compiles them all (what `jaxrm serve` does before it answers), after
+which no input ever waits on a compile. `jaxrm score` compiles the shapes it meets as it goes.
+
+A row holds one sequence, or one group's shared prefix followed by its responses (`Row.group`):
+each response then attends to the prefix and to itself only, with positions that continue the
+prefix's, so its reward is the one it gets alone (within float rounding) at a fraction of the
+compute. Rows are never shared by unrelated sequences, so a reward does not depend on what else
+is in the batch. The device returns the reward head at every token; each sequence's reward is
+the value at its last token.
 
 `jaxrm score CHECKPOINT --data FILE --out FILE` writes each scoring row with its `reward` added.
 """
@@ -19,7 +26,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,49 +38,168 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from jaxrm.checkpoint.loading import load_model
-from jaxrm.data.packing import round_up
+from jaxrm.data.packing import common_prefix_length
 from jaxrm.data.pipeline import template_spec
 from jaxrm.data.rows import BadRow, check_row
 from jaxrm.data.sources import read_rows
 from jaxrm.data.templates import Template
 from jaxrm.errors import UserError
-from jaxrm.model.decoder import Loaded, rewards_at
+from jaxrm.model.decoder import Loaded
 from jaxrm.sharding import activation_sharding, batch_sharding, make_mesh
 from jaxrm.storage import staged_file
 
 MIN_BUCKET = 32
 CHUNK_ROWS = 16384  # rows read, templated and scored at a time, so memory stays bounded
+ROW_FIELDS = ("tokens", "segment_ids", "positions", "prefix_ids")
 
 
 def bucket_length(length: int) -> int:
-    return round_up(length, MIN_BUCKET)
+    """The grid's row length for `length` tokens: the next of 32, 48, 64, 96, 128, 192, ..."""
+    if length <= MIN_BUCKET:
+        return MIN_BUCKET
+    power = 2 ** (math.ceil(math.log2(length)) - 1)
+    return power * 3 // 2 if length <= power * 3 // 2 else power * 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """The batch shapes (rows, length) a scorer runs: known before the first input arrives."""
+
+    max_length: int  # longest row, in tokens
+    batch_tokens: int  # tokens per device in one batch, at most (a row longer than that: 1 row)
+    row_multiple: int  # devices that split the rows
+    max_rows: int
+
+    def lengths(self) -> list[int]:
+        lengths = [MIN_BUCKET]
+        while lengths[-1] < self.max_length:
+            lengths.append(bucket_length(lengths[-1] + 1))
+        return lengths
+
+    def row_counts(self, length: int) -> list[int]:
+        per_device = min(self.batch_tokens // length, self.max_rows // self.row_multiple)
+        top = 2 ** int(math.log2(max(1, per_device)))
+        return [self.row_multiple * 2**k for k in range(int(math.log2(top)) + 1)]
+
+    def shapes(self) -> list[tuple[int, int]]:
+        return [(rows, length) for length in self.lengths() for rows in self.row_counts(length)]
+
+    def rows_for(self, length: int, needed: int) -> int:
+        return next(r for r in self.row_counts(length) if r >= needed or r == self.capacity(length))
+
+    def capacity(self, length: int) -> int:
+        return self.row_counts(length)[-1]
+
+    def plan(self, lengths: Sequence[int]) -> list["Batch"]:
+        """Batches over rows of `lengths`, longest first (a too-large shape fails early)."""
+        order = np.argsort(-np.asarray(lengths), kind="stable")
+        buckets: dict[int, list[int]] = {}
+        for i in order:
+            buckets.setdefault(bucket_length(int(lengths[i])), []).append(int(i))
+        batches = []
+        for length, members in buckets.items():
+            capacity = self.capacity(length)
+            for start in range(0, len(members), capacity):
+                chunk = members[start : start + capacity]
+                batches.append(Batch(length, self.rows_for(length, len(chunk)), np.asarray(chunk)))
+        return batches
+
+
+def plan_batches(
+    lengths: Sequence[int], batch_tokens: int, row_multiple: int, max_rows: int
+) -> list["Batch"]:
+    return Grid(max(lengths), batch_tokens, row_multiple, max_rows).plan(lengths)
 
 
 @dataclasses.dataclass
 class Batch:
     length: int  # padded length
     rows: int  # padded row count
-    indices: np.ndarray  # which sequences, in row order
+    indices: np.ndarray  # which rows of the input, in row order
 
 
-def plan_batches(
-    lengths: Sequence[int], batch_tokens: int, row_multiple: int, max_rows: int
-) -> list[Batch]:
-    """Batches over sequences of `lengths`, longest first (a too-large shape fails early)."""
-    order = np.argsort(-np.asarray(lengths), kind="stable")
-    buckets: dict[int, list[int]] = {}
-    for i in order:
-        buckets.setdefault(bucket_length(int(lengths[i])), []).append(int(i))
-    batches = []
-    for length, members in buckets.items():
-        per_device = min(max(1, batch_tokens // length), max(1, max_rows // row_multiple))
-        capacity = row_multiple * per_device
-        for start in range(0, len(members), capacity):
-            chunk = members[start : start + capacity]
-            needed = math.ceil(len(chunk) / row_multiple)
-            rows = row_multiple * min(per_device, round_up(needed, 1))
-            batches.append(Batch(length, rows, np.asarray(chunk)))
-    return batches
+@dataclasses.dataclass
+class Row:
+    """One row's tokens: one sequence, or a shared prefix and the responses that follow it.
+    `ends[k]` is one past the last token of its k-th sequence (where its reward is read)."""
+
+    tokens: np.ndarray
+    segment_ids: np.ndarray
+    positions: np.ndarray
+    prefix_ids: np.ndarray
+    ends: list[int]
+
+    @classmethod
+    def single(cls, sequence: np.ndarray) -> "Row":
+        n = len(sequence)
+        ones, zeros = np.ones(n, np.int32), np.zeros(n, np.int32)
+        return cls(np.asarray(sequence, np.int32), ones, np.arange(n, dtype=np.int32), zeros, [n])
+
+    @classmethod
+    def group(cls, prefix: np.ndarray, responses: Sequence[np.ndarray]) -> "Row":
+        """The prefix once (segment 1), then each response as a segment that attends to it."""
+        parts, segments, positions, prefixes, ends = [prefix], [], [], [], []
+        segments.append(np.ones(len(prefix), np.int32))
+        positions.append(np.arange(len(prefix), dtype=np.int32))
+        prefixes.append(np.zeros(len(prefix), np.int32))
+        used = len(prefix)
+        for k, response in enumerate(responses):
+            n = len(response)
+            parts.append(response)
+            segments.append(np.full(n, k + 2, np.int32))
+            positions.append(np.arange(len(prefix), len(prefix) + n, dtype=np.int32))
+            prefixes.append(np.ones(n, np.int32))
+            used += n
+            ends.append(used)
+        tokens = np.concatenate(parts).astype(np.int32)
+        return cls(tokens, *map(np.concatenate, (segments, positions, prefixes)), ends)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+@dataclasses.dataclass
+class Groups:
+    """Groups of sequences that share a prefix (each group: one prompt's responses), packed into
+    rows: the prefix once per row, then as many responses as fit within `max_length` (first fit,
+    in order). `owners[r]` says which group row r serves and which of its sequences."""
+
+    rows: list[Row]
+    owners: list[tuple[int, list[int]]]
+    sizes: list[int]
+
+    @classmethod
+    def pack(cls, groups: Sequence[Sequence[np.ndarray]], max_length: int) -> "Groups":
+        packed = cls([], [], [len(g) for g in groups])
+        for g, sequences in enumerate(groups):
+            if len(sequences) == 1:
+                packed.rows.append(Row.single(sequences[0]))
+                packed.owners.append((g, [0]))
+                continue
+            shared = common_prefix_length(list(sequences))
+            members: list[list[int]] = []
+            used: list[int] = []
+            for i, sequence in enumerate(sequences):
+                size = len(sequence) - shared
+                fit = next((r for r, u in enumerate(used) if u + size <= max_length), None)
+                if fit is None:
+                    members.append([i])
+                    used.append(shared + size)
+                else:
+                    members[fit].append(i)
+                    used[fit] += size
+            for row_members in members:
+                responses = [sequences[i][shared:] for i in row_members]
+                packed.rows.append(Row.group(sequences[0][:shared], responses))
+                packed.owners.append((g, row_members))
+        return packed
+
+    def rewards(self, values: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Each group's rewards, in order, from the rows' values at every position."""
+        out = [np.zeros(n, np.float32) for n in self.sizes]
+        for row, row_values, (g, members) in zip(self.rows, values, self.owners, strict=True):
+            out[g][members] = row_values[np.asarray(row.ends) - 1]
+        return out
 
 
 @dataclasses.dataclass
@@ -83,6 +209,7 @@ class Counts:
     padded_tokens: int = 0  # tokens computed, padding included
     batches: int = 0
     seconds: float = 0.0
+    compiles: int = 0  # batch shapes compiled by this scorer
 
     def summary(self) -> dict[str, float]:
         seconds = max(self.seconds, 1e-9)
@@ -98,20 +225,22 @@ class Counts:
 
 
 class Scorer:
-    """A loaded reward model, its template, and a jitted reward function per batch shape."""
+    """A loaded reward model, its template, and one compiled reward function per grid shape."""
 
     def __init__(
         self, loaded: Loaded, mesh: Mesh, *, batch_tokens: int = 8192, max_rows: int = 256
     ):
         self.config = loaded.config
         self.mesh, self.rules = mesh, loaded.config.mesh.rules
-        self.batch_tokens, self.max_rows = batch_tokens, max_rows
-        self.row_multiple = mesh.shape["data"] * mesh.shape["fsdp"]
         self.max_length = loaded.config.data.max_length
+        row_multiple = mesh.shape["data"] * mesh.shape["fsdp"]
+        max_rows = max(max_rows, row_multiple)
+        self.grid = Grid(bucket_length(self.max_length), batch_tokens, row_multiple, max_rows)
         self.template: Template = template_spec(loaded.config, loaded.tokenizer_dir).build()
         self.graphdef, self.state = nnx.split(loaded.model)
         self.counts = Counts()
-        self._rewards = jax.jit(self._batch_rewards)
+        self._jitted = jax.jit(self._token_rewards)
+        self._compiled: dict[tuple[int, int], Any] = {}
 
     @classmethod
     def open(cls, checkpoint: str | Path, overrides: Sequence[str] = (), **kwargs: Any) -> "Scorer":
@@ -123,50 +252,87 @@ class Scorer:
     def objective(self) -> str:
         return self.config.objective
 
-    def _batch_rewards(self, state: Any, tokens: jax.Array, lengths: jax.Array) -> jax.Array:
+    def _token_rewards(self, state: Any, *row: jax.Array) -> jax.Array:
         model = nnx.merge(self.graphdef, state)
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        segments = (positions < lengths[:, None]).astype(jnp.int32)
-        hidden = model(tokens, segments, positions)
-        return rewards_at(model.token_rewards(hidden), (lengths - 1)[:, None])[:, 0]
+        tokens, segment_ids, positions, prefix_ids = row
+        return model.token_rewards(model(tokens, segment_ids, positions, prefix_ids))
+
+    def compile_grid(self, progress: Callable[[int, int], None] | None = None) -> None:
+        """Compiles every grid shape now; `progress(done, total)` after each."""
+        shapes = self.grid.shapes()
+        for done, shape in enumerate(shapes, 1):
+            self._executable(shape)
+            if progress is not None:
+                progress(done, len(shapes))
+
+    def _executable(self, shape: tuple[int, int]) -> Any:
+        if shape not in self._compiled:
+            sharding = batch_sharding(self.mesh, self.rules, shape)
+            spec = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)
+            with activation_sharding(self.mesh, self.rules):
+                lowered = self._jitted.lower(self.state, *[spec] * len(ROW_FIELDS))
+            self._compiled[shape] = lowered.compile()
+            self.counts.compiles += 1
+        return self._compiled[shape]
 
     def rewards(self, sequences: Sequence[np.ndarray], progress: tqdm | None = None) -> np.ndarray:
         """One reward per token sequence, in order."""
-        lengths = [len(s) for s in sequences]
-        out = np.zeros(len(sequences), np.float32)
+        token_rewards = self.token_rewards([Row.single(s) for s in sequences], progress)
+        return np.asarray([t[-1] for t in token_rewards], np.float32)
+
+    def group_rewards(self, groups: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
+        """Each group's rewards, its shared prefix computed once per row."""
+        packed = Groups.pack(groups, self.grid.max_length)
+        return packed.rewards(self.row_rewards(packed.rows))
+
+    def token_rewards(self, rows: Sequence[Row], progress: tqdm | None = None) -> list[np.ndarray]:
+        """The reward head at every token of each single-sequence row."""
+        values = self.row_rewards(rows, progress)
+        return [v[: len(row)] for row, v in zip(rows, values, strict=True)]
+
+    def row_rewards(self, rows: Sequence[Row], progress: tqdm | None = None) -> list[np.ndarray]:
+        """The reward head at every position of each row (padding included), in order."""
+        out: list[np.ndarray] = [np.empty(0, np.float32)] * len(rows)
         started = time.perf_counter()
         running: tuple[Batch, jax.Array] | None = None
-        for batch in plan_batches(lengths, self.batch_tokens, self.row_multiple, self.max_rows):
-            launched = (batch, self._launch(batch, sequences))
+        for batch in self.grid.plan([len(r) for r in rows]):
+            launched = (batch, self._launch(batch, rows))
             if running is not None:  # the device works on this batch while the last one is read
-                self._collect(*running, out, progress)
+                self._collect(*running, rows, out, progress)
             running = launched
         if running is not None:
-            self._collect(*running, out, progress)
+            self._collect(*running, rows, out, progress)
         self.counts.seconds += time.perf_counter() - started
         return out
 
-    def _launch(self, batch: Batch, sequences: Sequence[np.ndarray]) -> jax.Array:
-        tokens = np.zeros((batch.rows, batch.length), np.int32)
-        lengths = np.zeros(batch.rows, np.int32)
-        for row, i in enumerate(batch.indices):
-            tokens[row, : len(sequences[i])] = sequences[i]
-            lengths[row] = len(sequences[i])
-        put = lambda x: jax.device_put(x, batch_sharding(self.mesh, self.rules, x.shape))  # noqa: E731
-        with activation_sharding(self.mesh, self.rules):
-            values = self._rewards(self.state, put(tokens), put(lengths))
-        self.counts.sequences += len(batch.indices)
-        self.counts.tokens += int(lengths.sum())
-        self.counts.padded_tokens += tokens.size
+    def _launch(self, batch: Batch, rows: Sequence[Row]) -> jax.Array:
+        shape = (batch.rows, batch.length)
+        fields = {name: np.zeros(shape, np.int32) for name in ROW_FIELDS}
+        for r, i in enumerate(batch.indices):
+            for name in ROW_FIELDS:
+                fields[name][r, : len(rows[i])] = getattr(rows[i], name)
+        sharding = batch_sharding(self.mesh, self.rules, shape)
+        arrays = [jax.device_put(fields[name], sharding) for name in ROW_FIELDS]
+        values = self._executable(shape)(self.state, *arrays)
+        self.counts.sequences += sum(len(rows[i].ends) for i in batch.indices)
+        self.counts.tokens += sum(len(rows[i]) for i in batch.indices)
+        self.counts.padded_tokens += batch.rows * batch.length
         self.counts.batches += 1
         return values
 
     def _collect(
-        self, batch: Batch, values: jax.Array, out: np.ndarray, progress: tqdm | None
+        self,
+        batch: Batch,
+        values: jax.Array,
+        rows: Sequence[Row],
+        out: list[np.ndarray],
+        progress: tqdm | None,
     ) -> None:
-        out[batch.indices] = np.asarray(values)[: len(batch.indices)]
+        host = np.asarray(values)
+        for r, i in enumerate(batch.indices):
+            out[i] = host[r]
         if progress is not None:
-            progress.update(len(batch.indices))
+            progress.update(sum(len(rows[i].ends) for i in batch.indices))
 
     # --- rows and texts to token sequences ---------------------------------------------------
 
@@ -184,17 +350,38 @@ class Scorer:
         as the only candidate, so no other response shortens it."""
         return self.template({**row, "ranked": [row["response"]]}).sequences[0]
 
-    def text_sequence(self, text: str) -> tuple[np.ndarray, bool]:
-        """(tokens, truncated) of an already formatted text: BOS + text + the reward token, its
-        start dropped when it is longer than `data.max_length` (the end is where the reward is
-        read)."""
+    def text_sequence(self, text: str) -> tuple[np.ndarray, bool, bool]:
+        """(tokens, reward token added, truncated) of an already formatted text.
+
+        BOS (the tokenizer's special prefix) goes first, once: a text that starts with it as
+        text does not get a second. The reward token goes last, once: a text that already ends
+        with it (the form vLLM and POLAR's client send) keeps its own.
+        """
         ids = self.template.tokenizer.encode(text, add_special_tokens=True)
         prefix = self.template.special_prefix
-        budget = self.max_length - 1
-        truncated = len(ids) > budget
+        if prefix and ids[len(prefix) : 2 * len(prefix)] == prefix:
+            ids = ids[len(prefix) :]
+        return self.ids_sequence(ids)
+
+    def ids_sequence(self, ids: Sequence[int]) -> tuple[np.ndarray, bool, bool]:
+        """(tokens, reward token added, truncated) of token ids taken as they are, the reward
+        token appended unless they end with it. A sequence longer than `data.max_length` loses
+        its start, after the special prefix when it begins with one (the end is where the
+        reward is read)."""
+        ids = list(ids)
+        vocab = self.config.model.vocab_size
+        bad = next((i for i in ids if not 0 <= i < vocab), None)
+        if bad is not None:
+            raise UserError(f"token id {bad} is outside the model's vocabulary (0..{vocab - 1})")
+        added = not ids or ids[-1] != self.template.reward_id
+        if added:
+            ids.append(self.template.reward_id)
+        prefix = self.template.special_prefix
+        keep = len(prefix) if prefix and ids[: len(prefix)] == prefix else 0
+        truncated = len(ids) > self.max_length
         if truncated:
-            ids = prefix + ids[len(ids) - (budget - len(prefix)) :]
-        return np.asarray([*ids, self.template.reward_id], np.int32), truncated
+            ids = ids[:keep] + ids[len(ids) - (self.max_length - keep) :]
+        return np.asarray(ids, np.int32), added, truncated
 
 
 def chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
@@ -230,6 +417,16 @@ def score_file(scorer: Scorer, data: str, out: str | Path) -> dict[str, Any]:
         if rows == 0:
             raise UserError(f"{data}: no rows to score")
     return {"rows": rows, "out": str(out), **scorer.counts.summary()}
+
+
+def reward_statistics(scorer: Scorer, data: str) -> dict[str, float]:
+    """Mean and standard deviation (n - 1, as torch and OpenRLHF compute it) of the rewards of
+    the scoring rows of `data`, and how many rows there were."""
+    rows = [scorer.check_score_row(row, where) for where, row in read_rows(data)]
+    if len(rows) < 2:
+        raise UserError(f"{data}: need at least 2 scoring rows to calibrate, got {len(rows)}")
+    rewards = scorer.rewards([scorer.score_sequence(row) for row in rows]).astype(np.float64)
+    return {"mean": float(rewards.mean()), "std": float(rewards.std(ddof=1)), "rows": len(rows)}
 
 
 def _plain(value: Any) -> Any:

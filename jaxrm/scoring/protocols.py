@@ -1,0 +1,227 @@
+"""The request and response shapes of the engines reward models are called through.
+
+Each dialect is read into a list of inputs (formatted texts or token ids) and answered from the
+rewards of those inputs, so every endpoint scores with one code path. Field names, defaults and
+shapes follow the engines' own servers (vLLM 0.10-0.34, SGLang 0.4-0.5, lmdeploy 0.9-0.16,
+OpenRLHF's `serve_rm`); what differs between them is noted where it is read or written.
+
+    vLLM      POST /pooling   {"input", "use_activation"?}  data[i].data: one [reward] per token
+              POST /classify  {"input", "use_activation"?}  data[i].probs: [reward]
+    lmdeploy  POST /pooling   {"input"}                     data[i].data: reward (`--pooling lmdeploy`)
+    SGLang    POST /classify  {"text" | "input_ids"}        [{"embedding": [reward], "meta_info"}]
+              POST /v1/embeddings {"input"}                 data[i].embedding: [reward]
+    OpenRLHF  POST /get_reward {"query"}                    {"rewards", "scores", "extra_logs"}
+
+Rewards are raw (the head's output, as POLAR and `jaxrm score` give them) unless a vLLM request
+asks for `use_activation: true` (or the older `activation` / `softmax`): then sigmoid(reward), the
+activation vLLM applies to a one-label head that has no `problem_type: regression`.
+"""
+
+import math
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+Input = str | list[int]
+
+
+class RequestError(Exception):
+    """A request the client must change: answered with `status` and the message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+@dataclass
+class Scored:
+    """What the server did with one input and what the model said about it."""
+
+    token_rewards: np.ndarray  # the reward head at every token; the last one is the reward
+    reward_token_added: bool  # the input did not end with the reward token, so it was appended
+    truncated: bool  # longer than data.max_length: its start was dropped
+
+    @property
+    def reward(self) -> float:
+        return float(self.token_rewards[-1])
+
+    @property
+    def tokens(self) -> int:
+        return len(self.token_rewards)
+
+
+def inputs_of(value: Any, field: str) -> list[Input]:
+    """A vLLM / OpenAI `input`: a text, a list of texts, token ids or a list of token-id lists."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value and all(_is_int(v) for v in value):
+        return [_token_ids(value, field)]
+    if isinstance(value, list) and value:
+        for i, item in enumerate(value):
+            if not isinstance(item, str) and not (
+                isinstance(item, list) and item and all(_is_int(v) for v in item)
+            ):
+                raise RequestError(
+                    400, f"{field}[{i}] must be a text or a non-empty list of token ids"
+                )
+        return [
+            v if isinstance(v, str) else _token_ids(v, f"{field}[{i}]") for i, v in enumerate(value)
+        ]
+    raise RequestError(
+        400, f"field '{field}' must be a text, a list of texts, token ids or lists of token ids"
+    )
+
+
+def _token_ids(ids: list, field: str) -> list[int]:
+    negative = next((i for i in ids if i < 0), None)
+    if negative is not None:
+        raise RequestError(400, f"field '{field}': token id {negative} is negative")
+    return list(ids)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def texts_of(body: dict, field: str) -> list[str]:
+    values = body.get(field)
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise RequestError(400, f"field '{field}' must be a list of texts")
+    return values
+
+
+def activation_requested(body: dict) -> bool:
+    """vLLM's `use_activation`, else its deprecated `activation` / `softmax`; default off (raw)."""
+    for key in ("use_activation", "activation", "softmax"):
+        value = body.get(key)
+        if value is not None:
+            if not isinstance(value, bool):
+                raise RequestError(400, f"field '{key}' must be true, false or null")
+            return value
+    return False
+
+
+def refuse_chat(body: dict) -> None:
+    if "messages" in body:
+        raise RequestError(
+            400,
+            "chat 'messages' are not templated here; send the formatted text as 'input' "
+            "(the reward model's own template, e.g. POLAR's prompt + reference + <|reward|> ...)",
+        )
+
+
+def sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
+
+
+def _value(scored: Scored, activation: bool) -> float:
+    return sigmoid(scored.reward) if activation else scored.reward
+
+
+def _usage(scored: Sequence[Scored]) -> dict[str, Any]:
+    tokens = sum(s.tokens for s in scored)
+    return {
+        "prompt_tokens": tokens,
+        "total_tokens": tokens,
+        "completion_tokens": 0,
+        "prompt_tokens_details": None,
+    }
+
+
+def server_notes(scored: Sequence[Scored]) -> dict[str, list[int]]:
+    """Indices of the inputs the server changed: where it appended the reward token, where it
+    dropped the start of a text longer than data.max_length."""
+    return {
+        "reward_token_added": [i for i, s in enumerate(scored) if s.reward_token_added],
+        "truncated": [i for i, s in enumerate(scored) if s.truncated],
+    }
+
+
+def _envelope(prefix: str, model: str) -> dict[str, Any]:
+    return {
+        "id": f"{prefix}-{uuid.uuid4().hex}",
+        "object": "list",
+        "created": int(time.time()),
+        "model": model,
+    }
+
+
+def vllm_pooling(scored: Sequence[Scored], model: str, activation: bool) -> dict[str, Any]:
+    """vLLM's token-level reward output (`token_classify`): one [score] per token, the reward at
+    the last; POLAR's client reads `data[i]["data"][-1][0]`."""
+    rows = [
+        [[sigmoid(float(r)) if activation else float(r)] for r in s.token_rewards] for s in scored
+    ]
+    data = [{"index": i, "object": "pooling", "data": row} for i, row in enumerate(rows)]
+    notes = server_notes(scored)
+    return {**_envelope("pool", model), "data": data, "usage": _usage(scored), "jaxrm": notes}
+
+
+def lmdeploy_pooling(scored: Sequence[Scored], model: str) -> dict[str, Any]:
+    """lmdeploy's /pooling: one raw float per input (POLAR's client reads `data[i]["data"]`)."""
+    data = [{"index": i, "object": "pooling", "data": s.reward} for i, s in enumerate(scored)]
+    usage = {k: v for k, v in _usage(scored).items() if k != "prompt_tokens_details"}
+    return {**_envelope("pool", model), "data": data, "usage": usage, "jaxrm": server_notes(scored)}
+
+
+def vllm_classify(scored: Sequence[Scored], model: str, activation: bool) -> dict[str, Any]:
+    """vLLM's /classify for a one-label head; verl reads `data[-1]["probs"][-1]`."""
+    data = [
+        {"index": i, "label": "LABEL_0", "probs": [_value(s, activation)], "num_classes": 1}
+        for i, s in enumerate(scored)
+    ]
+    notes = server_notes(scored)
+    return {**_envelope("classify", model), "data": data, "usage": _usage(scored), "jaxrm": notes}
+
+
+def sglang_classify(scored: Sequence[Scored], single: bool, request_id: str | None) -> Any:
+    """SGLang's native /classify (and /encode): a list of {"embedding": [reward], "meta_info"},
+    or one such object for a single text; POLAR's client reads `item["embedding"][0]`."""
+    items = [
+        {
+            "embedding": [s.reward],
+            "meta_info": {
+                "id": request_id or uuid.uuid4().hex,
+                "prompt_tokens": s.tokens,
+                "reward_token_added": s.reward_token_added,
+                "truncated": s.truncated,
+            },
+        }
+        for s in scored
+    ]
+    return items[0] if single else items
+
+
+def embeddings(scored: Sequence[Scored], model: str) -> dict[str, Any]:
+    """SGLang's (OpenAI-shaped) /v1/embeddings for a reward model: `embedding` is [reward];
+    verl reads `data[-1]["embedding"][-1]`."""
+    data = [
+        {"object": "embedding", "embedding": [s.reward], "index": i} for i, s in enumerate(scored)
+    ]
+    tokens = sum(s.tokens for s in scored)
+    return {
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        "jaxrm": server_notes(scored),
+    }
+
+
+def get_reward(scored: Sequence[Scored]) -> dict[str, Any]:
+    """OpenRLHF's remote reward model reply."""
+    rewards = [s.reward for s in scored]
+    return {"rewards": rewards, "scores": rewards, "extra_logs": {}, **server_notes(scored)}
+
+
+def group_normalized(rewards: Sequence[float], eps: float = 1e-6) -> list[float]:
+    """GRPO's advantage of each response in its group: (r - mean) / (std + eps), with the sample
+    standard deviation (torch's default, as verl and TRL compute it); 0 for a group of one."""
+    values = np.asarray(rewards, np.float64)
+    if len(values) < 2:
+        return [0.0] * len(values)
+    return ((values - values.mean()) / (values.std(ddof=1) + eps)).tolist()
