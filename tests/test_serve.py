@@ -180,6 +180,9 @@ def test_activation_is_off_unless_asked(server, expected):
     assert on == pytest.approx(1 / (1 + np.exp(-expected[0])), abs=1e-6)
     pooled = post(server, "/pooling", {"input": text, "softmax": True})["data"][0]["data"][-1][0]
     assert pooled == pytest.approx(on, abs=1e-6)
+    # vLLM's reply for a sequence-classification export: one [reward] per input
+    classified = post(server, "/pooling", {"input": [text], "task": "classify"})["data"][0]["data"]
+    assert classified == pytest.approx([expected[0]], abs=1e-5)
 
 
 def test_models_tokenize_health_and_metrics(server, checkpoint):
@@ -334,6 +337,7 @@ def test_concurrent_clients_get_the_rewards_of_jaxrm_score(server, expected):
         ("/pooling", {"input": [[5, 10**9]]}, {}, 400, "outside the model's vocabulary"),
         ("/pooling", {"messages": [{"role": "user", "content": "hi"}]}, {}, 400, "chat 'messages'"),
         ("/classify", {"input": ["a"], "use_activation": "yes"}, {}, 400, "use_activation"),
+        ("/pooling", {"input": ["a"], "task": "embed"}, {}, 400, "task 'embed'"),
         ("/score_groups", {"groups": [{"prompt": "p", "reference": "r"}]}, {}, 400, "groups[0]"),
         (
             "/score_groups",

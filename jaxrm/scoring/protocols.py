@@ -5,7 +5,8 @@ rewards of those inputs, so every endpoint scores with one code path. Field name
 shapes follow the engines' own servers (vLLM 0.10-0.34, SGLang 0.4-0.5, lmdeploy 0.9-0.16,
 OpenRLHF's `serve_rm`); what differs between them is noted where it is read or written.
 
-    vLLM      POST /pooling   {"input", "use_activation"?}  data[i].data: one [reward] per token
+    vLLM      POST /pooling   {"input", "use_activation"?, "task"?}  data[i].data: a [score] per
+                              token (token_classify), or [reward] with task "classify"
               POST /classify  {"input", "use_activation"?}  data[i].probs: [reward]
     lmdeploy  POST /pooling   {"input"}                     data[i].data: reward (`--pooling lmdeploy`)
     SGLang    POST /classify  {"text" | "input_ids"}        [{"embedding": [reward], "meta_info"}]
@@ -105,6 +106,14 @@ def activation_requested(body: dict) -> bool:
     return False
 
 
+def pooling_task(body: dict) -> str | None:
+    """vLLM's /pooling `task`: token_classify (the default here) or classify."""
+    task = body.get("task")
+    if task not in (None, "token_classify", "classify"):
+        raise RequestError(400, f"task {task!r}: this server pools for token_classify or classify")
+    return task
+
+
 def refuse_chat(body: dict) -> None:
     if "messages" in body:
         raise RequestError(
@@ -150,13 +159,20 @@ def _envelope(prefix: str, model: str) -> dict[str, Any]:
     }
 
 
-def vllm_pooling(scored: Sequence[Scored], model: str, activation: bool) -> dict[str, Any]:
-    """vLLM's token-level reward output (`token_classify`): one [score] per token, the reward at
-    the last; POLAR's client reads `data[i]["data"][-1][0]`."""
-    rows = [
-        [[sigmoid(float(r)) if activation else float(r)] for r in s.token_rewards] for s in scored
-    ]
-    data = [{"index": i, "object": "pooling", "data": row} for i, row in enumerate(rows)]
+def vllm_pooling(
+    scored: Sequence[Scored], model: str, activation: bool, task: str | None
+) -> dict[str, Any]:
+    """vLLM's /pooling. By default the output of a token-level reward model (InternLM2's, POLAR's;
+    vLLM's `token_classify`): a [score] per token, the reward at the last, which POLAR's client
+    reads as `data[i]["data"][-1][0]`. `task: "classify"` gives what vLLM answers for a
+    sequence-classification export: `data[i]["data"]` = [reward]."""
+
+    def values(s: Scored) -> list:
+        if task == "classify":
+            return [_value(s, activation)]
+        return [[sigmoid(float(r)) if activation else float(r)] for r in s.token_rewards]
+
+    data = [{"index": i, "object": "pooling", "data": values(s)} for i, s in enumerate(scored)]
     notes = server_notes(scored)
     return {**_envelope("pool", model), "data": data, "usage": _usage(scored), "jaxrm": notes}
 

@@ -312,10 +312,11 @@ class RewardService:
     async def pooling_endpoint(self, body: dict) -> dict[str, Any]:
         protocols.refuse_chat(body)
         inputs = protocols.inputs_of(body.get("input"), "input")
-        scored = await self._score_inputs(inputs, "input")
         if self.pooling == "lmdeploy":
-            return protocols.lmdeploy_pooling(scored, self.name)
-        return protocols.vllm_pooling(scored, self.name, protocols.activation_requested(body))
+            return protocols.lmdeploy_pooling(await self._score_inputs(inputs, "input"), self.name)
+        activation, task = protocols.activation_requested(body), protocols.pooling_task(body)
+        scored = await self._score_inputs(inputs, "input")
+        return protocols.vllm_pooling(scored, self.name, activation, task)
 
     async def classify(self, body: dict) -> Any:
         if "text" in body or "input_ids" in body:  # SGLang's native form
@@ -333,8 +334,9 @@ class RewardService:
             return protocols.sglang_classify(scored, single, body.get("rid"))
         protocols.refuse_chat(body)
         inputs = protocols.inputs_of(body.get("input"), "input")
+        activation = protocols.activation_requested(body)
         scored = await self._score_inputs(inputs, "input")
-        return protocols.vllm_classify(scored, self.name, protocols.activation_requested(body))
+        return protocols.vllm_classify(scored, self.name, activation)
 
     async def embeddings(self, body: dict) -> dict[str, Any]:
         inputs = protocols.inputs_of(body.get("input"), "input")
