@@ -11,17 +11,18 @@ rows). So padding costs at most a third of a row's compute, and the shapes are f
 advance: `compile_grid()` compiles them all (what `jaxrm serve` does before it answers), after
 which no input ever waits on a compile. `jaxrm score` compiles the shapes it meets as it goes.
 
-A row holds one sequence, or one group's shared prefix followed by its responses (`Row.group`):
-each response then attends to the prefix and to itself only, with positions that continue the
-prefix's, so its reward is the one it gets alone (within float rounding) at a fraction of the
-compute. Rows are never shared by unrelated sequences, so a reward does not depend on what else
-is in the batch. The device returns the reward head at every token; each sequence's reward is
-the value at its last token.
+Sequences are packed into rows as in training: several to a row, each its own segment with its
+own positions, so attention never crosses them and a reward is the one the sequence gets alone
+(within float rounding), while a batch of short texts is a few rows, not one row each. A group's
+responses share their prefix (`Row.group`): it is packed once, and each response attends to it
+and to itself, with positions that continue the prefix's. The device returns the reward head at
+every token; each sequence's reward is the value at its last token.
 
 `jaxrm score CHECKPOINT --data FILE --out FILE` writes each scoring row with its `reward` added.
 """
 
 import argparse
+import bisect
 import dataclasses
 import json
 import math
@@ -154,8 +155,45 @@ class Row:
         tokens = np.concatenate(parts).astype(np.int32)
         return cls(tokens, *map(np.concatenate, (segments, positions, prefixes)), ends)
 
+    @classmethod
+    def concat(cls, rows: Sequence["Row"]) -> "Row":
+        """`rows` one after another in one row, each keeping its own segments and prefix."""
+        segments, prefixes, ends, offset, start = [], [], [], 0, 0
+        for row in rows:
+            segments.append(row.segment_ids + offset)
+            prefixes.append(np.where(row.prefix_ids > 0, row.prefix_ids + offset, 0))
+            ends += [start + end for end in row.ends]
+            offset += int(row.segment_ids.max())
+            start += len(row)
+        return cls(
+            np.concatenate([r.tokens for r in rows]).astype(np.int32),
+            np.concatenate(segments).astype(np.int32),
+            np.concatenate([r.positions for r in rows]).astype(np.int32),
+            np.concatenate(prefixes).astype(np.int32),
+            ends,
+        )
+
     def __len__(self) -> int:
         return len(self.tokens)
+
+
+def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Indices of rows of `lengths` packed into bins of at most `capacity` tokens: longest
+    first, each into the fullest bin it fits (best fit decreasing)."""
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, bin), sorted
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        at = bisect.bisect_left(free, (lengths[i], -1))
+        if at == len(free):
+            bins.append([i])
+            room, b = capacity - lengths[i], len(bins) - 1
+        else:
+            room, b = free.pop(at)
+            bins[b].append(i)
+            room -= lengths[i]
+        if room > 0:
+            bisect.insort(free, (room, b))
+    return bins
 
 
 @dataclasses.dataclass
@@ -291,7 +329,38 @@ class Scorer:
         return [v[: len(row)] for row, v in zip(rows, values, strict=True)]
 
     def row_rewards(self, rows: Sequence[Row], progress: tqdm | None = None) -> list[np.ndarray]:
-        """The reward head at every position of each row (padding included), in order."""
+        """The reward head at every position of each row, in order.
+
+        Rows are packed together into rows of up to the grid's longest length first (each keeps
+        its own segments, so attention never crosses them): a few long rows instead of many
+        short ones, as little padding as the grid allows and few batches to launch."""
+        bins = self._bins([len(r) for r in rows])
+        packed = self._run([Row.concat([rows[i] for i in members]) for members in bins], progress)
+        out: list[np.ndarray] = [np.empty(0, np.float32)] * len(rows)
+        for members, values in zip(bins, packed, strict=True):
+            start = 0
+            for i in members:
+                out[i] = values[start : start + len(rows[i])]
+                start += len(rows[i])
+        return out
+
+    def _bins(self, lengths: Sequence[int]) -> list[list[int]]:
+        """Rows packed into bins of the grid length that computes the fewest padded tokens."""
+        if not lengths:
+            return []
+        best: tuple[int, list[list[int]]] | None = None
+        for length in self.grid.lengths():
+            if length < max(lengths):
+                continue
+            bins = pack_rows(lengths, length)
+            used = [sum(lengths[i] for i in members) for members in bins]
+            padded = sum(b.rows * b.length for b in self.grid.plan(used))
+            if best is None or padded < best[0]:
+                best = (padded, bins)
+        assert best is not None
+        return best[1]
+
+    def _run(self, rows: Sequence[Row], progress: tqdm | None) -> list[np.ndarray]:
         out: list[np.ndarray] = [np.empty(0, np.float32)] * len(rows)
         started = time.perf_counter()
         running: tuple[Batch, jax.Array] | None = None
