@@ -35,6 +35,7 @@ server binds to 127.0.0.1 unless --host says otherwise. SIGTERM / SIGINT stop it
 import argparse
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import hmac
 import json
@@ -46,7 +47,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,8 @@ class Batcher:
         self.jobs: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self.counts = {"requests": 0, "sequences": 0, "batches": 0, "largest_batch": 0}
         self._held: Job | None = None  # taken from the queue but too big for the last batch
+        self._lock = threading.Lock()
+        self.incoming = 0  # requests announced but not yet submitted
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="jaxrm-batcher", daemon=True)
         self._thread.start()
@@ -122,9 +125,22 @@ class Batcher:
             if jobs:
                 self._score(jobs)
 
+    @contextlib.contextmanager
+    def announced(self) -> Iterator[None]:
+        """Marks a request on its way to `submit` (being read or templated): a batch being
+        gathered waits for it, up to max_wait, rather than leave it for the next one."""
+        with self._lock:
+            self.incoming += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.incoming -= 1
+
     def _gather(self) -> list[Job]:
-        """The next batch: the first waiting request, then those arriving within max_wait, until
-        the batch holds max_batch sequences or a device batch's worth of tokens."""
+        """The next batch: the first waiting request and every one queued or on its way within
+        max_wait, until the batch holds max_batch sequences or a device batch's worth of tokens.
+        With nothing queued and nothing on its way, the batch starts at once."""
         first, self._held = self._held, None
         if first is None:
             try:
@@ -134,10 +150,13 @@ class Batcher:
         jobs, rows, tokens = [first], len(first.rows), sum(len(r) for r in first.rows)
         deadline = time.monotonic() + self.max_wait
         while rows < self.max_batch and tokens < self.max_tokens:
-            try:
-                job = self.jobs.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
+            left = deadline - time.monotonic()
+            if left <= 0 or (self.jobs.empty() and not self.incoming):
                 break
+            try:
+                job = self.jobs.get(timeout=min(left, 0.001))
+            except queue.Empty:
+                continue
             if rows + len(job.rows) > self.max_batch:
                 self._held = job
                 break
@@ -282,7 +301,8 @@ class RewardService:
 
     async def score(self, body: dict) -> dict[str, Any]:
         items = self._list(body, "items", "{prompt, reference?, response} objects")
-        sequences = await self._template(self._item_sequences, items, "items")
+        with self.batcher.announced():
+            sequences = await self._template(self._item_sequences, items, "items")
         values = await self.batcher.submit([Row.single(s) for s in sequences], self._timeout)
         return {"rewards": [float(v[-1]) for v in values]}
 
@@ -297,7 +317,8 @@ class RewardService:
             raise RequestError(
                 413, f"{count} responses; at most {self.limits.max_items} per request"
             )
-        per_group = await self._template(self._group_sequences, groups, "groups")
+        with self.batcher.announced():
+            per_group = await self._template(self._group_sequences, groups, "groups")
         packed = Groups.pack(per_group, self.scorer.grid.max_length)
         rewards = packed.rewards(await self.batcher.submit(packed.rows, self._timeout))
         return {
@@ -456,7 +477,8 @@ class RewardService:
         ]
 
     async def _score_inputs(self, inputs: list, field: str) -> list[Scored]:
-        encoded = await self._template(self._encode_inputs, inputs, field)
+        with self.batcher.announced():
+            encoded = await self._template(self._encode_inputs, inputs, field)
         values = await self.batcher.submit([Row.single(s) for s, _, _ in encoded], self._timeout)
         scored = [Scored(v, added, cut) for v, (_, added, cut) in zip(values, encoded, strict=True)]
         self.truncated += sum(s.truncated for s in scored)
@@ -642,7 +664,10 @@ def add_command(commands: "argparse._SubParsersAction[argparse.ArgumentParser]")
     serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     serve.add_argument("--max-batch", type=int, default=256, help="sequences scored together")
     serve.add_argument(
-        "--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests"
+        "--max-wait-ms",
+        type=float,
+        default=20.0,
+        help="how long a batch waits for requests already on their way (none: it starts at once)",
     )
     serve.add_argument("--max-items", type=int, default=1024, help="inputs per request, at most")
     serve.add_argument("--max-body-mb", type=float, default=32.0, help="request body, at most")
