@@ -14,6 +14,7 @@ import http.client
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -356,6 +357,36 @@ def test_bad_requests_are_refused_and_the_next_is_served(
     good = {"items": [{"prompt": "p", "reference": "r", "response": "c"}]}
     code, reply = request(server, "POST", "/score", good)
     assert code == 200 and len(reply["rewards"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"query": ' + b"[" * 20_000 + b"]" * 20_000 + b"}", "nested too deeply"),
+        (b'{"query": ["\\ud800 alone"]}', "lone surrogate"),
+    ],
+)
+def test_bodies_a_tokenizer_cannot_take_are_400(server, body, message):
+    code, reply = request(server, "POST", "/get_reward", body)
+    assert code == 400 and message in reply["error"]
+
+
+def test_a_malformed_content_length_is_400(server):
+    with socket.create_connection(("127.0.0.1", server), timeout=30) as sock:
+        sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 12abc\r\n\r\n{}")
+        assert sock.recv(64).startswith(b"HTTP/1.1 400")
+
+
+def test_an_oversized_body_gets_its_413_not_a_broken_pipe(server):
+    code, reply = request(server, "POST", "/get_reward", b"x" * 2_000_000)
+    assert code == 413 and "at most" in reply["error"]
+
+
+def test_an_open_address_needs_a_token_or_an_explicit_choice(checkpoint, capsys, monkeypatch):
+    monkeypatch.delenv("JAXRM_SERVE_TOKEN", raising=False)
+    assert main(["serve", str(checkpoint), "--host", "0.0.0.0", "--port", "0"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "without a token" in err and "--allow-unauthenticated" in err and "\n" not in err
 
 
 def test_unknown_paths_and_methods(server):

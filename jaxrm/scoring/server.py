@@ -29,7 +29,8 @@ device). Limits: bodies over --max-body-mb get 413, more than --max-items inputs
 JSON or fields 400 (with the reason), a missing or wrong bearer token 401 (when --token or
 JAXRM_SERVE_TOKEN sets one; /health and /metrics are open), more than --max-queue requests
 waiting 503. HTTP is uvicorn's (keep-alive, a listen backlog of --backlog connections). The
-server binds to 127.0.0.1 unless --host says otherwise. SIGTERM / SIGINT stop it.
+server binds to 127.0.0.1 unless --host says otherwise, and another address needs a token or
+--allow-unauthenticated. SIGTERM / SIGINT stop it.
 """
 
 import argparse
@@ -64,6 +65,7 @@ from jaxrm.scoring.scorer import Groups, Row, Scorer, add_scorer_options, open_s
 TOKEN_ENV = "JAXRM_SERVE_TOKEN"
 CACHE_ENV = "JAXRM_COMPILE_CACHE"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+DRAIN_BYTES = 256 * 2**20  # read of an oversized body before answering 413, at most
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -312,11 +314,7 @@ class RewardService:
             responses = group.get("responses") if isinstance(group, dict) else None
             if not isinstance(responses, list) or not responses:
                 raise RequestError(400, f"groups[{g}]: field 'responses' must be a non-empty list")
-        count = sum(len(group["responses"]) for group in groups)
-        if count > self.limits.max_items:
-            raise RequestError(
-                413, f"{count} responses; at most {self.limits.max_items} per request"
-            )
+        self._at_most(sum(len(group["responses"]) for group in groups), "responses")
         with self.batcher.announced():
             per_group = await self._template(self._group_sequences, groups, "groups")
         packed = Groups.pack(per_group, self.scorer.grid.max_length)
@@ -430,17 +428,15 @@ class RewardService:
         values = body.get(field)
         if not isinstance(values, list):
             raise RequestError(400, f"field '{field}' must be a list of {what}")
-        if len(values) > self.limits.max_items:
-            raise RequestError(
-                413, f"{len(values)} {field}; at most {self.limits.max_items} per request"
-            )
+        self._at_most(len(values), field)
         return values
 
+    def _at_most(self, count: int, what: str) -> None:
+        if count > self.limits.max_items:
+            raise RequestError(413, f"{count} {what}; at most {self.limits.max_items} per request")
+
     async def _template(self, work: Callable[[list], list], values: list, field: str) -> list:
-        if len(values) > self.limits.max_items:
-            raise RequestError(
-                413, f"{len(values)} {field}; at most {self.limits.max_items} per request"
-            )
+        self._at_most(len(values), field)
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._templater, work, values)
@@ -543,6 +539,9 @@ class App:
         limit = self.service.limits.max_body_bytes
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
+            # Read (and drop) what the client sends, up to a bound, so that it gets to read the
+            # 413 instead of a broken pipe while it is still writing.
+            await _drain(receive, min(int(declared), DRAIN_BYTES))
             raise RequestError(413, f"body of {int(declared)} bytes; at most {limit}")
         chunks, size = [], 0
         while True:
@@ -555,13 +554,35 @@ class App:
                 raise RequestError(413, f"body of more than {limit} bytes; at most {limit}")
             if not message.get("more_body", False):
                 break
-        try:
-            body = json.loads(b"".join(chunks))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise RequestError(400, f"body is not valid JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise RequestError(400, "body must be a JSON object")
-        return body
+        return parse_body(b"".join(chunks))
+
+
+def parse_body(raw: bytes) -> dict:
+    """A request body as a JSON object of text a tokenizer can take, or a 400 saying why not."""
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RequestError(400, f"body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise RequestError(400, "body is not valid JSON: nested too deeply") from None
+    if not isinstance(body, dict):
+        raise RequestError(400, "body must be a JSON object")
+    try:  # JSON's \ud800 escapes decode to lone surrogates, which are not text
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(400, f"body holds a lone surrogate ({e.object[e.start]!r})") from None
+    return body
+
+
+async def _drain(receive: Callable, limit: int) -> None:
+    size = 0
+    while size < limit:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        size += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 async def _lifespan(receive: Callable, send: Callable) -> None:
@@ -611,11 +632,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.max_wait_ms < 0:
         raise UserError("--max-wait-ms must be >= 0")
     token = args.token or os.environ.get(TOKEN_ENV) or None
-    if args.host not in LOOPBACK and token is None:
-        print(
-            f"jaxrm serve: warning: listening on {args.host} without a token; anyone who can "
-            f"reach it can use it (set {TOKEN_ENV})",
-            file=sys.stderr,
+    if args.host not in LOOPBACK and token is None and not args.allow_unauthenticated:
+        raise UserError(
+            f"listening on {args.host} without a token lets anyone who can reach it use the "
+            f"model; set --token or {TOKEN_ENV}, or pass --allow-unauthenticated"
         )
     sock = listen(args.host, args.port, args.backlog)
     if args.compile_cache:
@@ -682,6 +702,11 @@ def add_command(commands: "argparse._SubParsersAction[argparse.ArgumentParser]")
     )
     serve.add_argument(
         "--token", help=f"require 'Authorization: Bearer TOKEN' (or set {TOKEN_ENV})"
+    )
+    serve.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="listen on an address other than loopback without a token",
     )
     serve.add_argument(
         "--served-model-name", help="the model name replies carry (default: the directory's name)"
