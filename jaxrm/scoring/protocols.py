@@ -59,13 +59,11 @@ def inputs_of(value: Any, field: str) -> list[Input]:
     """A vLLM / OpenAI `input`: a text, a list of texts, token ids or a list of token-id lists."""
     if isinstance(value, str):
         return [value]
-    if isinstance(value, list) and value and all(_is_int(v) for v in value):
+    if is_token_ids(value):
         return [_token_ids(value, field)]
     if isinstance(value, list) and value:
         for i, item in enumerate(value):
-            if not isinstance(item, str) and not (
-                isinstance(item, list) and item and all(_is_int(v) for v in item)
-            ):
+            if not isinstance(item, str) and not is_token_ids(item):
                 raise RequestError(
                     400, f"{field}[{i}] must be a text or a non-empty list of token ids"
                 )
@@ -77,15 +75,20 @@ def inputs_of(value: Any, field: str) -> list[Input]:
     )
 
 
+def is_token_ids(value: Any) -> bool:
+    """A non-empty list of integers (whether they are valid ids is checked later)."""
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    )
+
+
 def _token_ids(ids: list, field: str) -> list[int]:
     negative = next((i for i in ids if i < 0), None)
     if negative is not None:
         raise RequestError(400, f"field '{field}': token id {negative} is negative")
     return list(ids)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def texts_of(body: dict, field: str) -> list[str]:
@@ -127,8 +130,8 @@ def sigmoid(x: float) -> float:
     return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
 
 
-def _value(scored: Scored, activation: bool) -> float:
-    return sigmoid(scored.reward) if activation else scored.reward
+def _activated(value: float, activation: bool) -> float:
+    return sigmoid(value) if activation else value
 
 
 def _usage(scored: Sequence[Scored]) -> dict[str, Any]:
@@ -169,8 +172,8 @@ def vllm_pooling(
 
     def values(s: Scored) -> list:
         if task == "classify":
-            return [_value(s, activation)]
-        return [[sigmoid(float(r)) if activation else float(r)] for r in s.token_rewards]
+            return [_activated(s.reward, activation)]
+        return [[_activated(float(r), activation)] for r in s.token_rewards]
 
     data = [{"index": i, "object": "pooling", "data": values(s)} for i, s in enumerate(scored)]
     notes = server_notes(scored)
@@ -187,7 +190,12 @@ def lmdeploy_pooling(scored: Sequence[Scored], model: str) -> dict[str, Any]:
 def vllm_classify(scored: Sequence[Scored], model: str, activation: bool) -> dict[str, Any]:
     """vLLM's /classify for a one-label head; verl reads `data[-1]["probs"][-1]`."""
     data = [
-        {"index": i, "label": "LABEL_0", "probs": [_value(s, activation)], "num_classes": 1}
+        {
+            "index": i,
+            "label": "LABEL_0",
+            "probs": [_activated(s.reward, activation)],
+            "num_classes": 1,
+        }
         for i, s in enumerate(scored)
     ]
     notes = server_notes(scored)

@@ -199,8 +199,8 @@ def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
 @dataclasses.dataclass
 class Groups:
     """Groups of sequences that share a prefix (each group: one prompt's responses), packed into
-    rows: the prefix once per row, then as many responses as fit within `max_length` (first fit,
-    in order). `owners[r]` says which group row r serves and which of its sequences."""
+    rows: the prefix once per row, then as many responses as fit within `max_length` (packed by
+    `pack_rows`). `owners[r]` says which group row r serves and which of its sequences."""
 
     rows: list[Row]
     owners: list[tuple[int, list[int]]]
@@ -215,21 +215,11 @@ class Groups:
                 packed.owners.append((g, [0]))
                 continue
             shared = common_prefix_length(list(sequences))
-            members: list[list[int]] = []
-            used: list[int] = []
-            for i, sequence in enumerate(sequences):
-                size = len(sequence) - shared
-                fit = next((r for r, u in enumerate(used) if u + size <= max_length), None)
-                if fit is None:
-                    members.append([i])
-                    used.append(shared + size)
-                else:
-                    members[fit].append(i)
-                    used[fit] += size
-            for row_members in members:
-                responses = [sequences[i][shared:] for i in row_members]
+            suffixes = [len(s) - shared for s in sequences]
+            for members in pack_rows(suffixes, max_length - shared):
+                responses = [sequences[i][shared:] for i in members]
                 packed.rows.append(Row.group(sequences[0][:shared], responses))
-                packed.owners.append((g, row_members))
+                packed.owners.append((g, members))
         return packed
 
     def rewards(self, values: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -315,21 +305,16 @@ class Scorer:
 
     def rewards(self, sequences: Sequence[np.ndarray], progress: tqdm | None = None) -> np.ndarray:
         """One reward per token sequence, in order."""
-        token_rewards = self.token_rewards([Row.single(s) for s in sequences], progress)
-        return np.asarray([t[-1] for t in token_rewards], np.float32)
+        values = self.row_rewards([Row.single(s) for s in sequences], progress)
+        return np.asarray([v[-1] for v in values], np.float32)
 
     def group_rewards(self, groups: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
         """Each group's rewards, its shared prefix computed once per row."""
         packed = Groups.pack(groups, self.grid.max_length)
         return packed.rewards(self.row_rewards(packed.rows))
 
-    def token_rewards(self, rows: Sequence[Row], progress: tqdm | None = None) -> list[np.ndarray]:
-        """The reward head at every token of each single-sequence row."""
-        values = self.row_rewards(rows, progress)
-        return [v[: len(row)] for row, v in zip(rows, values, strict=True)]
-
     def row_rewards(self, rows: Sequence[Row], progress: tqdm | None = None) -> list[np.ndarray]:
-        """The reward head at every position of each row, in order.
+        """The reward head at every token of each row (no padding), in order.
 
         Rows are packed together into rows of up to the grid's longest length first (each keeps
         its own segments, so attention never crosses them): a few long rows instead of many
@@ -349,8 +334,9 @@ class Scorer:
         if not lengths:
             return []
         best: tuple[int, list[list[int]]] | None = None
+        longest = max(lengths)
         for length in self.grid.lengths():
-            if length < max(lengths):
+            if length < longest:
                 continue
             bins = pack_rows(lengths, length)
             used = [sum(lengths[i] for i in members) for members in bins]
@@ -430,21 +416,26 @@ class Scorer:
         prefix = self.template.special_prefix
         if prefix and ids[len(prefix) : 2 * len(prefix)] == prefix:
             ids = ids[len(prefix) :]
-        return self.ids_sequence(ids)
+        return self._with_reward_token(ids)
 
     def ids_sequence(self, ids: Sequence[int]) -> tuple[np.ndarray, bool, bool]:
-        """(tokens, reward token added, truncated) of token ids taken as they are, the reward
-        token appended unless they end with it. A sequence longer than `data.max_length` loses
-        its start, after the special prefix when it begins with one (the end is where the
-        reward is read)."""
-        ids = list(ids)
+        """(tokens, reward token added, truncated) of a client's token ids, taken as they are
+        (no BOS added) once every id is checked to be in the vocabulary."""
         vocab = self.config.model.vocab_size
-        bad = next((i for i in ids if not 0 <= i < vocab), None)
-        if bad is not None:
-            raise UserError(f"token id {bad} is outside the model's vocabulary (0..{vocab - 1})")
+        outside = np.asarray(ids)[(np.asarray(ids) < 0) | (np.asarray(ids) >= vocab)]
+        if outside.size:
+            raise UserError(
+                f"token id {int(outside[0])} is outside the model's vocabulary (0..{vocab - 1})"
+            )
+        return self._with_reward_token(list(ids))
+
+    def _with_reward_token(self, ids: list[int]) -> tuple[np.ndarray, bool, bool]:
+        """The reward token appended unless `ids` end with it. A sequence longer than
+        `data.max_length` loses its start, after the special prefix when it begins with one (the
+        end is where the reward is read)."""
         added = not ids or ids[-1] != self.template.reward_id
         if added:
-            ids.append(self.template.reward_id)
+            ids = [*ids, self.template.reward_id]
         prefix = self.template.special_prefix
         keep = len(prefix) if prefix and ids[: len(prefix)] == prefix else 0
         truncated = len(ids) > self.max_length

@@ -178,7 +178,7 @@ class Batcher:
             return
         start = 0
         for job in jobs:
-            job.finish([values[start + i][: len(r)] for i, r in enumerate(job.rows)])
+            job.finish(values[start : start + len(job.rows)])
             start += len(job.rows)
         self.counts["requests"] += len(jobs)
         self.counts["sequences"] += sum(len(r.ends) for r in rows)
@@ -349,7 +349,9 @@ class RewardService:
                 raise RequestError(400, "field 'text' must be a text or a list of texts")
             inputs = protocols.inputs_of(value, field)
             scored = await self._score_inputs(inputs, field)
-            single = isinstance(value, str) or (field == "input_ids" and _is_ids(value))
+            single = isinstance(value, str) or (
+                field == "input_ids" and protocols.is_token_ids(value)
+            )
             return protocols.sglang_classify(scored, single, body.get("rid"))
         protocols.refuse_chat(body)
         inputs = protocols.inputs_of(body.get("input"), "input")
@@ -480,10 +482,6 @@ class RewardService:
         self.truncated += sum(s.truncated for s in scored)
         self.reward_token_added += sum(s.reward_token_added for s in scored)
         return scored
-
-
-def _is_ids(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(v, int) for v in value)
 
 
 class App:
