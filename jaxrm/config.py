@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
+from jaxrm import storage
 from jaxrm.errors import UserError
 from jaxrm.presets import PRESETS, preset_shape
 from jaxrm.sharding import DEFAULT_RULES, MESH_AXES
@@ -258,7 +259,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     raw: dict = {}
     origins: dict[str, str] = {}
     if path is not None:
-        raw = _read_with_bases(Path(path), origins, seen=())
+        raw = _read_with_bases(path if storage.is_remote(path) else Path(path), origins, seen=())
     apply_overrides(raw, overrides, origins)
     return config_from_dict(raw, origins)
 
@@ -305,17 +306,17 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise UserError(f"override {text!r}: value is not valid YAML ({_first_line(e)})") from e
 
 
-def _read_with_bases(path: Path, origins: dict[str, str], seen: tuple[Path, ...]) -> dict:
-    resolved = path.resolve()
+def _read_with_bases(
+    path: storage.PathLike, origins: dict[str, str], seen: tuple[storage.PathLike, ...]
+) -> dict:
+    """A config file's keys over those of its `base:` chain (local files or URLs)."""
+    resolved = path if storage.is_remote(path) else Path(path).resolve()
     if resolved in seen:
         chain = " -> ".join(str(p) for p in (*seen, resolved))
         raise UserError(f"{path}: config files name each other as base in a cycle: {chain}")
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise UserError(f"config file not found: {path}") from None
-    except OSError as e:
-        raise UserError(f"cannot read config file {path}: {e.strerror}") from None
+    if not storage.is_file(path):
+        raise UserError(f"config file not found: {path}")
+    text = storage.read_text_file(path)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -331,7 +332,10 @@ def _read_with_bases(path: Path, origins: dict[str, str], seen: tuple[Path, ...]
     if base is not None:
         if not isinstance(base, str):
             raise UserError(f"{path}: 'base' must be a path to a parent config file")
-        base_path = Path(base) if Path(base).is_absolute() else path.parent / base
+        if storage.is_remote(base) or Path(base).is_absolute():
+            base_path = base if storage.is_remote(base) else Path(base)
+        else:
+            base_path = storage.join(storage.parent(path), base)
         raw = _read_with_bases(base_path, origins, (*seen, resolved))
     _merge(raw, data, origins, str(path))
     return raw

@@ -11,3 +11,42 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from jaxrm.train.host_memory import keep_freed_memory
 
 keep_freed_memory()
+
+# Nothing the tests run may reach past 127.0.0.1: this process and every Python process it starts
+# (PYTHONPATH below) load tests/netguard/sitecustomize.py, which refuses such connections and
+# lookups and logs them; pytest_sessionfinish fails the run if any were tried.
+import importlib.util  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+NETGUARD = Path(__file__).resolve().parent / "netguard"
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(NETGUARD), os.environ.get("PYTHONPATH", "")) if p
+)
+os.environ.setdefault(
+    "JAXRM_NETGUARD_LOG", tempfile.mkstemp(prefix="jaxrm-netguard-", suffix=".log")[1]
+)
+_spec = importlib.util.spec_from_file_location("netguard", NETGUARD / "sitecustomize.py")
+netguard = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(netguard)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    attempts = Path(os.environ["JAXRM_NETGUARD_LOG"]).read_text()
+    if attempts:
+        print(f"\nconnections past 127.0.0.1 were tried and refused:\n{attempts}")
+        session.exitstatus = 1
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+    """A Cloud Storage emulator on 127.0.0.1, with every GCS client of this process and of the
+    processes it starts pointed at it (tests/gcs_emulator.py)."""
+    from gcs_emulator import Emulator
+
+    emulator = Emulator(tmp_path_factory.mktemp("gcs") / "fake-gcs-server.log")
+    os.environ.update(emulator.env())
+    yield emulator
+    emulator.stop()

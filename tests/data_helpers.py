@@ -90,3 +90,19 @@ def hf_model(arch: str, kind: str, scale: float = 0.05, **config_keys):
             spread = 0.2 if "norm" in name else scale
             param.copy_((1.0 if "norm" in name else 0.0) + spread * torch.randn_like(param))
     return model
+
+
+def jaxrm_cli(*args: str, cwd: Path | None = None, env: dict | None = None):
+    """`python -m jaxrm ARGS` started in the background with one CPU device, output captured."""
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "jaxrm", *args],
+        cwd=cwd,
+        env={**os.environ, "XLA_FLAGS": "", **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )

@@ -2,10 +2,7 @@
 resumed (after SIGTERM, onto another mesh) vs uninterrupted; and the errors a user can cause."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 import yaml
-from data_helpers import polar_rows, train_sentencepiece, write_jsonl
+from data_helpers import jaxrm_cli, polar_rows, train_sentencepiece, write_jsonl
 from flax import nnx
 
 from jaxrm.checkpoint.loading import find_checkpoint, load_model
@@ -189,17 +186,6 @@ def test_an_unfinished_save_is_never_picked_up(data, tmp_path):
     assert find_checkpoint(tmp_path)[1].name == "2"
     summary = train(make_config(data, tmp_path, "train.steps=3", "checkpoint.every=1"))
     assert summary["step"] == 3
-
-
-def jaxrm_cli(*args, cwd=None, env=None):
-    return subprocess.Popen(
-        [sys.executable, "-m", "jaxrm", *args],
-        cwd=cwd,
-        env={**os.environ, "XLA_FLAGS": "", **(env or {})},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 def write_config(data, path, run_dir, *overrides):

@@ -23,16 +23,17 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from jaxrm import storage
 from jaxrm.config import Config, dump_config
 from jaxrm.data.tokenizer import tokenizer_files
 from jaxrm.errors import UserError
 from jaxrm.model.decoder import RewardModel
-from jaxrm.storage import require_new_dir
 
 PARAMS = "params"
 CONFIG = "config"
 CONFIG_FILE = "jaxrm.yaml"
 TOKENIZER = "tokenizer"
+COMMIT_FILE = "commit_success.txt"  # Orbax's mark of a finished save on object storage
 
 
 @dataclasses.dataclass
@@ -88,10 +89,15 @@ def item_handlers(params: dict) -> dict[str, ocp.CheckpointHandler]:
 
 
 def save_model(
-    path: str | Path, model: RewardModel, config: Config, tokenizer_dir: Path | None = None
-) -> Path:
-    """Writes a new model checkpoint at `path`; an existing non-empty `path` is refused."""
-    path = require_new_dir(path, "checkpoint path")
+    path: storage.PathLike,
+    model: RewardModel,
+    config: Config,
+    tokenizer_dir: Path | None = None,
+) -> storage.PathLike:
+    """Writes a new model checkpoint at `path` (local or a URL); an existing non-empty `path` is
+    refused."""
+    path = storage.require_new_dir(path, "checkpoint path")
+    storage.check_writable(path)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     items = model_items(params, config, tokenizer_dir)
     handlers = {name: item_handlers(params)[name] for name in items}
@@ -119,16 +125,22 @@ def _params_handler(params: dict) -> ocp.PyTreeCheckpointHandler:
     )
 
 
-def is_checkpoint(path: Path) -> bool:
-    return (path / CONFIG / CONFIG_FILE).is_file() and (path / PARAMS).is_dir()
+def is_checkpoint(path: storage.PathLike) -> bool:
+    """Whether `path` holds a complete checkpoint. Locally Orbax renames a finished save into
+    place; on object storage it writes into place and marks it complete with COMMIT_FILE."""
+    if storage.is_remote(path) and not storage.is_file(storage.join(path, COMMIT_FILE)):
+        return False
+    return storage.is_file(storage.join(path, CONFIG, CONFIG_FILE)) and storage.is_dir(
+        storage.join(path, PARAMS)
+    )
 
 
-def restore_params(directory: Path, target: dict) -> dict:
+def restore_params(directory: storage.PathLike, target: dict) -> dict:
     """Parameters into the shapes and shardings of `target` (ShapeDtypeStructs)."""
     restore = restore_args(target)
     try:
         with ocp.Checkpointer(_params_handler(target)) as checkpointer:
-            return checkpointer.restore(directory.absolute(), args=restore)
+            return checkpointer.restore(storage.absolute(directory), args=restore)
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise UserError(
             f"{directory}: parameters do not match the config ({str(e).splitlines()[0]})"

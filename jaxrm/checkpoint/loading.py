@@ -8,6 +8,7 @@ from pathlib import Path
 from flax import nnx
 from jax.sharding import Mesh
 
+from jaxrm import storage
 from jaxrm.checkpoint.items import (
     CONFIG,
     CONFIG_FILE,
@@ -21,25 +22,24 @@ from jaxrm.errors import UserError
 from jaxrm.hf.convert import load_hf
 from jaxrm.model.decoder import Loaded, abstract_model
 from jaxrm.sharding import Rules, make_mesh
-from jaxrm.storage import require_local
 
 
-def find_checkpoint(path: str | Path) -> tuple[str, Path]:
-    """("jaxrm" | "hf", directory) for a CHECKPOINT argument."""
-    require_local(path, "checkpoint")
-    path = Path(path)
-    if not path.exists():
+def find_checkpoint(path: storage.PathLike) -> tuple[str, storage.PathLike]:
+    """("jaxrm" | "hf", directory) for a CHECKPOINT argument (local or a URL)."""
+    storage.check_bucket(path)
+    path = path if storage.is_remote(path) else Path(path)
+    if not storage.exists(path):
         raise UserError(f"checkpoint not found: {path}")
     if is_checkpoint(path):
         return "jaxrm", path
-    if (path / "config.json").is_file():
+    if storage.is_file(storage.join(path, "config.json")):
         return "hf", path
-    steps = sorted(
-        (p for p in (path / "checkpoints").glob("*") if p.name.isdigit() and is_checkpoint(p)),
-        key=lambda p: int(p.name),
-    )
-    if steps:
-        return "jaxrm", steps[-1]
+    run_checkpoints = storage.join(path, "checkpoints")
+    steps = sorted(int(n) for n in storage.list_names(run_checkpoints) if n.isdigit())
+    for step in reversed(steps):
+        candidate = storage.join(run_checkpoints, str(step))
+        if is_checkpoint(candidate):
+            return "jaxrm", candidate
     raise UserError(
         f"{path}: not a jaxrm checkpoint ({PARAMS}/ + {CONFIG}/{CONFIG_FILE}), a run directory "
         "with checkpoints/ or a Hugging Face model directory (config.json)"
@@ -47,7 +47,7 @@ def find_checkpoint(path: str | Path) -> tuple[str, Path]:
 
 
 def load_model(
-    path: str | Path,
+    path: storage.PathLike,
     mesh: Mesh | None = None,
     rules: Rules | None = None,
     overrides: Sequence[str] = (),
@@ -56,11 +56,12 @@ def load_model(
     FSDP). `overrides` change how it computes (`model.dtype=float32`), not its shape."""
     kind, directory = find_checkpoint(path)
     if kind == "hf":
-        return load_hf(directory, mesh=mesh, rules=rules, overrides=overrides)
-    config = load_config(directory / CONFIG / CONFIG_FILE, overrides)
+        return load_hf(storage.local(directory), mesh=mesh, rules=rules, overrides=overrides)
+    config = load_config(storage.local(storage.join(directory, CONFIG)) / CONFIG_FILE, overrides)
     mesh = mesh or make_mesh(fsdp=-1)
     rules = config.mesh.rules if rules is None else rules
     graphdef, target = abstract_model(config.model, mesh, rules)
-    params = restore_params(directory / PARAMS, target)
-    tokenizer = directory / TOKENIZER
-    return Loaded(nnx.merge(graphdef, params), config, tokenizer if tokenizer.is_dir() else None)
+    params = restore_params(storage.join(directory, PARAMS), target)
+    tokenizer = storage.join(directory, TOKENIZER)
+    tokenizer_dir = storage.local(tokenizer) if storage.is_dir(tokenizer) else None
+    return Loaded(nnx.merge(graphdef, params), config, tokenizer_dir)

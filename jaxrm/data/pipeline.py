@@ -29,6 +29,7 @@ import grain
 import jax
 import numpy as np
 
+from jaxrm import storage
 from jaxrm.config import Config
 from jaxrm.data.packing import empty_row, pack
 from jaxrm.data.rows import BadRow, check_row
@@ -181,7 +182,7 @@ class PreparedSource:
                 f"{directory} was prepared with other settings ({details}); prepare it again"
             )
         self.records = ArrayRecordDataSource(
-            [f"{directory.rstrip('/')}/{name}" for name in manifest["shards"]]
+            [str(storage.join(directory, name)) for name in manifest["shards"]]
         )
 
     def __len__(self) -> int:
@@ -213,10 +214,10 @@ def decode_example(record: bytes) -> Example:
 
 
 def read_manifest(directory: str) -> dict[str, Any]:
-    path = f"{directory.rstrip('/')}/{MANIFEST}"
+    path = storage.join(directory, MANIFEST)
     try:
-        manifest = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        manifest = json.loads(storage.read_text_file(path))
+    except (UserError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: not a readable jaxrm data manifest ({e})") from None
     if manifest.get("format") != PREPARED_FORMAT:
         raise UserError(f"{path}: format {manifest.get('format')!r} is not {PREPARED_FORMAT!r}")
@@ -224,7 +225,7 @@ def read_manifest(directory: str) -> dict[str, Any]:
 
 
 def is_prepared(spec: str | Sequence[str]) -> bool:
-    return isinstance(spec, str) and Path(spec, MANIFEST).is_file()
+    return isinstance(spec, str) and storage.is_file(storage.join(spec, MANIFEST))
 
 
 def examples_dataset(

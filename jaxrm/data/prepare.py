@@ -57,7 +57,9 @@ def prepare(
     from array_record.python.array_record_module import ArrayRecordWriter
 
     out = require_new_dir(out, "output directory")
-    with staged_directory(out) as staging:
+    # Shards are written locally (ArrayRecordWriter cannot write to a bucket) and uploaded with
+    # the manifest last: a reader that finds the manifest finds every shard.
+    with staged_directory(out, last=(MANIFEST,)) as staging:
         counts = {"examples": 0, "skipped_rows": 0, "tokens": 0}
         shard_files: list[Path] = []
         writer = None

@@ -21,7 +21,7 @@ import numpy as np
 
 from jaxrm.data.rows import BadRow
 from jaxrm.errors import UserError
-from jaxrm.storage import filesystem, glob_paths, is_dir, is_remote
+from jaxrm.storage import glob_paths, is_dir, join, open_read
 
 FORMATS = {
     ".jsonl": "jsonl",
@@ -216,7 +216,7 @@ def expand_paths(spec: str | Sequence[str]) -> list[str]:
             raise UserError(f"no data files match {entry}")
         for match in matches:
             if is_dir(match):
-                inside = [p for p in glob_paths(f"{match.rstrip('/')}/*") if _format(p)]
+                inside = [p for p in glob_paths(str(join(match, "*"))) if _format(p)]
                 if not inside:
                     raise UserError(f"{match}: no .jsonl, .parquet or .array_record files inside")
                 paths += inside
@@ -250,9 +250,7 @@ def _format(path: str) -> str | None:
 
 def _open(path: str) -> Any:
     try:
-        if is_remote(path):
-            return filesystem(path).open(path, "rb")
-        return open(path, "rb")
+        return open_read(path)
     except FileNotFoundError:
         raise UserError(f"data file not found: {path}") from None
     except OSError as e:

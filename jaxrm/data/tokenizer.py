@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from jaxrm import storage
 from jaxrm.errors import UserError
 
 
@@ -209,8 +210,9 @@ class HuggingFaceTokenizer(Tokenizer):
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """A tokenizer from a `.model` file, a `tokenizer.json`, or a directory holding either."""
-    path = Path(path)
+    """A tokenizer from a `.model` file, a `tokenizer.json`, or a directory holding either
+    (local or a URL)."""
+    path = storage.local(path)
     if path.is_dir():
         for name in ("tokenizer.json", "tokenizer.model"):
             if (path / name).is_file():

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from jaxrm import storage
 from jaxrm.data.codepmp_pairs import DROP_REASONS, SourceFilter, codepmp_pairs
 from jaxrm.data.sources import FORMATS, read_rows
 from jaxrm.errors import UserError
@@ -137,8 +138,8 @@ def codepmp_generate(path: str | Path) -> dict[str, Any]:
     settings = read_settings(
         path, CODEPMP_KEYS, ("sources", "out", "work_dir", "describer", "strong", "weak")
     )
-    out = Path(resolve_path(base, settings["out"]))
-    if out.exists():
+    out = resolve_path(base, settings["out"])  # local, or a URL: write_jsonl uploads it
+    if storage.exists(out):
         raise UserError(
             f"{out} already exists; choose a new 'out' in {path} (nothing was generated)"
         )

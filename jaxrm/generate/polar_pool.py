@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from jaxrm import storage
 from jaxrm.data.polar_triples import polar_triples, prompt_key
 from jaxrm.data.sources import read_rows
 from jaxrm.errors import UserError
@@ -79,8 +80,8 @@ def polar_pool(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     base = path.parent
     settings = read_settings(path, POOL_KEYS, ("prompts", "out", "work_dir", "policies"))
-    out = Path(resolve_path(base, settings["out"]))
-    if out.exists():
+    out = resolve_path(base, settings["out"])  # local, or a URL: write_jsonl uploads it
+    if storage.exists(out):
         raise UserError(
             f"{out} already exists; choose a new 'out' in {path} (nothing was generated)"
         )

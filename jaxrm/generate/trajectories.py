@@ -16,6 +16,7 @@ are refused.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -27,6 +28,7 @@ from typing import Any
 import jax
 from tqdm import tqdm
 
+from jaxrm import storage
 from jaxrm.checkpoint.loading import find_checkpoint, load_model
 from jaxrm.data.rows import check_row
 from jaxrm.data.sources import read_rows
@@ -84,6 +86,7 @@ def open_model(
     the tokenizer's EOS, and `extra_eos` (tokens or ids)."""
     kind, directory = find_checkpoint(path)
     if kind == "hf":
+        directory = storage.local(directory)
         loaded = load_hf(directory, keep_lm_head=True, overrides=overrides)
     else:
         loaded = load_model(directory, overrides=overrides)
@@ -96,7 +99,7 @@ def open_model(
             f"tokenizer {tok.path} has {tok.vocab_size} tokens, more than the model's "
             f"{loaded.config.model.vocab_size}"
         )
-    eos = set(_configured_eos_ids([directory, loaded.tokenizer_dir]))
+    eos = set(_configured_eos_ids([directory if kind == "hf" else None, loaded.tokenizer_dir]))
     eos.update(i for i in [tok.eos_id] if i is not None)
     eos.update(_stop_id(tok, t) for t in extra_eos)
     return Model(loaded, tok, sorted(eos))
@@ -239,13 +242,43 @@ def generate_file(
     policy: str,
     max_new_tokens: int,
     settings: dict[str, Any],
+    upload_every: float = 30.0,
 ) -> dict[str, Any]:
-    """Writes one trajectory row per job to `out`, batch by batch, resuming an earlier run."""
+    """Writes one trajectory row per job to `out`, batch by batch, resuming an earlier run.
+
+    A remote `out` (gs://...) is written locally and uploaded in parts at most every
+    `upload_every` seconds (`storage.RemoteAppend`); a rerun goes on from the parts uploaded."""
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    out = Path(out)
+    with contextlib.ExitStack() as stack:
+        remote = None
+        if storage.is_remote(out):
+            remote = storage.RemoteAppend(out, [settings_path(Path(storage.name(out))).name])
+            stack.callback(remote.close)
+            out = remote.local
+        summary = _generate_rows(
+            model, sampler, jobs, Path(out), policy, max_new_tokens, settings, remote, upload_every
+        )
+        if remote is not None:
+            remote.finish()
+        return summary
+
+
+def _generate_rows(
+    model: Model,
+    sampler: Sampler,
+    jobs: Sequence[Job],
+    out: Path,
+    policy: str,
+    max_new_tokens: int,
+    settings: dict[str, Any],
+    remote: storage.RemoteAppend | None,
+    upload_every: float,
+) -> dict[str, Any]:
     settings = {**settings, "policy": policy, "max_new_tokens": max_new_tokens, "rows": len(jobs)}
     done = rows_done(out, jobs, policy, settings)
+    if remote is not None:
+        remote.upload_side(settings_path(out).name)
     eos = set(model.eos_ids)
     counts = {"rows": len(jobs), "resumed_from": done, "new_tokens": 0, "stop": 0, "length": 0}
     started = time.perf_counter()
@@ -276,6 +309,8 @@ def generate_file(
                 written += 1
             f.flush()
             os.fsync(f.fileno())
+            if remote is not None:
+                remote.flush(upload_every)
             bar.set_postfix_str(
                 f"{counts['new_tokens'] / (time.perf_counter() - started):.1f} tok/s"
             )
@@ -359,6 +394,15 @@ def add_command(commands: "argparse._SubParsersAction[argparse.ArgumentParser]")
     add_sampling_options(gen, POLAR_SAMPLING)
     gen.add_argument("--tokenizer", help="tokenizer path when MODEL has none beside it")
     gen.add_argument(
+        "--upload-every",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="for a remote --out (gs://...): upload the rows finished since the last upload as "
+        "a part OUT.parts/part-N.jsonl at most this often (default 30); a rerun goes on after "
+        "the uploaded parts, and the finished run leaves OUT alone",
+    )
+    gen.add_argument(
         "--eos",
         action="append",
         default=[],
@@ -374,17 +418,19 @@ def cmd_generate(args: argparse.Namespace) -> None:
     check_run_settings(args.seed, args.batch_size, "--")
     sampling = sampling_from(args)
     model = open_model(args.model, args.overrides, args.tokenizer, args.eos)
-    policy = args.policy or Path(args.model).resolve().name
+    policy = args.policy or storage.name(storage.absolute(args.model))
     jobs = make_jobs(read_prompts(args.prompts), model.tokenizer, args.n, model.max_positions)
     sampler = model.sampler(sampling, args.seed, args.batch_size)
     settings = {
-        "model": str(Path(args.model).resolve()),
+        "model": str(storage.absolute(args.model)),
         "overrides": list(args.overrides),
-        "prompts": str(Path(args.prompts).resolve()) if "://" not in args.prompts else args.prompts,
+        "prompts": str(storage.absolute(args.prompts)),
         "n": args.n,
         "seed": args.seed,
         "eos_ids": model.eos_ids,
         **dataclasses.asdict(sampling),
     }
-    summary = generate_file(model, sampler, jobs, args.out, policy, args.max_new_tokens, settings)
+    summary = generate_file(
+        model, sampler, jobs, args.out, policy, args.max_new_tokens, settings, args.upload_every
+    )
     print(json.dumps(summary))

@@ -11,8 +11,6 @@ to load it.
 
 import dataclasses
 import json
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -33,7 +31,7 @@ from jaxrm.hf.weight_files import ShardedWriter, WeightReader
 from jaxrm.model.decoder import Loaded, abstract_model, merge_lora
 from jaxrm.presets import PRESETS, preset_shape
 from jaxrm.sharding import Rules, make_mesh
-from jaxrm.storage import require_new_dir
+from jaxrm.storage import local, require_new_dir, staged_directory
 
 HeadInit = Literal["zero", "normal"]
 EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
@@ -54,8 +52,8 @@ def load_hf(
     A reward head in the files (`score` / `v_head`) is kept; otherwise one is made, zero
     (`head="zero"`, POLAR: rewards start at 0) or normal with std 0.02 (CodePMP).
     """
-    directory = Path(directory)
     where = str(directory)
+    directory = local(directory)  # a model in a bucket is read from a local copy
     hf = read_hf_config(directory)
     arch = detect_arch(hf, where)
     reader = WeightReader(directory)
@@ -107,7 +105,7 @@ def export_hf(
     causal_lm: bool = False,
     max_shard_bytes: int = 5 * 2**30,
     reward_stats: dict[str, float] | None = None,
-) -> Path:
+) -> str | Path:
     """Writes `loaded` as an HF reward model (or, with `causal_lm`, its LM) into a new `out_dir`.
 
     `reward_stats` ({"mean", "std"} of the rewards on calibration rows) go into config.json as
@@ -141,25 +139,17 @@ def export_hf(
             params["layers"]["attention"][name] = zeros
     table = links(layout, arch, score=not causal_lm, lm_head=causal_lm)
 
-    primary = jax.process_index() == 0
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = (
-        Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent)) if primary else None
-    )
-    try:
-        writer = ShardedWriter(staging, max_shard_bytes) if staging else None
+    if jax.process_index() != 0:  # every host gathers its shards; host 0 writes the files
+        write_params(params, table, None, config.num_layers, EXPORT_DTYPES[dtype])
+        return out_dir
+    # config.json goes last: transformers (and find_checkpoint) take a directory by it.
+    with staged_directory(out_dir, last=("config.json",)) as staging:
+        writer = ShardedWriter(staging, max_shard_bytes)
         write_params(params, table, writer, config.num_layers, EXPORT_DTYPES[dtype])
-        if staging is not None and writer is not None:
-            writer.close()
-            (staging / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-            copy_tokenizer(loaded.tokenizer_dir, staging)
-            (staging / "README.md").write_text(export_readme(hf, causal_lm))
-            if out_dir.exists():
-                out_dir.rmdir()
-            staging.rename(out_dir)
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
+        writer.close()
+        (staging / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        copy_tokenizer(loaded.tokenizer_dir, staging)
+        (staging / "README.md").write_text(export_readme(hf, causal_lm))
     return out_dir
 
 

@@ -38,6 +38,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm import tqdm
 
+from jaxrm import storage
 from jaxrm.checkpoint.loading import load_model
 from jaxrm.data.packing import common_prefix_length
 from jaxrm.data.pipeline import template_spec
@@ -458,8 +459,8 @@ def chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
 def score_file(scorer: Scorer, data: str, out: str | Path) -> dict[str, Any]:
     """Writes every scoring row of `data` with its `reward` to the JSONL file `out` (nothing
     at all when a row is malformed); returns the throughput summary."""
-    out = Path(out).absolute()
-    if out.exists():
+    out = storage.absolute(out)
+    if storage.exists(out):
         raise UserError(f"{out} already exists; choose a new --out")
     rows, bar = 0, None
     with staged_file(out) as staging, staging.open("w", encoding="utf-8") as f:

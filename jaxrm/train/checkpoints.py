@@ -9,12 +9,15 @@ Each holds a model checkpoint's items (`checkpoint/items.py`) plus what resuming
 Saves run in the background (Orbax's async checkpointing); the last `checkpoint.keep` are kept.
 """
 
+import json
 from pathlib import Path
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
+from jaxrm import storage
 from jaxrm.checkpoint.items import (
     CONFIG,
     CONFIG_FILE,
@@ -25,19 +28,20 @@ from jaxrm.checkpoint.items import (
 )
 from jaxrm.config import CheckpointConfig, Config
 from jaxrm.data.tokenizer import tokenizer_files
+from jaxrm.errors import UserError
 
 
 class TrainCheckpoints:
     """The run's training checkpoints: `RUN_DIR/checkpoints/<step>/`, saved in the background,
     the last `checkpoint.keep` kept."""
 
-    def __init__(self, run_dir: Path, config: CheckpointConfig, params: dict):
+    def __init__(self, run_dir: storage.PathLike, config: CheckpointConfig, params: dict):
         options = ocp.CheckpointManagerOptions(
             max_to_keep=config.keep,
             enable_async_checkpointing=config.async_save,
             create=False,
         )
-        self.directory = (run_dir / "checkpoints").absolute()
+        self.directory = storage.absolute(storage.join(run_dir, "checkpoints"))
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_handlers=item_handlers(params)
         )
@@ -45,15 +49,20 @@ class TrainCheckpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def step_dir(self, step: int, *names: str) -> storage.PathLike:
+        return storage.join(self.directory, str(step), *names)
+
     def saved_config(self, step: int) -> str:
-        return (self.directory / str(step) / CONFIG / CONFIG_FILE).read_text()
+        return storage.read_text_file(self.step_dir(step, CONFIG, CONFIG_FILE))
 
     def saved_tokenizer(self, step: int) -> dict[str, bytes]:
-        return tokenizer_files(self.directory / str(step) / TOKENIZER)
+        saved = self.step_dir(step, TOKENIZER)
+        return tokenizer_files(storage.local(saved)) if storage.is_dir(saved) else {}
 
     def saved_process_count(self, step: int) -> int:
         """How many processes saved `step` (each saved its data-iterator position)."""
-        return len(list((self.directory / str(step) / "data").glob("process_*.json")))
+        names = storage.list_names(self.step_dir(step, "data"))
+        return sum(n.startswith("process_") and n.endswith(".json") for n in names)
 
     def save(
         self,
@@ -65,7 +74,8 @@ class TrainCheckpoints:
         config: Config,
         tokenizer: Path | None,
     ) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        if not storage.is_remote(self.directory):  # a bucket has no directories to make
+            self.directory.mkdir(parents=True, exist_ok=True)
         items = model_items(params, config, tokenizer)
         items["opt_state"] = ocp.args.PyTreeSave(opt_state)
         items["data"] = grain.checkpoint.CheckpointSave(data)
@@ -73,18 +83,42 @@ class TrainCheckpoints:
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore(
-        self, step: int, params: dict, opt_state: Any, data: grain.DatasetIterator
+        self, step: int, params: dict, opt_state: Any, data: grain.DatasetIterator, rows: range
     ) -> tuple[dict, Any, dict]:
         """(params, opt_state, train_state) of `step`, into the shardings of the abstract
-        `params` and `opt_state`; `data` is moved to where the checkpoint left it."""
-        args = ocp.args.Composite(
-            params=restore_args(params),
-            opt_state=restore_args(opt_state),
-            data=grain.checkpoint.CheckpointRestore(data),
-            train_state=ocp.args.JsonRestore(),
-        )
-        restored = self.manager.restore(step, args=args)
+        `params` and `opt_state`; `data` (this host's global batch `rows`) is moved to where the
+        checkpoint left it, also when another number of hosts saved it."""
+        items = {
+            "params": restore_args(params),
+            "opt_state": restore_args(opt_state),
+            "train_state": ocp.args.JsonRestore(),
+        }
+        same_hosts = self.saved_process_count(step) == jax.process_count()
+        if same_hosts:
+            items["data"] = grain.checkpoint.CheckpointRestore(data)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        if not same_hosts:
+            data.set_state(self.regrouped_data_state(step, rows))
         return restored["params"], restored["opt_state"], restored["train_state"]
+
+    def regrouped_data_state(self, step: int, rows: range) -> dict[str, Any]:
+        """The data position of global batch `rows` at `step`, from the positions every saving
+        host wrote. Each row of the global batch is its own stream (`data/pipeline.py`) and host
+        i of N fed a contiguous block of rows, so the streams regroup for any number of hosts."""
+        count = self.saved_process_count(step)
+        streams, ended = [], []
+        for index in range(count):
+            path = self.step_dir(step, "data", f"process_{index}-of-{count}.json")
+            state = json.loads(storage.read_text_file(path))
+            if not isinstance(state, dict) or set(state) != {"streams", "ended"}:
+                raise UserError(
+                    f"{self.step_dir(step)} was saved by {count} processes reading with "
+                    f"data.num_workers > 0; resume it on {count} processes, or the positions "
+                    "cannot be regrouped"
+                )
+            streams += state["streams"]
+            ended += state["ended"]
+        return {"streams": streams[rows.start : rows.stop], "ended": ended[rows.start : rows.stop]}
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

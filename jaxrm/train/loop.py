@@ -28,15 +28,15 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm import tqdm
 
+from jaxrm import storage
 from jaxrm.checkpoint.items import TOKENIZER
 from jaxrm.checkpoint.loading import find_checkpoint, load_model
 from jaxrm.config import Config, config_to_dict, dump_config
-from jaxrm.data.pipeline import eval_batches, template_spec, train_batches
+from jaxrm.data.pipeline import eval_batches, host_rows, template_spec, train_batches
 from jaxrm.data.tokenizer import tokenizer_files
 from jaxrm.errors import UserError
 from jaxrm.model.decoder import RewardModel, create_model
 from jaxrm.sharding import make_mesh
-from jaxrm.storage import require_local
 from jaxrm.train import losses
 from jaxrm.train.checkpoints import TrainCheckpoints
 from jaxrm.train.flops import peak_flops, train_flops
@@ -74,7 +74,7 @@ SHAPE_KEYS = (
 def train(config: Config) -> dict[str, Any]:
     """Trains (or resumes) the run `config.output_dir`; returns the final metrics."""
     _check(config)
-    run_dir = Path(config.output_dir)
+    run_dir = storage.absolute(config.output_dir)
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     config = _with_tokenizer(config)
     spec = template_spec(config)
@@ -90,13 +90,6 @@ def train(config: Config) -> dict[str, Any]:
                 f"data.tokenizer ({config.data.tokenizer}) differs from the tokenizer the run in "
                 f"{run_dir} was trained with"
             )
-        saved_hosts = checkpoints.saved_process_count(latest)
-        if saved_hosts != jax.process_count():
-            raise UserError(
-                f"{run_dir}/checkpoints/{latest} was saved by {saved_hosts} processes, each with "
-                f"its own data position; resume it on {saved_hosts} (this run has "
-                f"{jax.process_count()})"
-            )
     data = train_batches(config)
     first_batch = next(data)  # a malformed first window stops the run before anything is written
     eval_data = eval_batches(config, config.data.eval) if config.data.eval else []
@@ -105,15 +98,15 @@ def train(config: Config) -> dict[str, Any]:
         state = trainer.init_state(_initial_model(config, mesh))
         start, trained = 0, {"tokens": 0, "flops": 0.0}
     else:
-        state, start, trained = _restore(trainer, checkpoints, latest, data)
+        rows = host_rows(config, jax.process_index(), jax.process_count())
+        state, start, trained = _restore(trainer, checkpoints, latest, data, rows)
         first_batch = next(data)
     if start >= config.train.steps:
         print(f"{run_dir} is already at step {start} of train.steps={config.train.steps}")
         checkpoints.close()
         return {"step": start}
     if jax.process_index() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_config(config))
+        storage.write_bytes(storage.join(run_dir, "config.yaml"), dump_config(config).encode())
     trainer.compile(state, trainer.global_batch(first_batch))  # kept out of the throughput
     with contextlib.ExitStack() as stack:
         received = stack.enter_context(_stop_signals())
@@ -243,12 +236,14 @@ class _Loop:
             self.config,
             self.tokenizer,
         )
+        if self.logger:
+            self.logger.sync()
 
 
 class Stopped(Exception):
     """Training stopped by a signal after saving a checkpoint."""
 
-    def __init__(self, signum: int, step: int, run_dir: Path):
+    def __init__(self, signum: int, step: int, run_dir: storage.PathLike):
         super().__init__(
             f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved in "
             f"{run_dir}/checkpoints/{step}; run the same command again to resume"
@@ -279,14 +274,13 @@ def _stop_signals() -> Iterator[list[int]]:
 def _check(config: Config) -> None:
     if config.objective == "codepmp" and not config.model.lm_head:
         raise UserError("objective codepmp needs an LM head: set model.lm_head: true")
-    paths = {
-        "output_dir": config.output_dir,
-        "data.tokenizer": config.data.tokenizer,
-        "train.init_from": config.train.init_from,
-    }
-    for key, value in paths.items():
+    for value in (config.data.tokenizer, config.train.init_from):
         if value is not None:
-            require_local(value, key)
+            storage.check_bucket(value)
+    if storage.is_file(config.output_dir):
+        raise UserError(f"output_dir {config.output_dir} is a file; name a directory")
+    if jax.process_index() == 0:  # a denied write stops the run before anything is saved
+        storage.check_writable(config.output_dir)
 
 
 def _with_tokenizer(config: Config) -> Config:
@@ -294,8 +288,8 @@ def _with_tokenizer(config: Config) -> Config:
     if config.data.tokenizer is not None or config.train.init_from is None:
         return config
     kind, directory = find_checkpoint(config.train.init_from)
-    source = directory / TOKENIZER if kind == "jaxrm" else directory
-    if not tokenizer_files(source):
+    source = storage.join(directory, TOKENIZER) if kind == "jaxrm" else directory
+    if not storage.is_dir(source) or not tokenizer_files(storage.local(source)):
         raise UserError(
             f"train.init_from {config.train.init_from} carries no tokenizer; set data.tokenizer"
         )
@@ -358,11 +352,11 @@ def _update_from(target: dict, source: dict) -> None:
 
 
 def _restore(
-    trainer: Trainer, checkpoints: TrainCheckpoints, step: int, data: Any
+    trainer: Trainer, checkpoints: TrainCheckpoints, step: int, data: Any, rows: range
 ) -> tuple[TrainState, int, dict[str, float]]:
     """(state, step, tokens and FLOPs trained) of the checkpoint at `step`."""
     params, opt_state, train_state = checkpoints.restore(
-        step, trainer.abstract_params, trainer.abstract.opt_state, data
+        step, trainer.abstract_params, trainer.abstract.opt_state, data, rows
     )
     trainable, frozen = trainer.split_params(params)
     state = TrainState(trainable, frozen, opt_state)

@@ -12,10 +12,14 @@ import argparse
 import json
 import math
 import os
+import shutil
+import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from jaxrm import storage
 from jaxrm.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
@@ -38,21 +42,48 @@ class MetricsLogger:
 
     A run resumed from its checkpoint at `resume_step` drops what the interrupted process logged
     after that checkpoint, and a line it tore when killed, so the files read as one run.
+
+    Object storage cannot append, and TensorBoard would upload its whole event file at every
+    flush, so for a remote `run_dir` both files are written in a local directory and uploaded by
+    `sync` (the train loop calls it with every checkpoint, at most every SYNC_SECONDS when
+    logging, and at the end).
     """
+
+    SYNC_SECONDS = 60.0
 
     def __init__(self, run_dir: str | Path, resume_step: int = 0) -> None:
         # Imported here, not at the top, so that the command line never pays for it:
         # tensorboardX imports torch whenever torch is installed.
         from tensorboardX import SummaryWriter
 
-        run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        path = run_dir / METRICS_FILE
+        self._remote = str(run_dir) if storage.is_remote(run_dir) else None
+        if self._remote:
+            local_dir = Path(tempfile.mkdtemp(prefix="jaxrm-metrics-"))
+            remote_metrics = storage.join(self._remote, METRICS_FILE)
+            if storage.is_file(remote_metrics):
+                storage.download(remote_metrics, local_dir / METRICS_FILE)
+        else:
+            local_dir = Path(run_dir)
+            local_dir.mkdir(parents=True, exist_ok=True)
+        self._local_dir = local_dir
+        path = local_dir / METRICS_FILE
         if path.exists():
             _replace(path, [r for r in _records(path) if r["step"] <= resume_step])
         self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (open until close())
         # TensorBoard hides the events of earlier files from purge_step on.
-        self._tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
+        self._tensorboard = SummaryWriter(
+            str(local_dir / "tensorboard"), purge_step=resume_step + 1
+        )
+        self._synced = time.monotonic()
+
+    def sync(self) -> None:
+        """Uploads the files of a remote run directory (nothing to do for a local one)."""
+        if self._remote is None:
+            return
+        self._file.flush()
+        self._tensorboard.flush()
+        storage.upload(self._local_dir, self._remote)
+        self._synced = time.monotonic()
 
     def log(self, step: int, metrics: Mapping[str, float], prefix: str = "") -> None:
         """Writes `{"step": step, prefix + name: value, ...}` as one line and as scalar events."""
@@ -62,10 +93,15 @@ class MetricsLogger:
         self._file.flush()
         for tag, value in values.items():
             self._tensorboard.add_scalar(tag, value, int(step))
+        if time.monotonic() - self._synced > self.SYNC_SECONDS:
+            self.sync()
 
     def close(self) -> None:
+        self.sync()
         self._file.close()
         self._tensorboard.close()
+        if self._remote:
+            shutil.rmtree(self._local_dir, ignore_errors=True)
 
     def __enter__(self) -> "MetricsLogger":
         return self
@@ -76,8 +112,8 @@ class MetricsLogger:
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
     """The records of `run_dir/metrics.jsonl` in file order, with null (non-finite) as nan."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
+    path = storage.join(run_dir, METRICS_FILE)
+    if not storage.is_file(path):
         raise UserError(f"{path} does not exist; is {run_dir} a jaxrm run directory?")
     return [
         {name: math.nan if value is None else value for name, value in record.items()}
@@ -85,9 +121,9 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
     ]
 
 
-def _records(path: Path) -> list[dict[str, Any]]:
+def _records(path: storage.PathLike) -> list[dict[str, Any]]:
     """The objects of a metrics file as written; a last line torn by a kill mid-write is left out."""
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = storage.read_text_file(path).splitlines()
     records = []
     for number, line in enumerate(lines, 1):
         try:
@@ -108,7 +144,9 @@ def _replace(path: Path, records: list[dict[str, Any]]) -> None:
     os.replace(temporary, path)
 
 
-def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+def plot_run(
+    run_dir: storage.PathLike, out_dir: storage.PathLike | None = None
+) -> list[storage.PathLike]:
     """Writes `NAME.png`, NAME against step, for each logged metric of PLOTTED (train and eval on
     the same axes) to `out_dir`, by default `run_dir/plots`; returns the paths written."""
     # Figure without pyplot renders PNGs with Agg and switches no backend under a notebook.
@@ -116,9 +154,8 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
 
     records = read_metrics(run_dir)
     if not records:
-        raise UserError(f"{Path(run_dir) / METRICS_FILE} is empty; nothing to plot")
-    out = Path(run_dir) / "plots" if out_dir is None else Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+        raise UserError(f"{storage.join(run_dir, METRICS_FILE)} is empty; nothing to plot")
+    out = storage.join(run_dir, "plots") if out_dir is None else out_dir
     written = []
     for name in PLOTTED:
         keys = [key for key in (name, f"eval/{name}") if any(key in r for r in records)]
@@ -133,11 +170,12 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
                 axes.plot(steps, values, label="train")
             else:  # evals are sparse: mark each point
                 axes.plot(steps, values, label="eval", marker="o", markersize=3)
-        axes.set(xlabel="step", ylabel=name, title=f"{Path(run_dir).name}: {name}")
+        axes.set(xlabel="step", ylabel=name, title=f"{storage.name(run_dir)}: {name}")
         axes.grid(alpha=0.3)
         axes.legend()
-        path = out / f"{name}.png"
-        figure.savefig(path, dpi=100)
+        path = storage.join(out, f"{name}.png")
+        with storage.staged_file(path) as staging:
+            figure.savefig(staging, dpi=100, format="png")
         written.append(path)
     return written
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxrm import storage
 from jaxrm.errors import UserError
 
 
@@ -78,10 +79,10 @@ def run_point(run_dir: str | Path, metric: str = "eval/loss") -> RunPoint:
     from jaxrm.model.decoder import count_params
     from jaxrm.train.metrics import read_metrics
 
-    if not Path(run_dir).is_dir():
+    if not storage.is_dir(run_dir):
         raise UserError(f"{run_dir} is not a directory")
     records = read_metrics(run_dir)
-    config = load_config(Path(run_dir) / "config.yaml")
+    config = load_config(storage.local(storage.join(run_dir, "config.yaml")))
     at = next((r for r in reversed(records) if metric in r), None)
     if at is None:
         raise UserError(f"{run_dir}: no line of metrics.jsonl has {metric}")
@@ -112,7 +113,9 @@ def fit_runs(points: Sequence[RunPoint]) -> dict[str, PowerLaw]:
     return fits
 
 
-def plot_fits(points: Sequence[RunPoint], fits: dict[str, PowerLaw], out: str | Path) -> Path:
+def plot_fits(
+    points: Sequence[RunPoint], fits: dict[str, PowerLaw], out: storage.PathLike
+) -> storage.PathLike:
     """Writes one PNG with two log-log panels, L against C and against N, with the fitted lines."""
     # Figure without pyplot renders PNGs with Agg and switches no backend under a notebook.
     from matplotlib.figure import Figure
@@ -125,7 +128,7 @@ def plot_fits(points: Sequence[RunPoint], fits: dict[str, PowerLaw], out: str | 
         y = [p.value for p in points]
         axes.scatter(x, y, zorder=3)
         for xi, yi, p in zip(x, y, points, strict=True):
-            axes.annotate(Path(p.run).name, (xi, yi), xytext=(4, 4), textcoords="offset points")
+            axes.annotate(storage.name(p.run), (xi, yi), xytext=(4, 4), textcoords="offset points")
         if name in fits:
             line = np.geomspace(x.min(), x.max(), 50)
             axes.plot(line, fits[name](line), color="C1", label=fits[name].equation(name))
@@ -134,10 +137,9 @@ def plot_fits(points: Sequence[RunPoint], fits: dict[str, PowerLaw], out: str | 
         # Minor tick labels only where no power of ten is in view: more of them overlap.
         axes.xaxis.set_minor_formatter(LogFormatterSciNotation(minor_thresholds=(0, 0.5)))
         axes.grid(alpha=0.3, which="both")
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    return path
+    with storage.staged_file(out) as staging:
+        figure.savefig(staging, dpi=100, format="png")
+    return out
 
 
 def format_table(points: Sequence[RunPoint]) -> str:
