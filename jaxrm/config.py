@@ -9,6 +9,8 @@ command line) it came from and, for unknown keys, the nearest valid one.
 
 import dataclasses
 import difflib
+import math
+import os
 import types
 import typing
 from collections.abc import Sequence
@@ -24,6 +26,19 @@ from jaxrm.sharding import DEFAULT_RULES, MESH_AXES
 
 DType = Literal["float32", "bfloat16", "float16"]
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "gate", "up", "down")
+
+
+# The model sizes that fix its parameters' shapes; with the positions, the sizes that must be >= 1.
+PARAM_SIZE_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+)
+SIZE_KEYS = (*PARAM_SIZE_KEYS, "max_position_embeddings")
 
 
 @dataclasses.dataclass
@@ -65,6 +80,13 @@ class ModelConfig:
     lora_targets: list[str] = dataclasses.field(default_factory=lambda: list(LORA_TARGETS))
 
     def __post_init__(self) -> None:
+        for key in SIZE_KEYS:
+            if getattr(self, key) < 1:
+                raise UserError(f"model.{key} must be at least 1, got {getattr(self, key)}")
+        for key in ("rope_theta", "rms_norm_eps"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value > 0):
+                raise UserError(f"model.{key} must be a positive finite number, got {value}")
         if self.num_heads % self.num_kv_heads:
             raise UserError(
                 f"model.num_heads ({self.num_heads}) must be a multiple of "
@@ -184,9 +206,21 @@ class OptimizerConfig:
     grad_clip: float | None = 1.0  # global norm; null: off
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UserError(f"optimizer.lr must be a positive finite number, got {self.lr}")
         for key in ("warmup_ratio", "min_lr_ratio", "decay_ratio"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise UserError(f"optimizer.{key} must be between 0 and 1")
+        for key in ("b1", "b2"):
+            value = getattr(self, key)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise UserError(f"optimizer.{key} must be in [0, 1), got {value}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise UserError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.grad_clip is not None and not (
+            math.isfinite(self.grad_clip) and self.grad_clip > 0
+        ):
+            raise UserError(f"optimizer.grad_clip must be positive or null, got {self.grad_clip}")
         if self.warmup_ratio + (self.decay_ratio if self.schedule == "wsd" else 0) > 1:
             raise UserError("optimizer.warmup_ratio + optimizer.decay_ratio must not exceed 1")
 
@@ -261,6 +295,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     if path is not None:
         raw = _read_with_bases(path if storage.is_remote(path) else Path(path), origins, seen=())
     apply_overrides(raw, overrides, origins)
+    raw.setdefault("output_dir", os.path.abspath(Config.output_dir))  # where the default lands
     return config_from_dict(raw, origins)
 
 
@@ -270,7 +305,9 @@ def apply_overrides(
     """Merges `key=value` overrides into nested plain config data, in place."""
     for override in overrides:
         key, value = parse_override(override)
-        _merge(raw, _nest(key, value), {} if origins is None else origins, "the command line")
+        new = _nest(key, value)
+        _resolve_paths(new, os.getcwd())  # a relative path given here is relative to the cwd
+        _merge(raw, new, {} if origins is None else origins, "the command line")
     return raw
 
 
@@ -327,6 +364,7 @@ def _read_with_bases(
         raise UserError(
             f"{path}: a config file must be a mapping of keys, not {type(data).__name__}"
         )
+    _resolve_paths(data, storage.parent(storage.absolute(path)))
     raw: dict = {}
     base = data.pop("base", None)
     if base is not None:
@@ -339,6 +377,45 @@ def _read_with_bases(
         raw = _read_with_bases(base_path, origins, (*seen, resolved))
     _merge(raw, data, origins, str(path))
     return raw
+
+
+# Config keys that hold paths; a relative one in a config file means relative to that file.
+PATH_KEYS = (
+    ("output_dir",),
+    ("data", "train"),
+    ("data", "eval"),
+    ("data", "tfds_data_dir"),
+    ("data", "tokenizer"),
+    ("train", "init_from"),
+)
+
+
+def _resolve_paths(data: dict, directory: storage.PathLike) -> None:
+    """Makes the relative paths of `data` absolute, taken relative to `directory` (a config
+    file's own directory, or the working directory for the command line), so a config works
+    from any directory and reads the same when dumped and loaded again. URLs, absolute paths and
+    `tfds:` specs stay as they are."""
+    for keys in PATH_KEYS:
+        parent = data
+        for key in keys[:-1]:
+            parent = parent.get(key) if isinstance(parent, dict) else None
+        if not isinstance(parent, dict) or keys[-1] not in parent:
+            continue
+        value = parent[keys[-1]]
+        if isinstance(value, list):
+            parent[keys[-1]] = [_relative_to(v, directory) for v in value]
+        else:
+            parent[keys[-1]] = _relative_to(value, directory)
+
+
+def _relative_to(value: Any, directory: storage.PathLike) -> Any:
+    if not isinstance(value, str) or not value or value.startswith("tfds:"):
+        return value
+    if storage.is_remote(value) or Path(value).expanduser().is_absolute():
+        return value
+    if storage.is_remote(directory):
+        return str(storage.join(directory, value))
+    return os.path.normpath(os.path.join(directory, value))
 
 
 def _merge(into: dict, new: dict, origins: dict[str, str], source: str, prefix: str = "") -> None:

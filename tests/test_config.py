@@ -1,13 +1,17 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from jaxrm.config import dump_config, load_config
 from jaxrm.errors import UserError
 
+REPO = Path(__file__).resolve().parent.parent
+
 
 def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
 
@@ -77,6 +81,15 @@ def test_resolved_config_reloads_to_the_same_config(tmp_path):
         ("model=3", "'model' (the command line) must be a mapping"),
         ("model.rope_scaling={type: yarn}", "rope_scaling.type 'yarn' is not supported"),
         ("data.seq_len=100000", "exceeds model.max_position_embeddings"),
+        ("model.num_kv_heads=0", "model.num_kv_heads must be at least 1, got 0"),
+        ("model.hidden_size=-64", "model.hidden_size must be at least 1"),
+        ("model.rope_theta=-1", "model.rope_theta must be a positive finite number"),
+        ("optimizer.lr=.nan", "optimizer.lr must be a positive finite number, got nan"),
+        ("optimizer.lr=.inf", "optimizer.lr must be a positive finite number, got inf"),
+        ("optimizer.lr=-1", "optimizer.lr must be a positive finite number"),
+        ("optimizer.b1=2", "optimizer.b1 must be in [0, 1), got 2"),
+        ("optimizer.grad_clip=-1", "optimizer.grad_clip must be positive or null"),
+        ("optimizer.weight_decay=-5", "optimizer.weight_decay must be >= 0"),
     ],
 )
 def test_bad_values_are_named(override, message):
@@ -105,3 +118,29 @@ def test_mesh_rules_merge_over_defaults():
     assert config.mesh.rules["embed"] is None
     assert config.mesh.rules["mlp"] == ["fsdp", "tensor"]
     assert config.mesh.rules["heads"] == "tensor"
+
+
+def test_paths_in_a_config_file_are_relative_to_it_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shipped = REPO / "configs" / "tiny_polar.yaml"
+    config = load_config(shipped, ["data.eval=rows.jsonl"])
+    assert config.data.train == str(REPO / "configs" / "toy" / "polar_train.jsonl")
+    assert config.output_dir == str(REPO / "runs" / "tiny_polar")
+    assert config.data.eval == str(tmp_path / "rows.jsonl")  # the command line: the cwd
+    child = write(
+        tmp_path / "exp" / "child.yaml", f"base: {shipped}\ndata:\n  train: [a.jsonl, gs://b/c]\n"
+    )
+    config = load_config(child)
+    assert config.data.train == [str(tmp_path / "exp" / "a.jsonl"), "gs://b/c"]
+    assert config.data.tokenizer == str(REPO / "configs" / "toy" / "tokenizer.model")
+    assert load_config(write(tmp_path / "dumped.yaml", dump_config(config))) == config
+
+
+@pytest.mark.slow
+def test_a_shipped_config_trains_from_another_directory(tmp_path, monkeypatch):
+    from jaxrm.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    shipped = REPO / "configs" / "tiny_polar.yaml"
+    assert main(["train", str(shipped), "train.steps=2", "output_dir=run"]) == 0
+    assert (tmp_path / "run" / "metrics.jsonl").is_file()

@@ -284,3 +284,22 @@ def test_cli_import_export_and_errors(tmp_path):
         assert result.returncode != 0 and message in result.stderr, (args, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "c3").exists() and not (tmp_path / "o2").exists()
+
+
+def test_import_refuses_non_finite_weights_and_a_negative_rope_theta(tmp_path):
+    import torch
+
+    model = hf_model("llama", "ForCausalLM")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    model.save_pretrained(tmp_path / "nan")
+    with pytest.raises(UserError, match=r"'model.layers.1.mlp.up_proj.weight' holds NaN"):
+        load_hf(tmp_path / "nan")
+
+    model = hf_model("llama", "ForCausalLM")
+    model.save_pretrained(tmp_path / "theta")
+    config = json.loads((tmp_path / "theta" / "config.json").read_text())
+    config["rope_parameters"]["rope_theta"] = -1.0
+    (tmp_path / "theta" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="rope_theta must be a positive finite number"):
+        load_hf(tmp_path / "theta")

@@ -270,6 +270,42 @@ def test_user_errors_are_one_line_and_leave_checkpoints_alone(data, tmp_path):
     assert snapshot(run / "checkpoints") == before
     assert not (tmp_path / "fresh" / "checkpoints").exists()
 
+    lines[6] = '{"prompt": "p", "reference": "r", "chosen": "c", "rejected": "d", "margin": NaN}'
+    rows.write_text("\n".join(lines) + "\n")
+    nan_margin = jaxrm_cli("train", str(config), "train.steps=3")
+    _, err = nan_margin.communicate(timeout=300)
+    assert nan_margin.returncode == 1
+    assert err.strip().splitlines() == [
+        f"jaxrm: error: {rows}:7: field 'margin' must be a finite number, got nan"
+    ]
+    assert snapshot(run / "checkpoints") == before
+
+
+@pytest.mark.slow
+def test_a_diverging_run_stops_at_its_first_non_finite_step_and_saves_nothing_after(
+    data, tmp_path, capsys
+):
+    """lr 1e30 sends the weights to ~1e30 in one step; the next forward pass overflows. That
+    step is not applied, nothing after it is saved, and the run ends in one line naming it."""
+    run = tmp_path / "run"
+    config = write_config(
+        data,
+        tmp_path / "run.yaml",
+        run,
+        "train.steps=6",
+        "checkpoint.every=1",
+        "optimizer.lr=1e30",
+        "optimizer.schedule=constant",
+    )
+    from jaxrm.cli import main
+
+    assert main(["train", str(config)]) == 1
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("jaxrm:")]
+    assert line.startswith("jaxrm: error: step 2: the loss or gradient is not finite"), line
+    assert find_checkpoint(run)[1].name == "1"
+    params = nnx.state(load_model(run).model, nnx.Param)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
 
 def test_steps_after_the_first_compile_nothing(data, tmp_path, monkeypatch):
     compiles = []

@@ -6,6 +6,7 @@ ARCHITECTURE.md, "Data formats": preference rows (polar, pairwise, codepmp), tra
 scoring rows and prompt rows. Text fields are strings or lists of {role, content} messages.
 """
 
+import math
 from typing import Any
 
 from jaxrm.errors import UserError
@@ -52,8 +53,8 @@ def check_row(row: Any, kind: str, where: str) -> dict[str, Any]:
                 raise BadRow(f"{where}: field '{field}' is empty")
         elif field == "ranked":
             _check_ranked(row, where)
-        elif field == "margin" and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise BadRow(f"{where}: field 'margin' must be a number, got {value!r}")
+        elif field == "margin" and not _is_finite_number(value):
+            raise BadRow(f"{where}: field 'margin' must be a finite number, got {value!r}")
         elif field == "wrapper" and value not in ("sft", "pretrain"):
             raise BadRow(f"{where}: field 'wrapper' must be 'sft' or 'pretrain', got {value!r}")
         elif field in ("category", "policy") and not isinstance(value, str):
@@ -103,3 +104,13 @@ def _check_text(value: Any, field: str, where: str) -> None:
 
 def _has_text(value: str | list[dict]) -> bool:
     return bool(value) if isinstance(value, str) else any(m["content"] for m in value)
+
+
+def _is_finite_number(value: Any) -> bool:
+    """A number that stays finite in float32, as the loss computes with it."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return math.isfinite(value) and abs(value) <= FLOAT32_MAX
+
+
+FLOAT32_MAX = 3.4028234663852886e38

@@ -41,7 +41,8 @@ def read_params(
         if link.per_layer:
             stacks = [_zeros(target) for target in targets]
             for i in range(num_layers):
-                tensors = [reader.read(name.format(i=i)) for name in link.hf]
+                names = [name.format(i=i) for name in link.hf]
+                tensors = [_finite(reader.read(name), name, where) for name in names]
                 values = link.to_jax(tensors)
                 for j, (value, target, path) in enumerate(
                     zip(values, targets, link.params, strict=True)
@@ -51,7 +52,7 @@ def read_params(
                 progress.update(len(link.hf))
                 del tensors, values
         else:
-            values = link.to_jax([reader.read(name) for name in link.hf])
+            values = link.to_jax([_finite(reader.read(name), name, where) for name in link.hf])
             stacks = []
             for value, target, path in zip(values, targets, link.params, strict=True):
                 _check_shape(value.shape, target.shape, link, path, where, None)
@@ -62,6 +63,13 @@ def read_params(
             _set(params, path, stack)
     progress.close()
     return params
+
+
+def _finite(tensor: np.ndarray, name: str, where: str) -> np.ndarray:
+    """`tensor`, if every value is finite: a NaN or inf weight would make every reward NaN."""
+    if not np.isfinite(np.asarray(tensor, np.float32)).all():
+        raise UserError(f"{where}: tensor '{name}' holds NaN or infinite values")
+    return tensor
 
 
 def _zeros(target: jax.ShapeDtypeStruct) -> jax.Array:

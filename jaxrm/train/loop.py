@@ -31,7 +31,7 @@ from tqdm import tqdm
 from jaxrm import storage
 from jaxrm.checkpoint.items import TOKENIZER
 from jaxrm.checkpoint.loading import find_checkpoint, load_model
-from jaxrm.config import Config, config_to_dict, dump_config
+from jaxrm.config import PARAM_SIZE_KEYS, Config, config_to_dict, dump_config
 from jaxrm.data.pipeline import eval_batches, host_rows, template_spec, train_batches
 from jaxrm.data.tokenizer import tokenizer_files
 from jaxrm.errors import UserError
@@ -58,17 +58,7 @@ RESUMABLE_CHANGES = (
     "model.remat",
     "model.attention",
 )
-SHAPE_KEYS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_layers",
-    "num_heads",
-    "num_kv_heads",
-    "head_dim",
-    "qkv_bias",
-    "tie_embeddings",
-)
+SHAPE_KEYS = (*PARAM_SIZE_KEYS, "qkv_bias", "tie_embeddings")
 
 
 def train(config: Config) -> dict[str, Any]:
@@ -191,6 +181,7 @@ class _Loop:
 
     def log(self, pending: list[dict], seconds: float, step: int) -> dict[str, float]:
         host = jax.device_get(pending)
+        _stop_if_not_finite(host, step)
         sums = {key: sum(float(m[key]) for m in host) for key in host[0]}
         metrics = losses.summarize(sums, self.config.loss)
         metrics["grad_norm"] = sums["grad_norm"] / len(host)
@@ -224,6 +215,7 @@ class _Loop:
 
     def save(self, state: TrainState, step: int, pending: list[dict]) -> None:
         host = jax.device_get(pending)
+        _stop_if_not_finite(host, step)  # before anything of those steps is saved
         not_logged = self._work({k: sum(float(m[k]) for m in host) for k in WORK_SUMS})
         train_state = {"step": step, "seed": self.config.train.seed}
         train_state.update({key: self.trained[key] + not_logged[key] for key in self.trained})
@@ -238,6 +230,19 @@ class _Loop:
         )
         if self.logger:
             self.logger.sync()
+
+
+def _stop_if_not_finite(host: list[dict], step: int) -> None:
+    """Stops the run at the first of the steps `host` (ending at `step`) whose loss, gradient or
+    update was not finite; the trainer did not apply it (trainer.py)."""
+    for offset, metrics in enumerate(host):
+        if int(metrics["nonfinite"]):
+            bad = step - len(host) + 1 + offset
+            raise UserError(
+                f"step {bad}: the loss or gradient is not finite, so the update was not applied "
+                "and the run stops without saving; its newest checkpoint is from before it "
+                "(lower optimizer.lr, or look at the data this step read)"
+            )
 
 
 class Stopped(Exception):

@@ -156,7 +156,17 @@ class Trainer:
             grads, state.opt_state, state.trainable, obj_fn=objective
         )
         trainable = optax.apply_updates(state.trainable, updates)
-        metrics = {**sums, "grad_norm": optax.tree.norm(grads), "lr": self.schedule(step)}
+        grad_norm = optax.tree.norm(grads)
+        # A step whose loss, gradient or update is not finite is not applied: the state stays
+        # as it was, and the loop stops the run at its next look at the metrics.
+        finite = jnp.isfinite(grad_norm)
+        for value in jax.tree.leaves((sums, updates)):  # leaf by leaf: a norm could overflow
+            finite &= jnp.all(jnp.isfinite(value))
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        trainable = jax.tree.map(keep, trainable, state.trainable)
+        opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+        metrics = {**sums, "grad_norm": grad_norm, "lr": self.schedule(step)}
+        metrics["nonfinite"] = (~finite).astype(jnp.int32)
         return TrainState(trainable, state.frozen, opt_state), metrics
 
     def evaluate(self, state: TrainState, batches: list[dict[str, np.ndarray]]) -> dict:
