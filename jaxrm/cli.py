@@ -13,6 +13,7 @@ from jaxrm.generate.trajectories import add_command as add_generate_command
 from jaxrm.scoring.evaluate import add_commands as add_eval_commands
 from jaxrm.scoring.scorer import add_command as add_score_command
 from jaxrm.scoring.server import add_command as add_serve_command
+from jaxrm.storage import add_compile_cache_option, use_compile_cache
 from jaxrm.tpu.compile_check import add_command as add_compile_check_command
 from jaxrm.train.distributed import add_options as add_distributed_options
 from jaxrm.train.host_memory import keep_freed_memory
@@ -38,6 +39,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     initialize(args.coordinator, args.num_processes, args.process_id)
     config = load_config(args.config, args.overrides)
+    use_compile_cache(args.compile_cache)
     try:
         summary = train(config)
     except Stopped as e:
@@ -176,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", metavar="CONFIG.yaml")
     train.add_argument("overrides", nargs="*", metavar="key=value")
     add_distributed_options(train)
+    add_compile_cache_option(train)
     train.set_defaults(run=cmd_train)
 
     presets = commands.add_parser(

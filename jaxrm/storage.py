@@ -11,6 +11,7 @@ the file readers look for (a manifest, config.json) last; a single object appear
 upload completes.
 """
 
+import argparse
 import contextlib
 import functools
 import glob
@@ -422,3 +423,31 @@ class RemoteAppend:
 def upload_bytes(data: bytes, remote: PathLike) -> None:
     with remote_errors(remote, "write to"):
         filesystem(remote).pipe_file(str(remote), data)
+
+
+COMPILE_CACHE_ENV = "JAXRM_COMPILE_CACHE"
+
+
+def add_compile_cache_option(parser: argparse.ArgumentParser) -> None:
+    """`--compile-cache DIR` for a command that compiles XLA programs (train, serve, generate)."""
+    parser.add_argument(
+        "--compile-cache",
+        default=os.environ.get(COMPILE_CACHE_ENV) or str(Path.home() / ".cache/jaxrm/xla"),
+        metavar="DIR",
+        help="persistent XLA compilation cache, local or gs://, so a restart (a preempted host, "
+        f"a resumed run) skips its compiles (default ${COMPILE_CACHE_ENV} or "
+        "~/.cache/jaxrm/xla; '' turns it off)",
+    )
+
+
+def use_compile_cache(directory: str) -> None:
+    """XLA programs go to (and come from) `directory` (none: '')."""
+    if not directory:
+        return
+    import jax
+
+    if not is_remote(directory):
+        Path(directory).mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -5,6 +5,9 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# No persistent XLA cache unless a test asks for one: every test compiles what it runs, as
+# the tests that count compiles expect.
+os.environ["JAXRM_COMPILE_CACHE"] = ""
 
 # As the `jaxrm` command does: XLA:CPU's per-step temporaries are reused instead of page-faulted in
 # again each call (jaxrm/host_memory.py); must run before JAX starts its CPU backend.

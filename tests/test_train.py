@@ -240,6 +240,55 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(data, tmp_path):
 
 
 @pytest.mark.slow
+def test_killed_between_logs_then_resumed_logs_what_an_uninterrupted_run_logs(data, tmp_path):
+    """log_every 10 does not divide checkpoint.every 12: a checkpoint carries the metrics of the
+    steps after the last log, so the first log after a resume covers the same steps."""
+    common = ["train.steps=60", "train.log_every=10", "checkpoint.every=12", "mesh.fsdp=1"]
+    whole_cfg = write_config(data, tmp_path / "whole.yaml", tmp_path / "whole", *common)
+    cut_cfg = write_config(data, tmp_path / "cut.yaml", tmp_path / "cut", *common)
+    whole = jaxrm_cli("train", str(whole_cfg))
+    cut = jaxrm_cli("train", str(cut_cfg))
+    deadline = time.time() + 300
+    while time.time() < deadline and not (tmp_path / "cut" / "checkpoints" / "12").is_dir():
+        time.sleep(0.01)
+    cut.kill()
+    cut.communicate(timeout=60)
+    resumed_from = int(find_checkpoint(tmp_path / "cut")[1].name)
+    assert 12 <= resumed_from < 60 and resumed_from % 12 == 0
+
+    resumed = jaxrm_cli("train", str(cut_cfg))
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    _, err = whole.communicate(timeout=300)
+    assert whole.returncode == 0, err
+
+    def logged(run):
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        keys = ("step", "loss", "accuracy", "grad_norm", "lr", "tokens", "flops")
+        return [tuple(m.get(k) for k in keys) for m in map(json.loads, lines)]
+
+    assert [r[0] for r in logged("whole")] == [10, 20, 30, 40, 50, 60]
+    assert logged("cut") == logged("whole")
+
+
+@pytest.mark.slow
+def test_a_second_start_takes_its_programs_from_the_compile_cache(data, tmp_path):
+    cache = tmp_path / "xla"
+    for run in ("first", "second"):
+        config = write_config(data, tmp_path / f"{run}.yaml", tmp_path / run, "train.steps=2")
+        started = time.perf_counter()
+        done = jaxrm_cli("train", "--compile-cache", str(cache), str(config))
+        _, err = done.communicate(timeout=300)
+        assert done.returncode == 0, err
+        seconds = time.perf_counter() - started
+        entries = sorted(p.name for p in cache.iterdir())
+        if run == "first":
+            first_entries, first_seconds = entries, seconds
+    assert first_entries and entries == first_entries  # the second start compiled nothing new
+    assert seconds < first_seconds
+
+
+@pytest.mark.slow
 def test_user_errors_are_one_line_and_leave_checkpoints_alone(data, tmp_path):
     rows = tmp_path / "train.jsonl"
     rows.write_text((data[0] / "train.jsonl").read_text())

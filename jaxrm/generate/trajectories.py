@@ -409,6 +409,7 @@ def add_command(commands: "argparse._SubParsersAction[argparse.ArgumentParser]")
         metavar="TOKEN",
         help="one more stop token (text or id); repeatable",
     )
+    storage.add_compile_cache_option(gen)
     gen.set_defaults(run=cmd_generate)
 
 
@@ -416,6 +417,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")
     check_run_settings(args.seed, args.batch_size, "--")
+    storage.use_compile_cache(args.compile_cache)
     sampling = sampling_from(args)
     model = open_model(args.model, args.overrides, args.tokenizer, args.eos)
     policy = args.policy or storage.name(storage.absolute(args.model))

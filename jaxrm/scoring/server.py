@@ -61,9 +61,9 @@ from jaxrm.errors import UserError
 from jaxrm.scoring import protocols
 from jaxrm.scoring.protocols import RequestError, Scored
 from jaxrm.scoring.scorer import Groups, Row, Scorer, add_scorer_options, open_scorer
+from jaxrm.storage import add_compile_cache_option, use_compile_cache
 
 TOKEN_ENV = "JAXRM_SERVE_TOKEN"
-CACHE_ENV = "JAXRM_COMPILE_CACHE"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 DRAIN_BYTES = 256 * 2**20  # read of an oversized body before answering 413, at most
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -608,18 +608,6 @@ def listen(host: str, port: int, backlog: int) -> socket.socket:
     return sock
 
 
-def use_compile_cache(directory: str) -> None:
-    """XLA programs go to (and come from) `directory`: a restarted server skips its compiles."""
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
-def default_cache() -> str:
-    return os.environ.get(CACHE_ENV) or str(Path.home() / ".cache" / "jaxrm" / "xla")
-
-
 def cmd_serve(args: argparse.Namespace) -> None:
     positive = (args.max_batch, args.max_items, args.max_body_mb, args.request_timeout)
     if min(positive) <= 0 or args.max_queue <= 0 or args.backlog <= 0:
@@ -636,8 +624,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             f"model; set --token or {TOKEN_ENV}, or pass --allow-unauthenticated"
         )
     sock = listen(args.host, args.port, args.backlog)
-    if args.compile_cache:
-        use_compile_cache(args.compile_cache)
+    use_compile_cache(args.compile_cache)
     scorer = open_scorer(args)
     started = time.perf_counter()
     with tqdm(total=len(scorer.grid.shapes()), desc="compiling batch shapes", unit="shape") as bar:
@@ -715,10 +702,5 @@ def add_command(commands: "argparse._SubParsersAction[argparse.ArgumentParser]")
         default="vllm",
         help="reply shape of /pooling: vLLM's (a [reward] per token) or lmdeploy's (one float)",
     )
-    serve.add_argument(
-        "--compile-cache",
-        default=default_cache(),
-        metavar="DIR",
-        help=f"persistent XLA cache (default ~/.cache/jaxrm/xla or ${CACHE_ENV}; '' turns it off)",
-    )
+    add_compile_cache_option(serve)
     serve.set_defaults(run=cmd_serve)

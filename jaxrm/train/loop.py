@@ -84,12 +84,16 @@ def train(config: Config) -> dict[str, Any]:
     first_batch = next(data)  # a malformed first window stops the run before anything is written
     eval_data = eval_batches(config, config.data.eval) if config.data.eval else []
 
+    unlogged: dict[str, Any] = {"steps": [], "seconds": 0.0}
     if latest is None:
         state = trainer.init_state(_initial_model(config, mesh))
         start, trained = 0, {"tokens": 0, "flops": 0.0}
     else:
         rows = host_rows(config, jax.process_index(), jax.process_count())
-        state, start, trained = _restore(trainer, checkpoints, latest, data, rows)
+        state, start, train_state = _restore(trainer, checkpoints, latest, data, rows)
+        unlogged = {"steps": train_state.get("unlogged", []), "seconds": 0.0}
+        unlogged["seconds"] = float(train_state.get("unlogged_seconds", 0.0))
+        trained = {"tokens": int(train_state["tokens"]), "flops": float(train_state["flops"])}
         first_batch = next(data)
     if start >= config.train.steps:
         print(f"{run_dir} is already at step {start} of train.steps={config.train.steps}")
@@ -104,7 +108,9 @@ def train(config: Config) -> dict[str, Any]:
         stack.callback(checkpoints.wait)
         logger = None
         if jax.process_index() == 0:
-            logger = stack.enter_context(MetricsLogger(run_dir, resume_step=start))
+            # A fresh start drops what an earlier attempt logged before its first checkpoint.
+            resume_step = start if latest is not None else -1
+            logger = stack.enter_context(MetricsLogger(run_dir, resume_step=resume_step))
         bar = stack.enter_context(
             tqdm(
                 total=config.train.steps,
@@ -115,7 +121,7 @@ def train(config: Config) -> dict[str, Any]:
             )
         )
         loop = _Loop(config, trainer, checkpoints, data, tokenizer, logger, bar, trained)
-        state, step, final = loop.run(state, start, first_batch, eval_data, received)
+        state, step, final = loop.run(state, start, first_batch, eval_data, received, unlogged)
     if received:
         raise Stopped(received[0], step, run_dir)
     return {"step": step, **final}
@@ -147,15 +153,27 @@ class _Loop:
         self.peak = peak_flops(device, config.model.dtype) * chips
 
     def run(
-        self, state: TrainState, step: int, batch: dict, eval_data: list, received: list[int]
+        self,
+        state: TrainState,
+        step: int,
+        batch: dict,
+        eval_data: list,
+        received: list[int],
+        unlogged: dict[str, Any],
     ) -> tuple[TrainState, int, dict[str, float]]:
+        """Trains from `step` to train.steps; `unlogged` holds the metrics (and seconds) of the
+        steps a resumed checkpoint took after its last logged step, so the first log after a
+        resume covers the same steps as in an uninterrupted run."""
         config, trainer = self.config, self.trainer
         steps, every = config.train.steps, config.train.eval_every
-        pending: list[dict] = []
+        pending: list[dict] = list(unlogged["steps"])
+        self.trained = {
+            key: self.trained[key] - value for key, value in self._unlogged_work(pending).items()
+        }
         final: dict[str, float] = {}
         if eval_data and step == 0:  # where training starts from
             final.update(self.evaluate(state, eval_data, step))
-        interval_start = time.perf_counter()
+        interval_start = time.perf_counter() - unlogged["seconds"]
         while step < steps:
             state, metrics = trainer.step(state, trainer.global_batch(batch), step)
             step += 1
@@ -172,7 +190,7 @@ class _Loop:
             multi_host_stop = jax.process_count() > 1 and self.checkpoints.reached_preemption(step)
             stop = bool(received) or multi_host_stop
             if step % config.checkpoint.every == 0 or step == steps or stop:
-                self.save(state, step, pending)
+                self.save(state, step, pending, time.perf_counter() - interval_start)
             if stop:
                 break
             if step < steps:
@@ -213,12 +231,17 @@ class _Loop:
         self.bar.write(f"step {step}: eval " + " ".join(f"{k}={v:.4g}" for k, v in result.items()))
         return {f"eval/{k}": v for k, v in result.items()}
 
-    def save(self, state: TrainState, step: int, pending: list[dict]) -> None:
+    def _unlogged_work(self, host: list[dict]) -> dict[str, float]:
+        return self._work({k: sum(float(m[k]) for m in host) for k in WORK_SUMS})
+
+    def save(self, state: TrainState, step: int, pending: list[dict], seconds: float) -> None:
         host = jax.device_get(pending)
         _stop_if_not_finite(host, step)  # before anything of those steps is saved
-        not_logged = self._work({k: sum(float(m[k]) for m in host) for k in WORK_SUMS})
-        train_state = {"step": step, "seed": self.config.train.seed}
+        not_logged = self._unlogged_work(host)
+        train_state: dict[str, Any] = {"step": step, "seed": self.config.train.seed}
         train_state.update({key: self.trained[key] + not_logged[key] for key in self.trained})
+        train_state["unlogged"] = [{k: float(v) for k, v in m.items()} for m in host]
+        train_state["unlogged_seconds"] = seconds
         self.checkpoints.save(
             step,
             self.trainer.params(state),
@@ -358,15 +381,14 @@ def _update_from(target: dict, source: dict) -> None:
 
 def _restore(
     trainer: Trainer, checkpoints: TrainCheckpoints, step: int, data: Any, rows: range
-) -> tuple[TrainState, int, dict[str, float]]:
-    """(state, step, tokens and FLOPs trained) of the checkpoint at `step`."""
+) -> tuple[TrainState, int, dict[str, Any]]:
+    """(state, step, saved train state) of the checkpoint at `step`."""
     params, opt_state, train_state = checkpoints.restore(
         step, trainer.abstract_params, trainer.abstract.opt_state, data, rows
     )
     trainable, frozen = trainer.split_params(params)
     state = TrainState(trainable, frozen, opt_state)
-    trained = {"tokens": int(train_state["tokens"]), "flops": float(train_state["flops"])}
-    return state, int(train_state["step"]), trained
+    return state, int(train_state["step"]), train_state
 
 
 def _check_resumable(config: Config, saved_text: str) -> None:
