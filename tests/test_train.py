@@ -3,6 +3,7 @@ resumed (after SIGTERM, onto another mesh) vs uninterrupted; and the errors a us
 
 import json
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -201,6 +202,22 @@ def snapshot(directory: Path) -> dict:
     }
 
 
+def resume_and_finish(cut_config: Path, whole: subprocess.Popen) -> None:
+    """Runs the interrupted run's config to its end, and waits for the uninterrupted one."""
+    resumed = jaxrm_cli("train", str(cut_config))
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    _, err = whole.communicate(timeout=300)
+    assert whole.returncode == 0, err
+
+
+def logged(run: Path) -> list[tuple]:
+    """What must match between runs in each metrics line (not the timings)."""
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    keys = ("step", "loss", "accuracy", "grad_norm", "lr", "tokens", "flops")
+    return [tuple(m.get(k) for k in keys) for m in map(json.loads, lines)]
+
+
 @pytest.mark.slow
 def test_sigterm_then_resume_equals_an_uninterrupted_run(data, tmp_path):
     common = ["train.steps=150", "checkpoint.every=1000", "mesh.fsdp=1"]
@@ -222,18 +239,8 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(data, tmp_path):
     assert 5 <= stopped_at < 150, err
     assert "run the same command again to resume" in err
 
-    resumed = jaxrm_cli("train", str(cut_cfg))
-    _, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err
-    _, err = whole.communicate(timeout=300)
-    assert whole.returncode == 0, err
-
-    def logged(run):
-        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
-        keys = ("step", "loss", "accuracy", "lr", "tokens", "flops")
-        return [tuple(m.get(k) for k in keys) for m in map(json.loads, lines)]
-
-    assert logged("cut") == logged("whole")
+    resume_and_finish(cut_cfg, whole)
+    assert logged(tmp_path / "cut") == logged(tmp_path / "whole")
     a, b = (load_model(tmp_path / run).model for run in ("whole", "cut"))
     for x, y in zip(jax.tree.leaves(nnx.state(a)), jax.tree.leaves(nnx.state(b)), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -256,19 +263,9 @@ def test_killed_between_logs_then_resumed_logs_what_an_uninterrupted_run_logs(da
     resumed_from = int(find_checkpoint(tmp_path / "cut")[1].name)
     assert 12 <= resumed_from < 60 and resumed_from % 12 == 0
 
-    resumed = jaxrm_cli("train", str(cut_cfg))
-    _, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err
-    _, err = whole.communicate(timeout=300)
-    assert whole.returncode == 0, err
-
-    def logged(run):
-        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
-        keys = ("step", "loss", "accuracy", "grad_norm", "lr", "tokens", "flops")
-        return [tuple(m.get(k) for k in keys) for m in map(json.loads, lines)]
-
-    assert [r[0] for r in logged("whole")] == [10, 20, 30, 40, 50, 60]
-    assert logged("cut") == logged("whole")
+    resume_and_finish(cut_cfg, whole)
+    assert [r[0] for r in logged(tmp_path / "whole")] == [10, 20, 30, 40, 50, 60]
+    assert logged(tmp_path / "cut") == logged(tmp_path / "whole")
 
 
 @pytest.mark.slow
