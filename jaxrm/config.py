@@ -112,6 +112,12 @@ class ModelConfig:
             raise UserError(
                 f"model.rope_scaling.type {kind!r} is not supported; use linear, dynamic or llama3"
             )
+        for key, value in scaling.items():
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if key not in ("type", "rope_type") and not (number and 0 < value < math.inf):
+                raise UserError(
+                    f"model.rope_scaling.{key} must be a positive number, got {value!r}"
+                )
 
 
 @dataclasses.dataclass
@@ -156,6 +162,10 @@ class DataConfig:
             raise UserError("data.max_response_length must be at least 1")
         if self.max_candidates < 2:
             raise UserError("data.max_candidates must be at least 2")
+        if self.pairs_per_row < 1 or self.seq_len < 1:
+            raise UserError("data.seq_len and data.pairs_per_row must be at least 1")
+        if self.num_workers < 0:
+            raise UserError(f"data.num_workers must be 0 or more, got {self.num_workers}")
 
 
 @dataclasses.dataclass
@@ -178,6 +188,10 @@ class TrainConfig:
     init_from: str | None = None  # CHECKPOINT to start from (jaxrm or Hugging Face directory)
 
     def __post_init__(self) -> None:
+        if self.eval_every < 0:
+            raise UserError(
+                f"train.eval_every must be 0 (at the end) or more, got {self.eval_every}"
+            )
         for key in ("steps", "batch_size", "micro_batches", "log_every"):
             if getattr(self, key) < 1:
                 raise UserError(f"train.{key} must be at least 1, got {getattr(self, key)}")
@@ -355,7 +369,7 @@ def _read_with_bases(
         raise UserError(f"config file not found: {path}")
     text = storage.read_text_file(path)
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML ({_first_line(e)})") from None
     if data is None:
@@ -416,6 +430,23 @@ def _relative_to(value: Any, directory: storage.PathLike) -> Any:
     if storage.is_remote(directory):
         return str(storage.join(directory, value))
     return os.path.normpath(os.path.join(directory, value))
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last one
+    silently, so a repeated key usually hides a mistake)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (line {line})", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def _merge(into: dict, new: dict, origins: dict[str, str], source: str, prefix: str = "") -> None:

@@ -90,6 +90,13 @@ def test_resolved_config_reloads_to_the_same_config(tmp_path):
         ("optimizer.b1=2", "optimizer.b1 must be in [0, 1), got 2"),
         ("optimizer.grad_clip=-1", "optimizer.grad_clip must be positive or null"),
         ("optimizer.weight_decay=-5", "optimizer.weight_decay must be >= 0"),
+        ("data.num_workers=-1", "data.num_workers must be 0 or more"),
+        ("data.pairs_per_row=0", "data.pairs_per_row must be at least 1"),
+        ("train.eval_every=-5", "train.eval_every must be 0 (at the end) or more"),
+        (
+            "model.rope_scaling={type: linear, factor: abc}",
+            "rope_scaling.factor must be a positive",
+        ),
     ],
 )
 def test_bad_values_are_named(override, message):
@@ -111,6 +118,12 @@ def test_base_cycle_and_missing_files_are_user_errors(tmp_path):
     write(tmp_path / "bad.yaml", "model: [\n")
     with pytest.raises(UserError, match="not valid YAML"):
         load_config(tmp_path / "bad.yaml")
+    write(tmp_path / "twice.yaml", "train:\n  steps: 3\n  steps: 4\n")
+    with pytest.raises(UserError, match=r"key 'steps' appears twice \(line 3\)"):
+        load_config(tmp_path / "twice.yaml")
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(UserError, match="not UTF-8 text"):
+        load_config(tmp_path / "binary.yaml")
 
 
 def test_mesh_rules_merge_over_defaults():
