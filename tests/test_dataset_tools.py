@@ -29,21 +29,16 @@ def lognormal_rows(count, seed=0):
 
 
 def write_config(tmp_path, tokenizer, *lines):
+    """A polar config; each of `lines` ("  key: value" under data:) replaces the default of its
+    key (a key given twice is an error)."""
+    data = {"tokenizer": f"{tokenizer}", "reward_token": "<|score|>", "seq_len": "4096"}
+    data["max_length"] = "1024"
+    for line in lines:
+        key, _, value = line.strip().partition(":")
+        data[key] = value.strip()
     path = tmp_path / "config.yaml"
-    path.write_text(
-        "\n".join(
-            [
-                "objective: polar",
-                "data:",
-                f"  tokenizer: {tokenizer}",
-                "  reward_token: <|score|>",
-                "  seq_len: 4096",
-                "  max_length: 1024",
-                *lines,
-            ]
-        )
-        + "\n"
-    )
+    body = "".join(f"  {key}: {value}\n" for key, value in data.items())
+    path.write_text(f"objective: polar\ndata:\n{body}")
     return path
 
 
