@@ -432,11 +432,11 @@ def add_compile_cache_option(parser: argparse.ArgumentParser) -> None:
     """`--compile-cache DIR` for a command that compiles XLA programs (train, serve, generate)."""
     parser.add_argument(
         "--compile-cache",
-        default=os.environ.get(COMPILE_CACHE_ENV) or str(Path.home() / ".cache/jaxrm/xla"),
+        default=os.environ.get(COMPILE_CACHE_ENV, str(Path.home() / ".cache/jaxrm/xla")),
         metavar="DIR",
         help="persistent XLA compilation cache, local or gs://, so a restart (a preempted host, "
         f"a resumed run) skips its compiles (default ${COMPILE_CACHE_ENV} or "
-        "~/.cache/jaxrm/xla; '' turns it off)",
+        f"~/.cache/jaxrm/xla; '' here or in ${COMPILE_CACHE_ENV} turns it off)",
     )
 
 
