@@ -320,7 +320,7 @@ def apply_overrides(
     for override in overrides:
         key, value = parse_override(override)
         new = _nest(key, value)
-        _resolve_paths(new, os.getcwd())  # a relative path given here is relative to the cwd
+        resolve_paths(new, os.getcwd())  # a relative path given here is relative to the cwd
         _merge(raw, new, {} if origins is None else origins, "the command line")
     return raw
 
@@ -378,7 +378,7 @@ def _read_with_bases(
         raise UserError(
             f"{path}: a config file must be a mapping of keys, not {type(data).__name__}"
         )
-    _resolve_paths(data, storage.parent(storage.absolute(path)))
+    resolve_paths(data, storage.parent(storage.absolute(path)))
     raw: dict = {}
     base = data.pop("base", None)
     if base is not None:
@@ -404,7 +404,7 @@ PATH_KEYS = (
 )
 
 
-def _resolve_paths(data: dict, directory: storage.PathLike) -> None:
+def resolve_paths(data: dict, directory: storage.PathLike) -> None:
     """Makes the relative paths of `data` absolute, taken relative to `directory` (a config
     file's own directory, or the working directory for the command line), so a config works
     from any directory and reads the same when dumped and loaded again. URLs, absolute paths and

@@ -178,6 +178,22 @@ def test_incompatible_config_names_the_differing_keys(data, tmp_path):
     assert "model.hidden_size" not in str(error.value)
 
 
+def test_a_run_saved_with_cwd_relative_paths_still_resumes(data, tmp_path, monkeypatch):
+    """Runs saved before config paths were made absolute hold them as given on the command line,
+    relative to the directory they were started in."""
+    from jaxrm.train.loop import _check_resumable
+
+    monkeypatch.chdir(data[0])
+    config = make_config(data, tmp_path, "data.train=train.jsonl")
+    assert config.data.train == str(data[0] / "train.jsonl")
+    saved = yaml.safe_load(dump_config(config))
+    saved["data"]["train"] = "train.jsonl"
+    _check_resumable(config, yaml.safe_dump(saved))  # the same file: no error
+    saved["data"]["train"] = "other.jsonl"
+    with pytest.raises(Exception, match=r"data\.train: '.*other\.jsonl' there"):
+        _check_resumable(config, yaml.safe_dump(saved))
+
+
 def test_an_unfinished_save_is_never_picked_up(data, tmp_path):
     train(make_config(data, tmp_path, "train.steps=2", "checkpoint.every=1", "checkpoint.keep=5"))
     checkpoints = tmp_path / "checkpoints"

@@ -15,6 +15,7 @@ checkpoint at the current step before the process stops.
 
 import contextlib
 import dataclasses
+import os
 import signal
 import threading
 import time
@@ -31,7 +32,7 @@ from tqdm import tqdm
 from jaxrm import storage
 from jaxrm.checkpoint.items import TOKENIZER
 from jaxrm.checkpoint.loading import find_checkpoint, load_model
-from jaxrm.config import PARAM_SIZE_KEYS, Config, config_to_dict, dump_config
+from jaxrm.config import PARAM_SIZE_KEYS, Config, config_to_dict, dump_config, resolve_paths
 from jaxrm.data.pipeline import eval_batches, host_rows, template_spec, train_batches
 from jaxrm.data.tokenizer import tokenizer_files
 from jaxrm.errors import UserError
@@ -392,7 +393,10 @@ def _restore(
 
 
 def _check_resumable(config: Config, saved_text: str) -> None:
-    saved = _flatten(yaml.safe_load(saved_text))
+    saved_raw = yaml.safe_load(saved_text)
+    # Runs saved before config paths were made absolute hold them relative to the cwd.
+    resolve_paths(saved_raw, os.getcwd())
+    saved = _flatten(saved_raw)
     current = _flatten(config_to_dict(config))
     differing = [
         key
