@@ -215,6 +215,18 @@ def remove(path: PathLike) -> None:
         Path(path).unlink(missing_ok=True)
 
 
+def move(source: PathLike, target: PathLike) -> None:
+    """Moves a file or directory tree to `target` (same filesystem; a bucket copies, then
+    deletes), making `target`'s parent if needed."""
+    if is_remote(source):
+        fs = filesystem(source)
+        with remote_errors(source, "move"):
+            fs.mv(str(source), str(target), recursive=True)
+        return
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(source, target)
+
+
 def upload(local: Path, remote: PathLike, last: Sequence[str] = ()) -> None:
     """Copies a local file, or a directory's files, to `remote`; the files named in `last`
     (relative paths) go after all others, so a reader that looks for them finds the rest."""

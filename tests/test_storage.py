@@ -78,3 +78,15 @@ def test_a_storage_error_a_user_can_fix_is_one_line():
     denied = pytest.raises(UserError, match=r"^cannot write to gs://b/x: permission denied")
     with denied, storage.remote_errors("gs://b/x", "write to"):
         raise PermissionError("403 Forbidden")
+
+
+@pytest.mark.parametrize("where", ["local", "remote"])
+def test_a_moved_directory_is_whole_at_its_new_place_only(remote, tmp_path, where):
+    base = remote if where == "remote" else tmp_path
+    source, target = storage.join(base, "checkpoints", "4"), storage.join(base, "damaged", "4")
+    storage.write_bytes(storage.join(source, "params", "a"), b"a")
+    storage.write_bytes(storage.join(source, "b"), b"b")
+    storage.move(source, target)
+    assert not storage.exists(source)
+    assert storage.read_bytes(storage.join(target, "params", "a")) == b"a"
+    assert storage.list_names(target) == ["b", "params"]

@@ -2,6 +2,8 @@
 resumed (after SIGTERM, onto another mesh) vs uninterrupted; and the errors a user can cause."""
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import time
@@ -403,3 +405,72 @@ def test_steps_after_the_first_compile_nothing(data, tmp_path, monkeypatch):
     assert len(calls["step"]) == 6 and len(calls["evaluate"]) == 4  # evals at 0, 2, 4, 6
     assert calls["step"] == [0] * 6  # compiled ahead of the loop, once
     assert calls["evaluate"][0] > 0 and calls["evaluate"][1:] == [0, 0, 0]  # counted: compiled once
+
+
+@pytest.fixture(scope="module")
+def saved_twice(data, tmp_path_factory):
+    """A run saved at steps 2 and 4, and its parameters at step 4."""
+    run = tmp_path_factory.mktemp("saved_twice") / "run"
+    train(make_config(data, run, "train.steps=4", "checkpoint.every=2", "checkpoint.keep=5"))
+    return run, jax.device_get(nnx.state(load_model(run).model, nnx.Param))
+
+
+def damage(step_dir: Path, how: str) -> None:
+    """Damages the largest array file of a checkpoint (or empties the checkpoint)."""
+    if how == "emptied":
+        shutil.rmtree(step_dir)
+        step_dir.mkdir()
+        return
+    files = [p for p in (step_dir / "params").rglob("*") if p.is_file() and p.parent.name == "d"]
+    largest = max(files, key=lambda p: p.stat().st_size)
+    if how == "deleted":
+        largest.unlink()
+    elif how == "truncated":
+        os.truncate(largest, largest.stat().st_size // 2)
+    else:
+        data = bytearray(largest.read_bytes())
+        for i in range(64):
+            data[len(data) // 3 + 97 * i] ^= 0x5A
+        largest.write_bytes(bytes(data))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["bit-flipped", "truncated", "deleted", "emptied"])
+def test_a_damaged_newest_checkpoint_is_refused_and_resume_falls_back(
+    data, saved_twice, tmp_path, capsys, how
+):
+    from jaxrm.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(saved_twice[0], run)
+    damage(run / "checkpoints" / "4", how)
+    rows = tmp_path / "score.jsonl"
+    write_jsonl(rows, [{"prompt": r["prompt"], "response": r["chosen"]} for r in polar_rows(4)])
+    commands = [
+        ["export", str(run / "checkpoints" / "4"), str(tmp_path / "hf")],
+        ["eval", str(run / "checkpoints" / "4"), "--data", str(data[0] / "eval.jsonl")],
+        [
+            "score",
+            str(run / "checkpoints" / "4"),
+            "--data",
+            str(rows),
+            "--out",
+            str(tmp_path / "s"),
+        ],
+    ]
+    for command in commands:
+        capsys.readouterr()
+        assert main(command) == 1, command
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith("jaxrm: error:") and "checkpoints/4" in line, line
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "s").exists()
+
+    summary = train(
+        make_config(data, run, "train.steps=4", "checkpoint.every=2", "checkpoint.keep=5")
+    )
+    assert summary["step"] == 4
+    (notice,) = [x for x in capsys.readouterr().err.splitlines() if "moved it to" in x]
+    assert f"{run}/damaged/4" in notice
+    resumed = jax.device_get(nnx.state(load_model(run).model, nnx.Param))
+    for x, y in zip(jax.tree.leaves(resumed), jax.tree.leaves(saved_twice[1]), strict=True):
+        np.testing.assert_array_equal(x, y)

@@ -5,6 +5,7 @@ A jaxrm checkpoint is a directory of Orbax items:
     params/             the parameters (restore onto any mesh)
     config/jaxrm.yaml   the resolved config (model shape, template settings, ...)
     tokenizer/          the tokenizer files, when the model has them
+    checksums/          a checksum of every array (`checkpoint/checksums.py`), checked on restore
 
 A training checkpoint (`train/checkpoints.py`) is the same plus what resuming needs.
 
@@ -13,6 +14,7 @@ so an interrupted save is never taken for a checkpoint.
 """
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -24,15 +26,16 @@ from etils import epath
 from flax import nnx
 
 from jaxrm import storage
+from jaxrm.checkpoint.checksums import DamagedCheckpoint, checksums, verify
 from jaxrm.config import Config, dump_config
 from jaxrm.data.tokenizer import tokenizer_files
-from jaxrm.errors import UserError
 from jaxrm.model.decoder import RewardModel
 
 PARAMS = "params"
 CONFIG = "config"
 CONFIG_FILE = "jaxrm.yaml"
 TOKENIZER = "tokenizer"
+CHECKSUMS = "checksums"
 COMMIT_FILE = "commit_success.txt"  # Orbax's mark of a finished save on object storage
 
 
@@ -65,11 +68,15 @@ class FilesHandler(ocp.CheckpointHandler):
 ocp.args.register_with_handler(FilesHandler, for_save=True, for_restore=True)(FilesSave)
 
 
-def model_items(params: dict, config: Config, tokenizer: Path | None) -> dict[str, Any]:
-    """The Orbax save arguments of a model checkpoint (`tokenizer`: a directory or file)."""
+def model_items(
+    params: dict, config: Config, tokenizer: Path | None, **arrays: Any
+) -> dict[str, Any]:
+    """The Orbax save arguments of a model checkpoint (`tokenizer`: a directory or file), with
+    the checksums of `params` and of the other saved `arrays` (items by name)."""
     items: dict[str, Any] = {
         PARAMS: ocp.args.PyTreeSave(params),
         CONFIG: FilesSave({CONFIG_FILE: dump_config(config).encode()}),
+        CHECKSUMS: ocp.args.JsonSave(checksums({PARAMS: params, **arrays})),
     }
     files = tokenizer_files(tokenizer)
     if files:
@@ -85,6 +92,7 @@ def item_handlers(params: dict) -> dict[str, ocp.CheckpointHandler]:
         "opt_state": ocp.PyTreeCheckpointHandler(),
         "data": grain.checkpoint.CheckpointHandler(),
         "train_state": ocp.JsonCheckpointHandler(),
+        CHECKSUMS: ocp.JsonCheckpointHandler(),
     }
 
 
@@ -135,16 +143,40 @@ def is_checkpoint(path: storage.PathLike) -> bool:
     )
 
 
-def restore_params(directory: storage.PathLike, target: dict) -> dict:
-    """Parameters into the shapes and shardings of `target` (ShapeDtypeStructs)."""
-    restore = restore_args(target)
+def restore_params(checkpoint: storage.PathLike, target: dict) -> dict:
+    """The parameters of the checkpoint directory `checkpoint`, in the shapes and shardings of
+    `target` (ShapeDtypeStructs), checked against their saved checksums."""
+    directory = storage.join(checkpoint, PARAMS)
     try:
         with ocp.Checkpointer(_params_handler(target)) as checkpointer:
-            return checkpointer.restore(storage.absolute(directory), args=restore)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise UserError(
-            f"{directory}: parameters do not match the config ({str(e).splitlines()[0]})"
-        ) from None
+            params = checkpointer.restore(storage.absolute(directory), args=restore_args(target))
+    except Exception as e:  # Orbax and TensorStore raise bare Exceptions for unreadable files
+        raise unreadable(directory, e) from None
+    verify_arrays(checkpoint, {PARAMS: params})
+    return params
+
+
+def unreadable(directory: storage.PathLike, error: BaseException) -> DamagedCheckpoint:
+    while error.__cause__ or error.__context__:  # the file-level reason is the innermost one
+        error = error.__cause__ or error.__context__
+    reason = " ".join(str(error).split())[:300]
+    return DamagedCheckpoint(
+        f"{directory}: cannot be read into this model ({reason}); the checkpoint is damaged or "
+        "was saved for another config"
+    )
+
+
+def verify_arrays(checkpoint: storage.PathLike, arrays: dict) -> None:
+    """Checks restored `arrays` (items by name) against the checksums saved with `checkpoint`;
+    checkpoints from before checksums were saved are taken as they are."""
+    path = storage.join(checkpoint, CHECKSUMS, "metadata")
+    if not storage.exists(path):
+        return
+    try:
+        saved = json.loads(storage.read_text_file(path))
+    except (OSError, ValueError) as e:
+        raise unreadable(path, e) from None
+    verify(saved, arrays, str(checkpoint))
 
 
 def restore_args(target: Any) -> ocp.args.PyTreeRestore:

@@ -61,7 +61,7 @@ def load_model(
     mesh = mesh or make_mesh(fsdp=-1)
     rules = config.mesh.rules if rules is None else rules
     graphdef, target = abstract_model(config.model, mesh, rules)
-    params = restore_params(storage.join(directory, PARAMS), target)
+    params = restore_params(directory, target)
     tokenizer = storage.join(directory, TOKENIZER)
     tokenizer_dir = storage.local(tokenizer) if storage.is_dir(tokenizer) else None
     return Loaded(nnx.merge(graphdef, params), config, tokenizer_dir)

@@ -7,17 +7,22 @@ Each holds a model checkpoint's items (`checkpoint/items.py`) plus what resuming
     train_state/        the step and the seed, as JSON
 
 Saves run in the background (Orbax's async checkpointing); the last `checkpoint.keep` are kept.
+A step whose files cannot be read, or whose arrays differ from their saved checksums, is moved to
+`RUN_DIR/damaged/<step>` and the run resumes from the newest intact one.
 """
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from jaxrm import storage
+from jaxrm.checkpoint.checksums import DamagedCheckpoint
 from jaxrm.checkpoint.items import (
     CONFIG,
     CONFIG_FILE,
@@ -25,6 +30,8 @@ from jaxrm.checkpoint.items import (
     item_handlers,
     model_items,
     restore_args,
+    unreadable,
+    verify_arrays,
 )
 from jaxrm.config import CheckpointConfig, Config
 from jaxrm.data.tokenizer import tokenizer_files
@@ -42,6 +49,7 @@ class TrainCheckpoints:
             create=False,
         )
         self.directory = storage.absolute(storage.join(run_dir, "checkpoints"))
+        self.damaged = storage.absolute(storage.join(run_dir, "damaged"))
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_handlers=item_handlers(params)
         )
@@ -49,11 +57,21 @@ class TrainCheckpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def steps(self) -> list[int]:
+        """The saved steps, newest first."""
+        return sorted(self.manager.all_steps(), reverse=True)
+
     def step_dir(self, step: int, *names: str) -> storage.PathLike:
         return storage.join(self.directory, str(step), *names)
 
     def saved_config(self, step: int) -> str:
-        return storage.read_text_file(self.step_dir(step, CONFIG, CONFIG_FILE))
+        path = self.step_dir(step, CONFIG, CONFIG_FILE)
+        if not storage.is_file(path):
+            raise DamagedCheckpoint(f"{path} is missing; the checkpoint is damaged")
+        try:
+            return storage.read_text_file(path)
+        except (OSError, UnicodeDecodeError) as e:
+            raise unreadable(path, e) from None
 
     def saved_tokenizer(self, step: int) -> dict[str, bytes]:
         saved = self.step_dir(step, TOKENIZER)
@@ -76,7 +94,7 @@ class TrainCheckpoints:
     ) -> None:
         if not storage.is_remote(self.directory):  # a bucket has no directories to make
             self.directory.mkdir(parents=True, exist_ok=True)
-        items = model_items(params, config, tokenizer)
+        items = model_items(params, config, tokenizer, opt_state=opt_state)
         items["opt_state"] = ocp.args.PyTreeSave(opt_state)
         items["data"] = grain.checkpoint.CheckpointSave(data)
         items["train_state"] = ocp.args.JsonSave(train_state)
@@ -96,7 +114,12 @@ class TrainCheckpoints:
         same_hosts = self.saved_process_count(step) == jax.process_count()
         if same_hosts:
             items["data"] = grain.checkpoint.CheckpointRestore(data)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # Orbax and TensorStore raise bare Exceptions for unreadable files
+            raise unreadable(self.step_dir(step), e) from None
+        arrays = {"params": restored["params"], "opt_state": restored["opt_state"]}
+        verify_arrays(self.step_dir(step), arrays)
         if not same_hosts:
             data.set_state(self.regrouped_data_state(step, rows))
         return restored["params"], restored["opt_state"], restored["train_state"]
@@ -119,6 +142,18 @@ class TrainCheckpoints:
             streams += state["streams"]
             ended += state["ended"]
         return {"streams": streams[rows.start : rows.stop], "ended": ended[rows.start : rows.stop]}
+
+    def set_aside(self, step: int, damage: DamagedCheckpoint) -> None:
+        """Moves the damaged `step` out of the way of resuming (and of the next save of that
+        step), to `RUN_DIR/damaged/<step>`, saying so on stderr."""
+        target = storage.join(self.damaged, str(step))
+        if jax.process_index() == 0:
+            print(f"jaxrm: {damage}; moved it to {target}", file=sys.stderr)
+            storage.remove(target)
+            storage.move(self.step_dir(step), target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"jaxrm set aside step {step}")
+        self.manager.reload()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

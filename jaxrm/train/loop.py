@@ -24,12 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import yaml
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm import tqdm
 
 from jaxrm import storage
+from jaxrm.checkpoint.checksums import DamagedCheckpoint
 from jaxrm.checkpoint.items import TOKENIZER
 from jaxrm.checkpoint.loading import find_checkpoint, load_model
 from jaxrm.config import PARAM_SIZE_KEYS, Config, config_to_dict, dump_config, resolve_paths
@@ -73,25 +76,17 @@ def train(config: Config) -> dict[str, Any]:
     tokenizer = Path(spec.tokenizer)
     trainer = Trainer(config, mesh)
     checkpoints = TrainCheckpoints(run_dir, config.checkpoint, trainer.abstract_params)
-    latest = checkpoints.latest_step()
-    if latest is not None:
-        _check_resumable(config, checkpoints.saved_config(latest))
-        if checkpoints.saved_tokenizer(latest) != tokenizer_files(tokenizer):
-            raise UserError(
-                f"data.tokenizer ({config.data.tokenizer}) differs from the tokenizer the run in "
-                f"{run_dir} was trained with"
-            )
     data = train_batches(config)
     first_batch = next(data)  # a malformed first window stops the run before anything is written
     eval_data = eval_batches(config, config.data.eval) if config.data.eval else []
 
     unlogged: dict[str, Any] = {"steps": [], "seconds": 0.0}
-    if latest is None:
+    resumed = _resume(config, trainer, checkpoints, tokenizer, data)
+    if resumed is None:
         state = trainer.init_state(_initial_model(config, mesh))
         start, trained = 0, {"tokens": 0, "flops": 0.0}
     else:
-        rows = host_rows(config, jax.process_index(), jax.process_count())
-        state, start, train_state = _restore(trainer, checkpoints, latest, data, rows)
+        state, start, train_state = resumed
         unlogged = {"steps": train_state.get("unlogged", []), "seconds": 0.0}
         unlogged["seconds"] = float(train_state.get("unlogged_seconds", 0.0))
         trained = {"tokens": int(train_state["tokens"]), "flops": float(train_state["flops"])}
@@ -110,7 +105,7 @@ def train(config: Config) -> dict[str, Any]:
         logger = None
         if jax.process_index() == 0:
             # A fresh start drops what an earlier attempt logged before its first checkpoint.
-            resume_step = start if latest is not None else -1
+            resume_step = start if resumed is not None else -1
             logger = stack.enter_context(MetricsLogger(run_dir, resume_step=resume_step))
         bar = stack.enter_context(
             tqdm(
@@ -380,16 +375,49 @@ def _update_from(target: dict, source: dict) -> None:
             target[key] = value
 
 
-def _restore(
-    trainer: Trainer, checkpoints: TrainCheckpoints, step: int, data: Any, rows: range
-) -> tuple[TrainState, int, dict[str, Any]]:
-    """(state, step, saved train state) of the checkpoint at `step`."""
-    params, opt_state, train_state = checkpoints.restore(
-        step, trainer.abstract_params, trainer.abstract.opt_state, data, rows
-    )
-    trainable, frozen = trainer.split_params(params)
-    state = TrainState(trainable, frozen, opt_state)
-    return state, int(train_state["step"]), train_state
+def _resume(
+    config: Config,
+    trainer: Trainer,
+    checkpoints: TrainCheckpoints,
+    tokenizer: Path,
+    data: Any,
+) -> tuple[TrainState, int, dict[str, Any]] | None:
+    """(state, step, saved train state) of the newest intact checkpoint, None without any; a
+    damaged one is set aside and the next older one tried."""
+    steps = checkpoints.steps()
+    for step in steps:
+        try:
+            _check_resumable(config, checkpoints.saved_config(step))
+            if checkpoints.saved_tokenizer(step) != tokenizer_files(tokenizer):
+                raise UserError(
+                    f"data.tokenizer ({config.data.tokenizer}) differs from the tokenizer the "
+                    f"run in {config.output_dir} was trained with"
+                )
+            rows = host_rows(config, jax.process_index(), jax.process_count())
+            params, opt_state, train_state = checkpoints.restore(
+                step, trainer.abstract_params, trainer.abstract.opt_state, data, rows
+            )
+            damage = None
+        except DamagedCheckpoint as e:
+            damage = e
+        if not _everywhere_intact(damage is None):
+            checkpoints.set_aside(step, damage or DamagedCheckpoint(f"step {step} on another host"))
+            continue
+        trainable, frozen = trainer.split_params(params)
+        return TrainState(trainable, frozen, opt_state), int(train_state["step"]), train_state
+    if steps:
+        raise UserError(
+            f"every checkpoint in {checkpoints.directory} is damaged (moved to "
+            f"{checkpoints.damaged}); run again to start {config.output_dir} over"
+        )
+    return None
+
+
+def _everywhere_intact(intact: bool) -> bool:
+    """Whether every process read its part of a checkpoint."""
+    if jax.process_count() == 1:
+        return intact
+    return bool(multihost_utils.process_allgather(np.int32(intact)).all())
 
 
 def _check_resumable(config: Config, saved_text: str) -> None:
