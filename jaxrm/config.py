@@ -3,8 +3,9 @@
     config = load_config("configs/tiny_polar.yaml", ["train.steps=20", "mesh.fsdp=8"])
 
 Every key is checked against the dataclasses below. A key that does not exist, a value of the
-wrong type or a choice outside its set is a `UserError` that names the key, the file (or the
-command line) it came from and, for unknown keys, the nearest valid one.
+wrong type, a choice outside its set or a number outside its range (`RANGES`) is a `UserError`
+that names the key, the file (or the command line) it came from and, for unknown keys, the
+nearest valid one.
 """
 
 import dataclasses
@@ -28,7 +29,7 @@ DType = Literal["float32", "bfloat16", "float16"]
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "gate", "up", "down")
 
 
-# The model sizes that fix its parameters' shapes; with the positions, the sizes that must be >= 1.
+# The model sizes that fix its parameters' shapes.
 PARAM_SIZE_KEYS = (
     "vocab_size",
     "hidden_size",
@@ -38,7 +39,89 @@ PARAM_SIZE_KEYS = (
     "num_kv_heads",
     "head_dim",
 )
-SIZE_KEYS = (*PARAM_SIZE_KEYS, "max_position_embeddings")
+
+
+@dataclasses.dataclass(frozen=True)
+class Allowed:
+    """The numbers a config key may hold: finite ones from `low` to `high` (an end excluded where
+    `open_low` / `open_high`) and those in `also`; `text` says which in an error message."""
+
+    text: str
+    low: float = -math.inf
+    high: float = math.inf
+    open_low: bool = False
+    open_high: bool = False
+    also: tuple[float, ...] = ()
+
+    def admits(self, value: float) -> bool:
+        above = self.low < value if self.open_low else self.low <= value
+        below = value < self.high if self.open_high else value <= self.high
+        return value in self.also or (math.isfinite(value) and above and below)
+
+
+AT_LEAST_1 = Allowed("at least 1", low=1)
+POSITIVE = Allowed("a positive finite number", low=0, open_low=True)
+NOT_NEGATIVE = Allowed(">= 0 and finite", low=0)
+FRACTION = Allowed("between 0 and 1", low=0, high=1)
+BETA = Allowed("in [0, 1)", low=0, high=1, open_high=True)
+TOKEN_ID = Allowed("a token id (0 or more)", low=0)
+
+# The range of every numeric key, by config section. Checks across keys (a multiple of another
+# key, below another key) are in the sections' __post_init__.
+RANGES: dict[str, dict[str, Allowed]] = {
+    "model": {
+        **dict.fromkeys(PARAM_SIZE_KEYS, AT_LEAST_1),
+        "max_position_embeddings": AT_LEAST_1,
+        "rope_theta": POSITIVE,
+        "rms_norm_eps": POSITIVE,
+        "reward_token_id": TOKEN_ID,
+        "lora_rank": Allowed("0 (off) or positive", low=0),
+        "lora_alpha": POSITIVE,
+    },
+    "data": {
+        "seq_len": Allowed("at least 8", low=8),
+        "max_response_length": AT_LEAST_1,
+        "pairs_per_row": AT_LEAST_1,
+        "max_candidates": Allowed("at least 2", low=2),
+        "num_workers": Allowed("0 or more", low=0),
+        "reward_marker": TOKEN_ID,  # when given as an id rather than a string
+        "reward_token": TOKEN_ID,
+    },
+    "loss": {"center_rewards": NOT_NEGATIVE, "lm_weight": NOT_NEGATIVE},
+    "train": {
+        **dict.fromkeys(("steps", "batch_size", "micro_batches", "log_every"), AT_LEAST_1),
+        "eval_every": Allowed("0 (at the end) or more", low=0),
+        # Grain's shuffle takes 32-bit seeds.
+        "seed": Allowed("between 0 and 4294967295", low=0, high=2**32 - 1),
+    },
+    "optimizer": {
+        "lr": POSITIVE,
+        **dict.fromkeys(("warmup_ratio", "min_lr_ratio", "decay_ratio"), FRACTION),
+        "b1": BETA,
+        "b2": BETA,
+        "weight_decay": NOT_NEGATIVE,
+        "grad_clip": Allowed("positive or null", low=0, open_low=True),
+    },
+    "checkpoint": {"every": AT_LEAST_1, "keep": AT_LEAST_1},
+    "mesh": dict.fromkeys(MESH_AXES, Allowed("a positive size or -1", low=1, also=(-1,))),
+}
+
+# The keys each kind of model.rope_scaling needs besides its type (as transformers checks them).
+ROPE_SCALING_KEYS = {
+    "default": (),
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def check_ranges(section: str, values: Any) -> None:
+    """Raises a UserError for the first numeric key of config section `values` outside its range
+    (None, where a key allows it, and strings, where it takes a string or a token id, are fine)."""
+    for key, allowed in RANGES[section].items():
+        value = getattr(values, key)
+        if isinstance(value, int | float) and not allowed.admits(value):
+            raise UserError(f"{section}.{key} must be {allowed.text}, got {value}")
 
 
 @dataclasses.dataclass
@@ -80,20 +163,17 @@ class ModelConfig:
     lora_targets: list[str] = dataclasses.field(default_factory=lambda: list(LORA_TARGETS))
 
     def __post_init__(self) -> None:
-        for key in SIZE_KEYS:
-            if getattr(self, key) < 1:
-                raise UserError(f"model.{key} must be at least 1, got {getattr(self, key)}")
-        for key in ("rope_theta", "rms_norm_eps"):
-            value = getattr(self, key)
-            if not (math.isfinite(value) and value > 0):
-                raise UserError(f"model.{key} must be a positive finite number, got {value}")
+        check_ranges("model", self)
         if self.num_heads % self.num_kv_heads:
             raise UserError(
                 f"model.num_heads ({self.num_heads}) must be a multiple of "
                 f"model.num_kv_heads ({self.num_kv_heads})"
             )
-        if self.lora_rank < 0:
-            raise UserError(f"model.lora_rank must be 0 (off) or positive, got {self.lora_rank}")
+        if self.reward_token_id is not None and self.reward_token_id >= self.vocab_size:
+            raise UserError(
+                f"model.reward_token_id ({self.reward_token_id}) must be below model.vocab_size "
+                f"({self.vocab_size})"
+            )
         unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
         if unknown:
             raise UserError(
@@ -106,18 +186,29 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise UserError(f"model.head_dim ({self.head_dim}) must be even for RoPE")
+        self._check_rope_scaling()
+
+    def _check_rope_scaling(self) -> None:
         scaling = self.rope_scaling or {}
         kind = scaling.get("type", scaling.get("rope_type", "default"))
-        if kind not in ("default", "linear", "dynamic", "llama3"):
+        if kind not in ROPE_SCALING_KEYS:
             raise UserError(
                 f"model.rope_scaling.type {kind!r} is not supported; use linear, dynamic or llama3"
             )
+        for key in ROPE_SCALING_KEYS[kind]:
+            if key not in scaling:
+                raise UserError(f"model.rope_scaling.{key} is missing; {kind} scaling needs it")
         for key, value in scaling.items():
             number = isinstance(value, int | float) and not isinstance(value, bool)
-            if key not in ("type", "rope_type") and not (number and 0 < value < math.inf):
+            if key not in ("type", "rope_type") and not (number and POSITIVE.admits(value)):
                 raise UserError(
                     f"model.rope_scaling.{key} must be a positive number, got {value!r}"
                 )
+        if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+            raise UserError(
+                f"model.rope_scaling.high_freq_factor ({scaling['high_freq_factor']}) must exceed "
+                f"low_freq_factor ({scaling['low_freq_factor']})"
+            )
 
 
 @dataclasses.dataclass
@@ -149,6 +240,7 @@ class DataConfig:
     num_workers: int = 0  # tokenising worker processes per host (0: in the main process)
 
     def __post_init__(self) -> None:
+        check_ranges("data", self)
         if self.max_length is None:
             self.max_length = self.seq_len // 2
         if self.pairs_per_row is None:
@@ -158,14 +250,6 @@ class DataConfig:
                 f"data.max_length ({self.max_length}) must be between 8 and data.seq_len "
                 f"({self.seq_len})"
             )
-        if self.max_response_length < 1:
-            raise UserError("data.max_response_length must be at least 1")
-        if self.max_candidates < 2:
-            raise UserError("data.max_candidates must be at least 2")
-        if self.pairs_per_row < 1 or self.seq_len < 1:
-            raise UserError("data.seq_len and data.pairs_per_row must be at least 1")
-        if self.num_workers < 0:
-            raise UserError(f"data.num_workers must be 0 or more, got {self.num_workers}")
 
 
 @dataclasses.dataclass
@@ -175,6 +259,9 @@ class LossConfig:
     margin: bool = True  # subtract a row's "margin" from the best response's reward difference
     center_rewards: float = 0.0  # TRL's center_rewards_coefficient: c * mean((sum of rewards)^2)
     lm_weight: float = 1.0  # CodePMP's lambda on next-token loss of the chosen response
+
+    def __post_init__(self) -> None:
+        check_ranges("loss", self)
 
 
 @dataclasses.dataclass
@@ -188,13 +275,7 @@ class TrainConfig:
     init_from: str | None = None  # CHECKPOINT to start from (jaxrm or Hugging Face directory)
 
     def __post_init__(self) -> None:
-        if self.eval_every < 0:
-            raise UserError(
-                f"train.eval_every must be 0 (at the end) or more, got {self.eval_every}"
-            )
-        for key in ("steps", "batch_size", "micro_batches", "log_every"):
-            if getattr(self, key) < 1:
-                raise UserError(f"train.{key} must be at least 1, got {getattr(self, key)}")
+        check_ranges("train", self)
         if self.batch_size % self.micro_batches:
             raise UserError(
                 f"train.batch_size ({self.batch_size}) must be a multiple of "
@@ -220,23 +301,12 @@ class OptimizerConfig:
     grad_clip: float | None = 1.0  # global norm; null: off
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise UserError(f"optimizer.lr must be a positive finite number, got {self.lr}")
-        for key in ("warmup_ratio", "min_lr_ratio", "decay_ratio"):
-            if not 0.0 <= getattr(self, key) <= 1.0:
-                raise UserError(f"optimizer.{key} must be between 0 and 1")
-        for key in ("b1", "b2"):
-            value = getattr(self, key)
-            if value is not None and not 0.0 <= value < 1.0:
-                raise UserError(f"optimizer.{key} must be in [0, 1), got {value}")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise UserError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
-        if self.grad_clip is not None and not (
-            math.isfinite(self.grad_clip) and self.grad_clip > 0
-        ):
-            raise UserError(f"optimizer.grad_clip must be positive or null, got {self.grad_clip}")
-        if self.warmup_ratio + (self.decay_ratio if self.schedule == "wsd" else 0) > 1:
-            raise UserError("optimizer.warmup_ratio + optimizer.decay_ratio must not exceed 1")
+        check_ranges("optimizer", self)
+        if self.schedule == "wsd" and self.warmup_ratio + self.decay_ratio > 1:
+            raise UserError(
+                f"optimizer.warmup_ratio ({self.warmup_ratio}) + optimizer.decay_ratio "
+                f"({self.decay_ratio}) must not exceed 1 in the wsd schedule"
+            )
 
 
 @dataclasses.dataclass
@@ -246,8 +316,7 @@ class CheckpointConfig:
     async_save: bool = True  # write in the background while training goes on
 
     def __post_init__(self) -> None:
-        if self.every < 1 or self.keep < 1:
-            raise UserError("checkpoint.every and checkpoint.keep must be at least 1")
+        check_ranges("checkpoint", self)
 
 
 @dataclasses.dataclass
@@ -260,12 +329,12 @@ class MeshConfig:
     rules: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_RULES))
 
     def __post_init__(self) -> None:
+        check_ranges("mesh", self)
         if [self.data, self.fsdp, self.tensor].count(-1) > 1:
-            raise UserError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
-        for axis in MESH_AXES:
-            size = getattr(self, axis)
-            if size == 0 or size < -1:
-                raise UserError(f"mesh.{axis} must be a positive size or -1, got {size}")
+            raise UserError(
+                f"at most one of mesh.data ({self.data}), mesh.fsdp ({self.fsdp}), mesh.tensor "
+                f"({self.tensor}) may be -1 (all remaining devices)"
+            )
         self.rules = {**DEFAULT_RULES, **self.rules}
         for name, target in self.rules.items():
             if name not in DEFAULT_RULES:
@@ -292,6 +361,15 @@ class Config:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
     def __post_init__(self) -> None:
+        if not self.output_dir.strip():
+            raise UserError("output_dir is empty; name the run's directory")
+        for key in ("reward_marker", "reward_token"):
+            token = getattr(self.data, key)
+            if isinstance(token, int) and token >= self.model.vocab_size:
+                raise UserError(
+                    f"data.{key} ({token}) must be a token id below model.vocab_size "
+                    f"({self.model.vocab_size})"
+                )
         scaling = self.model.rope_scaling or {}
         dynamic = scaling.get("type", scaling.get("rope_type")) == "dynamic"
         if dynamic and self.data.seq_len > self.model.max_position_embeddings:
