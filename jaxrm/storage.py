@@ -119,9 +119,18 @@ def check_bucket(path: PathLike) -> None:
 
 
 def check_writable(directory: PathLike) -> None:
-    """Writes and removes a small object in `directory`, so a denied write stops a run before
-    anything is saved there."""
+    """Writes and removes a small file in `directory` (locally: in its nearest existing parent),
+    so a read-only or denied place stops a run in one line before anything is saved there."""
     if not is_remote(directory):
+        place = Path(directory).absolute()
+        while not place.exists():
+            place = place.parent
+        probe = place / f".jaxrm-write-check-{secrets.token_hex(6)}"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"cannot write to {place}: {e.strerror or e}") from None
         return
     check_bucket(directory)
     probe = join(directory, f".jaxrm-write-check-{secrets.token_hex(6)}")
@@ -129,6 +138,16 @@ def check_writable(directory: PathLike) -> None:
     with remote_errors(directory, "write to"):
         fs.pipe_file(str(probe), b"")
         fs.rm_file(str(probe))
+
+
+def free_bytes(directory: PathLike) -> int | None:
+    """Free space on the disk that holds (or will hold) a local `directory`; None for a URL."""
+    if is_remote(directory):
+        return None
+    place = Path(directory).absolute()
+    while not place.exists():
+        place = place.parent
+    return shutil.disk_usage(place).free
 
 
 def exists(path: PathLike) -> bool:

@@ -317,3 +317,23 @@ def test_no_request_leaves_the_loopback(gcs, tmp_path):
     assert result.returncode != 0 and "test network guard" in result.stderr
     assert "storage.googleapis.com" in log.read_text()
     assert Path(os.environ["JAXRM_NETGUARD_LOG"]).read_text() == ""
+
+
+def test_a_run_in_a_bucket_is_locked_by_a_lease_that_lapses_when_its_holder_dies(bucket, capsys):
+    from jaxrm.errors import UserError
+    from jaxrm.train import run_lock
+
+    run = f"{bucket}/locked-run"
+    lock = f"{run}/{run_lock.LOCK_FILE}"
+    with run_lock.run_lock(run):
+        refused = pytest.raises(UserError, match=rf"in use by another run \(process {os.getpid()} ")
+        with refused, run_lock.run_lock(run):
+            pass
+        assert json.loads(storage.read_text_file(lock))["pid"] == os.getpid()
+    assert not storage.exists(lock)  # released at the end
+
+    lapsed = {"host": "tpu-vm-7", "pid": 4242, "started": 0, "renewed": time.time() - 600}
+    storage.write_bytes(lock, json.dumps(lapsed).encode())
+    with run_lock.run_lock(run):
+        assert "taking over the lapsed lease of process 4242 on tpu-vm-7" in capsys.readouterr().err
+        assert json.loads(storage.read_text_file(lock))["pid"] == os.getpid()

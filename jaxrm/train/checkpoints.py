@@ -11,8 +11,11 @@ A step whose files cannot be read, or whose arrays differ from their saved check
 `RUN_DIR/damaged/<step>` and the run resumes from the newest intact one.
 """
 
+import contextlib
 import json
+import math
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +85,35 @@ class TrainCheckpoints:
         names = storage.list_names(self.step_dir(step, "data"))
         return sum(n.startswith("process_") and n.endswith(".json") for n in names)
 
+    def check_room(self, arrays: Any, step: int | None = None) -> None:
+        """Stops in one line when a local run directory's disk has no room for a checkpoint of
+        `arrays` (their uncompressed size: what a save may need at most)."""
+        free = storage.free_bytes(self.directory)
+        need = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(arrays))
+        if free is None or free >= need:
+            return
+        when = "" if step is None else f"step {step} is not saved and "
+        raise UserError(
+            f"{self.directory}: {free / 1e6:.1f} MB free on its disk, but a checkpoint takes up "
+            f"to {need / 1e6:.1f} MB; {when}the run stops (free some space or set output_dir "
+            f"elsewhere; saved steps: {self.steps() or 'none'})"
+        )
+
+    @contextlib.contextmanager
+    def _writing(self, step: int | None = None) -> Iterator[None]:
+        """A failed write of checkpoint `step` (disk full, read-only, denied) as one line."""
+        try:
+            yield
+        except Exception as e:  # Orbax re-raises its background writer's error here
+            reason = _storage_reason(e)
+            if reason is None:
+                raise
+            what = "a checkpoint" if step is None else f"step {step}"
+            raise UserError(
+                f"{self.directory}: saving {what} failed ({reason}); the run stops, the steps "
+                "saved before are intact"
+            ) from None
+
     def save(
         self,
         step: int,
@@ -98,7 +130,9 @@ class TrainCheckpoints:
         items["opt_state"] = ocp.args.PyTreeSave(opt_state)
         items["data"] = grain.checkpoint.CheckpointSave(data)
         items["train_state"] = ocp.args.JsonSave(train_state)
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self.check_room((params, opt_state), step)
+        with self._writing(step):
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore(
         self, step: int, params: dict, opt_state: Any, data: grain.DatasetIterator, rows: range
@@ -156,10 +190,32 @@ class TrainCheckpoints:
         self.manager.reload()
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._writing():
+            self.manager.wait_until_finished()
 
     def reached_preemption(self, step: int) -> bool:
         return self.manager.reached_preemption(step)
 
     def close(self) -> None:
         self.manager.close()
+
+
+STORAGE_FAILURES = (
+    "RESOURCE_EXHAUSTED",
+    "PERMISSION_DENIED",
+    "No space",
+    "Read-only",
+    "Disk quota",
+)
+
+
+def _storage_reason(error: BaseException) -> str | None:
+    """The innermost reason of a write that failed for lack of space or permission, else None."""
+    while error.__cause__ or error.__context__:
+        if isinstance(error, OSError) and error.strerror:
+            return f"{error.strerror}: {error.filename}"
+        error = error.__cause__ or error.__context__
+    text = " ".join(str(error).split())
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror}: {error.filename}"
+    return text[:300] if any(word in text for word in STORAGE_FAILURES) else None

@@ -45,6 +45,7 @@ from jaxrm.train import losses
 from jaxrm.train.checkpoints import TrainCheckpoints
 from jaxrm.train.flops import peak_flops, train_flops
 from jaxrm.train.metrics import MetricsLogger
+from jaxrm.train.run_lock import run_lock
 from jaxrm.train.trainer import Trainer, TrainState
 
 # Keys that may change when a run resumes; any other difference stops the run.
@@ -69,6 +70,11 @@ def train(config: Config) -> dict[str, Any]:
     """Trains (or resumes) the run `config.output_dir`; returns the final metrics."""
     _check(config)
     run_dir = storage.absolute(config.output_dir)
+    with run_lock(run_dir):
+        return _train(config, run_dir)
+
+
+def _train(config: Config, run_dir: storage.PathLike) -> dict[str, Any]:
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     config = _with_tokenizer(config)
     spec = template_spec(config)
@@ -76,6 +82,7 @@ def train(config: Config) -> dict[str, Any]:
     tokenizer = Path(spec.tokenizer)
     trainer = Trainer(config, mesh)
     checkpoints = TrainCheckpoints(run_dir, config.checkpoint, trainer.abstract_params)
+    checkpoints.check_room(trainer.abstract)
     data = train_batches(config)
     first_batch = next(data)  # a malformed first window stops the run before anything is written
     eval_data = eval_batches(config, config.data.eval) if config.data.eval else []
@@ -305,6 +312,7 @@ def _check(config: Config) -> None:
         raise UserError(f"output_dir {config.output_dir} is a file; name a directory")
     if jax.process_index() == 0:  # a denied write stops the run before anything is saved
         storage.check_writable(config.output_dir)
+        storage.check_writable(storage.join(config.output_dir, "checkpoints"))
 
 
 def _with_tokenizer(config: Config) -> Config:
