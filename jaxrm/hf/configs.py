@@ -1,10 +1,12 @@
-"""HF `config.json` <-> `ModelConfig`: reading, detecting the architecture, writing.
+"""HF `config.json` <-> `ModelConfig`: reading and checking, detecting the architecture, writing.
 
 An export's config carries what transformers and the peers that load it read: `architectures`,
 one label, the pad and reward token ids, RoPE settings, and InternLM2's remote-code keys.
 """
 
 import json
+import math
+import reprlib
 from pathlib import Path
 from typing import Any
 
@@ -12,17 +14,90 @@ from jaxrm.config import ModelConfig
 from jaxrm.errors import UserError
 from jaxrm.hf.layouts import ARCHS, Arch
 
+# Sizes jaxrm reads from every config.json, and those it reads when present.
+_SIZES = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+)
+_OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "max_position_embeddings")
 
-def read_hf_config(directory: Path) -> dict:
-    path = Path(directory) / "config.json"
+
+def read_hf_config(directory: Path, where: str) -> dict:
+    """config.json of the HF model in `directory`, checked: every value jaxrm reads has the type
+    and range it needs. `where` names the file in messages."""
     try:
-        return json.loads(path.read_text())
+        hf = json.loads((Path(directory) / "config.json").read_bytes())
     except FileNotFoundError:
+        raise UserError(f"{where}: not found, so not a Hugging Face model directory") from None
+    except OSError as e:
+        raise UserError(f"{where}: cannot read ({e.strerror or e})") from None
+    except (ValueError, RecursionError) as e:  # bad JSON, or bytes that are not UTF-8
+        raise UserError(f"{where}: not valid UTF-8 JSON ({e})") from None
+    _check_hf_config(hf, where)
+    return hf
+
+
+def _check_hf_config(hf: Any, where: str) -> None:
+    if not isinstance(hf, dict):
+        raise UserError(f"{where}: must hold a JSON object of settings, not {reprlib.repr(hf)}")
+    for key in _SIZES:
+        if key not in hf:
+            raise UserError(f"{where}: key '{key}' is missing")
+    for key in (*_SIZES, *_OPTIONAL_SIZES):
+        value = hf.get(key)
+        if value is None and key in _OPTIONAL_SIZES:
+            continue
+        if not (_is_int(value) and value >= 1):
+            raise UserError(f"{where}: {key} must be a positive integer, got {reprlib.repr(value)}")
+    heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
+    kv_heads = hf.get("num_key_value_heads") or heads
+    if heads % kv_heads:
         raise UserError(
-            f"{directory}: no config.json, so not a Hugging Face model directory"
-        ) from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
+            f"{where}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads "
+            f"({kv_heads})"
+        )
+    if hf.get("head_dim") is None and hidden % heads:
+        raise UserError(
+            f"{where}: hidden_size ({hidden}) must be a multiple of num_attention_heads ({heads}) "
+            "when head_dim is not given"
+        )
+    for key in ("rope_parameters", "rope_scaling", "jaxrm"):
+        if not isinstance(hf.get(key) or {}, dict):
+            raise UserError(f"{where}: {key} must be an object, got {reprlib.repr(hf[key])}")
+    if not isinstance((hf.get("jaxrm") or {}).get("model", {}), dict):
+        raise UserError(f"{where}: jaxrm.model must be an object")
+    architectures = hf.get("architectures") or []
+    if not (isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)):
+        raise UserError(f"{where}: architectures must be a list of class names")
+    theta = (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", 10000.0))
+    for key, value in (("rope_theta", theta), ("rms_norm_eps", hf.get("rms_norm_eps", 1e-6))):
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not (number and 0 < value < math.inf):
+            raise UserError(
+                f"{where}: {key} must be a positive finite number, got {reprlib.repr(value)}"
+            )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_one_label(hf: dict, where: str) -> None:
+    """A model with a score head is a reward model only if that head gives one number."""
+    labels = hf.get("id2label")
+    if "num_labels" in hf and hf["num_labels"] != 1:
+        count, key = hf["num_labels"], "num_labels"
+    elif isinstance(labels, dict) and len(labels) != 1:
+        count, key = len(labels), "id2label"
+    else:
+        return
+    raise UserError(
+        f"{where}: {key} says {reprlib.repr(count)} labels; jaxrm imports reward models, whose "
+        "score head gives one"
+    )
 
 
 def detect_arch(hf_config: dict, where: str) -> Arch:

@@ -24,7 +24,13 @@ from jax.sharding import Mesh
 from jaxrm.config import apply_overrides, config_from_dict, config_to_dict
 from jaxrm.data.tokenizer import TOKENIZER_FILES, copy_tokenizer, load_tokenizer
 from jaxrm.errors import UserError
-from jaxrm.hf.configs import detect_arch, hf_config, model_config_from_hf, read_hf_config
+from jaxrm.hf.configs import (
+    check_one_label,
+    detect_arch,
+    hf_config,
+    model_config_from_hf,
+    read_hf_config,
+)
 from jaxrm.hf.layouts import Arch, head_names, links
 from jaxrm.hf.params import place_on_device, read_params, unused_tensors, write_params
 from jaxrm.hf.weight_files import ShardedWriter, WeightReader
@@ -54,29 +60,33 @@ def load_hf(
     """
     where = str(directory)
     directory = local(directory)  # a model in a bucket is read from a local copy
-    hf = read_hf_config(directory)
-    arch = detect_arch(hf, where)
+    config_file = f"{where.rstrip('/')}/config.json"
+    hf = read_hf_config(directory, config_file)
+    arch = detect_arch(hf, config_file)
     reader = WeightReader(directory)
     score_name, lm_name = head_names(arch)
     has_score = score_name in reader
-    model_keys = model_config_from_hf(hf, arch, where)
+    if has_score:
+        check_one_label(hf, config_file)
+    model_keys = model_config_from_hf(hf, arch, config_file)
     if preset is not None:
         _check_preset(preset, model_keys, where)
         model_keys["preset"] = preset
     model_keys.update(lm_head=keep_lm_head, reward_head_init=head)
     saved = hf.get("jaxrm") or {}  # the full config of a model jaxrm exported
     raw = {**saved, "model": {**saved.get("model", {}), **model_keys}}
-    config = config_from_dict(apply_overrides(raw, overrides))
+    origins = {f"model.{key}": config_file for key in model_keys}
+    config = config_from_dict(apply_overrides(raw, overrides, origins), origins)
 
-    mesh = mesh or make_mesh(fsdp=-1)
-    rules = config.mesh.rules if rules is None else rules
-    graphdef, abstract = abstract_model(config.model, mesh, rules)
     table = links(config.model, arch, score=has_score, lm_head=keep_lm_head)
     unknown = [n for n in unused_tensors(reader, table, config.model.num_layers) if n != lm_name]
     if unknown:
         raise UserError(
             f"{where}: tensors jaxrm does not know how to use: {', '.join(unknown[:5])}"
         )
+    mesh = mesh or make_mesh(fsdp=-1)
+    rules = config.mesh.rules if rules is None else rules
+    graphdef, abstract = abstract_model(config.model, mesh, rules)
     params = read_params(reader, table, abstract, config.model.num_layers, where)
     if not has_score:
         std = 0.0 if head == "zero" else 0.02

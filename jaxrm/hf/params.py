@@ -31,8 +31,10 @@ def read_params(
     """Pure dict of parameters, each placed in the sharding of its `abstract` ShapeDtypeStruct.
 
     A stacked parameter is allocated on the devices first and filled one layer at a time, so the
-    host holds one layer's tensors, never a whole stack.
+    host holds one layer's tensors, never a whole stack. Every tensor's shape is checked from the
+    file headers before the first is allocated.
     """
+    check_shapes(reader, table, num_layers)
     params: dict = {}
     count = sum(len(link.hf) * (num_layers if link.per_layer else 1) for link in table)
     progress = tqdm(total=count, desc="import", unit="tensor", disable=None)
@@ -44,19 +46,16 @@ def read_params(
                 names = [name.format(i=i) for name in link.hf]
                 tensors = [_finite(reader.read(name), name, where) for name in names]
                 values = link.to_jax(tensors)
-                for j, (value, target, path) in enumerate(
-                    zip(values, targets, link.params, strict=True)
-                ):
-                    _check_shape(value.shape, target.shape[1:], link, path, where, i)
+                for j, (value, target) in enumerate(zip(values, targets, strict=True)):
                     stacks[j] = _set_layer(stacks[j], i, np.asarray(value, target.dtype))
                 progress.update(len(link.hf))
                 del tensors, values
         else:
             values = link.to_jax([_finite(reader.read(name), name, where) for name in link.hf])
-            stacks = []
-            for value, target, path in zip(values, targets, link.params, strict=True):
-                _check_shape(value.shape, target.shape, link, path, where, None)
-                stacks.append(place_on_device(np.asarray(value, target.dtype), target))
+            stacks = [
+                place_on_device(np.asarray(value, target.dtype), target)
+                for value, target in zip(values, targets, strict=True)
+            ]
             progress.update(len(link.hf))
             del values
         for path, stack in zip(link.params, stacks, strict=True):
@@ -89,15 +88,19 @@ def place_on_device(host: np.ndarray, target: jax.ShapeDtypeStruct) -> jax.Array
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
-def _check_shape(
-    got: tuple, want: tuple, link: Link, path: tuple, where: str, layer: int | None
-) -> None:
-    if tuple(got) != tuple(want):
-        name = link.hf[0].format(i=layer)
-        raise UserError(
-            f"{where}: tensor '{name}' gives {'.'.join(path)} shape {tuple(got)}, "
-            f"but config.json implies {tuple(want)}"
-        )
+def check_shapes(reader: WeightReader, table: Sequence[Link], num_layers: int) -> None:
+    """Every tensor `table` reads is in the files with the shape config.json implies: checked
+    from the headers alone, before anything is allocated or read."""
+    for link in table:
+        for i in range(num_layers) if link.per_layer else [None]:
+            for name, want in zip(link.hf, link.shapes, strict=True):
+                name = name.format(i=i)
+                got = reader.shape(name)
+                if got != want:
+                    raise UserError(
+                        f"{reader.path(name)}: tensor '{name}' has shape {list(got)}, but "
+                        f"config.json implies {list(want)}"
+                    )
 
 
 def unused_tensors(reader: WeightReader, table: Sequence[Link], num_layers: int) -> list[str]:
