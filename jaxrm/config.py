@@ -235,9 +235,14 @@ class DataConfig:
     shared_prefix: bool = True  # pack a prefix common to the candidates once
     pairs_per_row: int | None = None  # examples (pairs or lists) per row; default seq_len // 16
     max_candidates: int = 2  # responses a row may rank (a "ranked" list of more than 2: listwise)
-    skip_bad_rows: bool = False  # count and report malformed rows instead of stopping
+    # Skip malformed rows (counted as bad_rows, listed in RUN/bad_rows.jsonl) instead of
+    # stopping; a run whose every row of an epoch is bad still stops.
+    skip_bad_rows: bool = False
     shuffle: bool = True
-    num_workers: int = 0  # tokenising worker processes per host (0: in the main process)
+    # Worker processes per host that read, template and pack (0: threads of the main process);
+    # worker k of W packs rows k, k + W, ... of the host's batch, so the batches are the same
+    # for any number (at most one worker per row is started).
+    num_workers: int = 0
 
     def __post_init__(self) -> None:
         check_ranges("data", self)

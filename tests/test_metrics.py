@@ -91,6 +91,17 @@ def test_resume_drops_the_steps_after_the_checkpoint(tmp_path: Path) -> None:
     assert 7 in starts
 
 
+def test_skipped_rows_after_the_checkpoint_are_dropped_on_resume(tmp_path: Path) -> None:
+    record = {"file": "a.jsonl", "line": 3, "kind": "not valid JSON", "error": "not valid JSON"}
+    with MetricsLogger(tmp_path) as logger:
+        logger.log_bad_rows(2, [record])
+        logger.log_bad_rows(5, [record, {**record, "line": 9}])
+    with MetricsLogger(tmp_path, resume_step=4) as logger:
+        logger.log_bad_rows(6, [{**record, "line": 9}])
+    lines = (tmp_path / "bad_rows.jsonl").read_text().splitlines()
+    assert [(r["step"], r["line"]) for r in map(json.loads, lines)] == [(2, 3), (6, 9)]
+
+
 def test_a_torn_last_line_is_dropped(tmp_path: Path) -> None:
     log_steps(tmp_path, range(1, 4))
     with open(tmp_path / "metrics.jsonl", "a") as f:

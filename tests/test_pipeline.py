@@ -213,19 +213,85 @@ def test_skipped_rows_are_counted(tokenizer, tmp_path):
     assert sorted(m for b in batches for m in margins(b)) == [0, 2, 5]
 
 
-def test_worker_processes_tokenise_and_restore(tokenizer, tmp_path):
-    train = write_jsonl(tmp_path / "train.jsonl", numbered_rows(120))
-    c = config(tokenizer, train, "data.num_workers=2")
+def test_every_row_bad_stops_with_one_line(tokenizer, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("".join("nope\n" if i % 3 == 0 else '{"prompt": "p"}\n' for i in range(30)))
+    c = config(tokenizer, path, "data.skip_bad_rows=true")
+    message = (
+        rf"^{path}: every row was bad \(30 rows: 20x field 'reference' is missing, "
+        r"10x not valid JSON\); nothing to train on"
+    )
+    with pytest.raises(UserError, match=message):
+        next(train_batches(c))
+    with pytest.raises(UserError, match=message):
+        eval_batches(c, str(path))
+
+
+def test_one_good_row_among_bad_ones_is_trained_on(tokenizer, tmp_path):
+    rows = ['{"prompt": "p"}'] * 60
+    rows[17] = json.dumps(numbered_rows(18)[17])
+    path = tmp_path / "mostly_bad.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    c = config(tokenizer, path, "data.skip_bad_rows=true")
     batches = train_batches(c)
-    next(batches)
-    state = batches.get_state()
-    expected = [next(batches) for _ in range(5)]
-    restored = train_batches(c)
-    restored.set_state(state)
-    for want in expected:
-        np.testing.assert_array_equal(next(restored)["tokens"], want["tokens"])
-    one_epoch = train_batches(c, num_epochs=1)
-    assert sorted(m for b in one_epoch for m in margins(b)) == list(range(120))
+    assert {m for _ in range(3) for m in margins(next(batches))} == {17}
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
+def test_a_row_over_the_size_limit_is_a_bad_row(tokenizer, tmp_path, monkeypatch, suffix):
+    from jaxrm.data import sources
+
+    monkeypatch.setattr(sources, "MAX_ROW_BYTES", 1 << 20)
+    rows = numbered_rows(4)
+    rows[2]["chosen"] = "word " * 300_000  # 1.5 MB
+    path = tmp_path / f"rows.{suffix}"
+    if suffix == "jsonl":
+        write_jsonl(path, rows)
+    else:
+        pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=2)
+    where = f"{path}:3" if suffix == "jsonl" else f"{path} row 2"
+    c = config(tokenizer, path, "data.shuffle=false")
+    with pytest.raises(
+        UserError, match=rf"^{where}: row over the 1 MiB limit of one row \(1\.4 MiB\)"
+    ):
+        eval_batches(c, str(path))
+    skipping = config(tokenizer, path, "data.skip_bad_rows=true")
+    batches = eval_batches(skipping, str(path))
+    assert sum(int(b["bad_rows"].sum()) for b in batches) == 1
+    assert sorted(m for b in batches for m in margins(b)) == [0, 1, 3]
+
+
+def test_worker_processes_give_the_batches_of_one_process_and_restore(tokenizer, tmp_path):
+    rows = [json.dumps(r) for r in numbered_rows(120)]
+    rows[7] = rows[40] = "not JSON"
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(rows) + "\n")
+    # 3 workers share 4 streams unevenly (streams 0 and 3, 1, 2).
+    c = config(tokenizer, train, "train.batch_size=4", "data.skip_bad_rows=true")
+    with_workers = config(
+        tokenizer, train, "train.batch_size=4", "data.skip_bad_rows=true", "data.num_workers=3"
+    )
+    alone, workers = train_batches(c), train_batches(with_workers)
+    skipped = []
+    for _ in range(2):
+        assert_batches_equal(next(workers), next(alone))
+        taken = alone.take_skipped()
+        assert workers.take_skipped() == taken
+        skipped += taken
+    assert skipped and all("train.jsonl:8: " in m or "train.jsonl:41: " in m for m in skipped)
+    restored = train_batches(with_workers)
+    restored.set_state(workers.get_state())
+    for _ in range(4):
+        assert_batches_equal(next(restored), next(alone))
+    assert restored.take_skipped() == alone.take_skipped()
+    one_epoch = train_batches(with_workers, num_epochs=1)
+    assert sorted(m for b in one_epoch for m in margins(b)) == sorted(set(range(120)) - {7, 40})
+
+
+def assert_batches_equal(got, want):
+    assert got.keys() == want.keys()
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
 def test_remote_paths_go_through_fsspec(tokenizer, tmp_path):

@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -474,3 +475,130 @@ def test_a_damaged_newest_checkpoint_is_refused_and_resume_falls_back(
     resumed = jax.device_get(nnx.state(load_model(run).model, nnx.Param))
     for x, y in zip(jax.tree.leaves(resumed), jax.tree.leaves(saved_twice[1]), strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+def with_bad_lines(data, path: Path, bad: dict[int, str]) -> Path:
+    """The train rows with line i (from 1) replaced by bad[i]."""
+    lines = (data[0] / "train.jsonl").read_text().splitlines()
+    for number, text in bad.items():
+        lines[number - 1] = text
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_skipped_rows_go_to_bad_rows_jsonl_and_a_summary(data, tmp_path, capsys):
+    rows = with_bad_lines(
+        data,
+        tmp_path / "train.jsonl",
+        {4: '{"prompt": "p", "reference": "r", "chosen": "c"}', 9: "x"},
+    )
+    run = tmp_path / "run"
+    train(make_config(data, run, "train.steps=2", f"data.train={rows}", "data.skip_bad_rows=true"))
+    records = [json.loads(x) for x in (run / "bad_rows.jsonl").read_text().splitlines()]
+    assert {(r["file"], r["line"], r["kind"]) for r in records} == {
+        (str(rows), 4, "field 'rejected' is missing"),
+        (str(rows), 9, "not valid JSON"),
+    }
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sum(m["bad_rows"] for m in metrics) == len(records)
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("jaxrm: skipped")]
+    missing = sum(r["line"] == 4 for r in records)
+    assert line.startswith(f"jaxrm: skipped {len(records)} bad rows (")
+    assert f"{missing}x field 'rejected' is missing" in line
+    assert f"{len(records) - missing}x not valid JSON" in line
+    assert line.endswith(f") in {rows}; see {run / 'bad_rows.jsonl'}")
+
+
+# Runs its arguments and prints their peak resident KiB. A process's peak counts the memory of the
+# process it was started from (Linux carries it over fork and exec), so the measured command
+# starts from this small one, not from the test process.
+PEAK_MEMORY = (
+    "import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)"
+)
+
+
+def run_measured(*args: str, stderr: Path) -> tuple[int, int]:
+    """(exit code, peak resident KiB) of `python -m jaxrm ARGS`, its stderr written to `stderr`."""
+    with open(stderr, "w") as err:
+        done = subprocess.run(
+            [sys.executable, "-c", PEAK_MEMORY, sys.executable, "-m", "jaxrm", *args],
+            env={**os.environ, "XLA_FLAGS": ""},
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
+    return done.returncode, int(done.stdout.split()[-1])
+
+
+def test_a_20_mb_line_is_one_error_in_little_memory(data, tmp_path, capsys):
+    """A 20 MB line once took the trainer past 13 GB: tokenised in up to 16 threads at once,
+    ~50x its size each. Over the row limit, it is refused before it is read."""
+    big = json.loads((data[0] / "train.jsonl").read_text().splitlines()[0])
+    big["chosen"] = "word " * (4 << 20)
+    rows = with_bad_lines(data, tmp_path / "train.jsonl", {6: json.dumps(big)})
+    config = write_config(data, tmp_path / "run.yaml", tmp_path / "run", f"data.train={rows}")
+    expected = f"jaxrm: error: {rows}:6: row over the 8 MiB limit of one row (20.0 MiB)"
+
+    code, peak_kib = run_measured("train", str(config), stderr=tmp_path / "err")
+    assert code == 1
+    assert (tmp_path / "err").read_text().strip().splitlines() == [expected]
+    assert peak_kib < 1 << 20  # under 1 GiB
+
+    from jaxrm.cli import main
+
+    assert main(["data", "prepare", str(config), "--out", str(tmp_path / "prepared")]) == 1
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("jaxrm:")]
+    assert line == expected
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited; its new parent may never reap it
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+def test_worker_processes_die_with_a_killed_trainer(data, tmp_path):
+    config = write_config(
+        data,
+        tmp_path / "run.yaml",
+        tmp_path / "run",
+        "train.steps=100000",
+        "checkpoint.every=100000",
+        "data.num_workers=2",
+    )
+    with open(tmp_path / "err", "w") as err:
+        trainer = subprocess.Popen(
+            [sys.executable, "-m", "jaxrm", "train", str(config)],
+            env={**os.environ, "XLA_FLAGS": ""},
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text()):
+        assert trainer.poll() is None, (tmp_path / "err").read_text()
+        time.sleep(0.1)
+    workers = children(trainer.pid)
+    assert len(workers) >= 2  # Grain's two workers (and multiprocessing's resource tracker)
+    trainer.kill()
+    trainer.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(map(alive, workers)):
+        time.sleep(0.1)
+    assert not any(map(alive, workers))

@@ -10,17 +10,25 @@ batch of R = `train.batch_size` rows is packed from its own stream: examples j, 
 of that order, packed by first-fit decreasing over windows of `pack_window` examples. A host reads
 only the streams of its rows (host i of n: rows i·R/n to (i+1)·R/n - 1), so hosts see disjoint
 examples that together cover the data, and a global batch is the same on any number of hosts: a
-run on a pod equals the same run on one host. Rows are parsed, checked and templated in
-`data.num_workers` worker processes (or in threads of this process when 0). The iterator state is,
-per stream, the position of its current window plus the rows already taken from it, so a restored
-iterator yields exactly the batches an uninterrupted one would.
+run on a pod equals the same run on one host. With `data.num_workers` W > 0, worker process k
+reads, templates and packs streams k, k + W, ... of this host, and this process puts their rows
+back in order, so the batches are the same for any W (at most one worker per stream is used);
+with W = 0 threads of this process do it all. The iterator state is, per stream, the position of
+its current window plus the rows already taken from it, so a restored iterator yields exactly the
+batches an uninterrupted one would.
 
 A malformed row stops the run with its file, line and field, unless `data.skip_bad_rows`: then it
-is counted, and each batch reports the rows skipped since the previous one in `bad_rows`.
+is counted, each batch reports the rows skipped since the previous one in `bad_rows`, and their
+messages travel with the batch (from the workers too) to `take_skipped()` of the iterator. Once
+every row of an epoch was bad, the iterator stops with one line saying so.
 """
 
+import collections
 import dataclasses
 import json
+import os
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +40,7 @@ import numpy as np
 from jaxrm import storage
 from jaxrm.config import Config
 from jaxrm.data.packing import empty_row, pack
-from jaxrm.data.rows import BadRow, check_row
+from jaxrm.data.rows import BadRow, check_row, count_kinds, describe_bad_row
 from jaxrm.data.sources import open_source
 from jaxrm.data.templates import Example, Template
 from jaxrm.data.tokenizer import load_tokenizer
@@ -43,6 +51,10 @@ from jaxrm.errors import UserError
 PACK_WINDOW = 1024
 MIN_STREAM_WINDOW = 64
 MANIFEST = "manifest.json"
+# Keys of the rows and batches inside the pipeline, taken off before a batch leaves it: the
+# messages of the rows skipped before a row, and (from a worker) whether all its streams ended.
+SKIPPED = "skipped"
+ENDED = "ended"
 PREPARED_FORMAT = "jaxrm-examples/1"
 # The settings a prepared (tokenised) dataset was made with; they must match the run's.
 TEMPLATE_KEYS = (
@@ -275,19 +287,20 @@ class PackIterator(grain.DatasetIterator):
 
     def _pack_window(self) -> None:
         self.window_start = self._parent.get_state()
-        examples, skipped = [], 0
+        examples, skipped = [], []
         for item in self._parent:
             if isinstance(item, Skipped):
-                skipped += 1
+                skipped.append(item.message)
             else:
                 examples.append(item)
-            if len(examples) + skipped == self.window:
+            if len(examples) + len(skipped) == self.window:
                 break
         if not examples and not skipped:
             raise StopIteration
         rows = pack_rows(examples, self.config, self.config.data.shared_prefix)
         rows = [{**r, "bad_rows": np.int32(0)} for r in rows] or [padding_row(self.config)]
-        rows[0]["bad_rows"] = np.int32(skipped)
+        rows[0]["bad_rows"] = np.int32(len(skipped))
+        rows[0][SKIPPED] = tuple(skipped)
         self.rows, self.taken = rows, 0
 
     def get_state(self) -> dict[str, Any]:
@@ -301,27 +314,41 @@ class PackIterator(grain.DatasetIterator):
 
 class StackRows(grain.IterDataset):
     """Batches whose row k comes from stream k; a stream that ends gives padding rows until the
-    last one ends."""
+    last one ends. Grain's worker processes call `set_slice`: worker k of W keeps streams k::W,
+    and never ends on its own but marks its batches ENDED, so that all workers give as many."""
 
     def __init__(self, streams: Sequence[grain.IterDataset], config: Config):
         super().__init__(streams)
         self.config = config
+        self.sliced = False
+
+    def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
+        self._parents = tuple(self._parents[sl])
+        self.sliced = True
 
     def __iter__(self) -> "StackRowsIterator":
-        return StackRowsIterator([stream.__iter__() for stream in self.parents], self.config)
+        streams = [stream.__iter__() for stream in self.parents]
+        return StackRowsIterator(streams, self.config, self.sliced)
 
 
 class StackRowsIterator(grain.DatasetIterator):
-    def __init__(self, streams: list[grain.DatasetIterator], config: Config):
+    def __init__(self, streams: list[grain.DatasetIterator], config: Config, sliced: bool):
         super().__init__(streams)
         self.padding = padding_row(config)
         self.ended = [False] * len(streams)
+        self.sliced = sliced
 
     def __next__(self) -> dict[str, np.ndarray]:
         rows = [self._next_row(k) for k in range(len(self._parents))]
-        if all(self.ended):
+        if all(self.ended) and not self.sliced:
             raise StopIteration
-        return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
+        batch = {key: np.stack([row[key] for row in rows]) for key in self.padding}
+        batch[SKIPPED] = np.empty(len(rows), object)
+        for k, row in enumerate(rows):
+            batch[SKIPPED][k] = row.get(SKIPPED, ())
+        if self.sliced:
+            batch[ENDED] = all(self.ended)
+        return batch
 
     def _next_row(self, k: int) -> dict[str, np.ndarray]:
         if not self.ended[k]:
@@ -340,6 +367,87 @@ class StackRowsIterator(grain.DatasetIterator):
         self.ended = list(state["ended"])
 
 
+class HostBatches(grain.IterDataset):
+    """The batches of StackRows (put back together from the workers' parts), with the skipped
+    rows' messages taken off; stops with one line once every row of an epoch was bad."""
+
+    def __init__(
+        self,
+        parent: grain.IterDataset,
+        workers: int,
+        spec: str | Sequence[str],
+        rows: range,
+        size: int,
+        total: int,
+    ):
+        super().__init__(parent)
+        self.workers = workers
+        self.spec = spec
+        # Stream j reads examples j, j + total, ...: the first len(range(j, size, total)) of them
+        # are its share of an epoch.
+        self.epoch_share = np.asarray([len(range(j, size, total)) for j in rows])
+
+    def __iter__(self) -> "HostBatchesIterator":
+        return HostBatchesIterator(self._parent.__iter__(), self)
+
+
+class HostBatchesIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, batches: HostBatches):
+        super().__init__(parent)
+        self.workers, self.spec = batches.workers, batches.spec
+        self.epoch_share = batches.epoch_share
+        # Worker k's part holds streams k, k + W, ...: the rows of the parts put back in order.
+        streams = np.arange(len(self.epoch_share))
+        parts = [streams[k :: self.workers] for k in range(self.workers)]
+        self.order = np.argsort(np.concatenate(parts)) if self.workers > 1 else None
+        self._restart()
+
+    def _restart(self) -> None:
+        self.skipped: list[str] = []
+        self.some_good = False
+        self.bad = np.zeros_like(self.epoch_share)
+        self.bad_messages: set[str] = set()
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self.workers <= 1:
+            batch = next(self._parent)
+        else:
+            parts = [next(self._parent) for _ in range(self.workers)]
+            if all([part.pop(ENDED) for part in parts]):
+                raise StopIteration
+            batch = {key: np.concatenate([p[key] for p in parts])[self.order] for key in parts[0]}
+        messages = [message for row in batch.pop(SKIPPED) for message in row]
+        self.skipped += messages
+        if not self.some_good:
+            self._stop_if_every_row_was_bad(batch, messages)
+        return batch
+
+    def _stop_if_every_row_was_bad(self, batch: dict[str, np.ndarray], messages: list[str]) -> None:
+        if (batch["reward_index"][..., 0] >= 0).any():
+            self.some_good, self.bad_messages = True, set()
+            return
+        self.bad += batch["bad_rows"]
+        self.bad_messages.update(messages)
+        if self.bad.any() and (self.bad >= self.epoch_share).all():
+            kinds = collections.Counter(describe_bad_row(m)["kind"] for m in self.bad_messages)
+            raise UserError(
+                f"{self.spec}: every row was bad ({len(self.bad_messages)} rows: "
+                f"{count_kinds(kinds)}); nothing to train on"
+            )
+
+    def take_skipped(self) -> list[str]:
+        """The messages of the rows skipped since the last call, in the order read."""
+        taken, self.skipped = self.skipped, []
+        return taken
+
+    def get_state(self) -> dict[str, Any]:
+        return self._parent.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state)
+        self._restart()
+
+
 def host_batches(
     dataset: grain.MapDataset,
     config: Config,
@@ -347,22 +455,46 @@ def host_batches(
     *,
     shuffle: bool,
     num_epochs: int | None,
+    spec: str | Sequence[str],
 ) -> grain.IterDataset:
-    """Batches of the global batch rows `rows`, each packed from its own stream."""
+    """Batches of the global batch rows `rows`, each packed from its own stream; `spec` names
+    the data in errors."""
+    size = len(dataset)
     if shuffle:
         dataset = dataset.shuffle(seed=config.train.seed)
     dataset = dataset.repeat(num_epochs)
     total = config.train.batch_size
-    streams = [PackIterDataset(dataset[j::total].to_iter_dataset(), config) for j in rows]
+    # One reading thread per stream, a window ahead. Grain's default (16 threads and 500
+    # examples per stream) templated up to 16 rows of each stream at once, each taking ~50x its
+    # size while tokenised, and read no faster: the GIL is the limit.
+    read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=pack_window(config))
+    streams = [PackIterDataset(dataset[j::total].to_iter_dataset(read), config) for j in rows]
     batches: grain.IterDataset = StackRows(streams, config)
-    if config.data.num_workers > 0:
+    workers = min(config.data.num_workers, len(rows))
+    if workers > 0:
         from absl import flags
 
         if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; jaxrm has none
             flags.FLAGS.mark_as_parsed()
-        options = grain.MultiprocessingOptions(num_workers=config.data.num_workers)
-        batches = batches.mp_prefetch(options)
-    return batches
+        options = grain.MultiprocessingOptions(num_workers=workers)
+        batches = batches.mp_prefetch(options, worker_init_fn=ExitWithParent(os.getpid()))
+    return HostBatches(batches, workers, spec, rows, size, total)
+
+
+class ExitWithParent:
+    """Run in each worker process as it starts (Grain's and `data prepare`'s): the worker exits
+    once the process that started it is gone, so a killed trainer leaves no workers behind."""
+
+    def __init__(self, parent: int):
+        self.parent = parent
+
+    def __call__(self, *worker: int) -> None:
+        threading.Thread(target=self._exit_without_parent, daemon=True).start()
+
+    def _exit_without_parent(self) -> None:
+        while os.getppid() == self.parent:
+            time.sleep(0.5)
+        os._exit(1)
 
 
 def host_rows(config: Config, process_index: int, process_count: int) -> range:
@@ -396,7 +528,12 @@ def train_batches(
     if len(dataset) == 0:
         raise UserError(f"data.train ({config.data.train}) holds no rows")
     batches = host_batches(
-        dataset, config, rows, shuffle=config.data.shuffle, num_epochs=num_epochs
+        dataset,
+        config,
+        rows,
+        shuffle=config.data.shuffle,
+        num_epochs=num_epochs,
+        spec=config.data.train,
     )
     return iter(batches)
 
@@ -420,7 +557,7 @@ def eval_batches(
     template = template_spec(config, tokenizer)
     dataset = examples_dataset(spec, config, template)
     everything = range(config.train.batch_size)
-    batches = host_batches(dataset, config, everything, shuffle=False, num_epochs=1)
+    batches = host_batches(dataset, config, everything, shuffle=False, num_epochs=1, spec=spec)
     return [{k: v[rows.start : rows.stop] for k, v in batch.items()} for batch in batches]
 
 

@@ -11,6 +11,7 @@ directory, and a run whose settings differ is refused.
 import json
 import math
 import multiprocessing
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from jaxrm.config import Config, config_to_dict
 from jaxrm.data.pipeline import (
     MANIFEST,
     PREPARED_FORMAT,
+    ExitWithParent,
     RowSource,
     Skipped,
     ToExample,
@@ -44,7 +46,8 @@ def templated(
     items = (rows[i] for i in range(len(rows)))
     progress = dict(total=len(rows), desc=description, unit=" rows", dynamic_ncols=True)
     if data.num_workers > 0:
-        with multiprocessing.get_context("spawn").Pool(data.num_workers) as pool:
+        start = ExitWithParent(os.getpid())
+        with multiprocessing.get_context("spawn").Pool(data.num_workers, start) as pool:
             yield from tqdm(pool.imap(to_example, items, chunksize=64), **progress)
     else:
         yield from tqdm(map(to_example, items), **progress)

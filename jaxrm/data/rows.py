@@ -6,7 +6,9 @@ ARCHITECTURE.md, "Data formats": preference rows (polar, pairwise, codepmp), tra
 scoring rows and prompt rows. Text fields are strings or lists of {role, content} messages.
 """
 
+import collections
 import math
+import re
 from typing import Any
 
 from jaxrm.errors import UserError
@@ -29,6 +31,33 @@ TEXT_FIELDS = {"prompt", "reference", "chosen", "rejected", "response"}
 
 class BadRow(UserError):
     """A malformed row; the message names the file, the line (or record) and the field."""
+
+
+# A BadRow message: "FILE:LINE: reason" or "FILE row|record|example N: reason" (data/sources.py).
+BAD_ROW_MESSAGE = re.compile(
+    r"(?P<file>.+?)(?::(?P<line>\d+)| (?P<unit>row|record|example) (?P<index>\d+)): (?P<error>.*)",
+    re.DOTALL,
+)
+
+
+def describe_bad_row(message: str) -> dict[str, Any]:
+    """A BadRow's message as {"file", "line" (or "row", "record", "example"), "kind", "error"}:
+    `kind` is what went wrong without the row's particulars, e.g. "field 'chosen' is missing"."""
+    match = BAD_ROW_MESSAGE.fullmatch(message)
+    if match is None:
+        return {"kind": _kind(message), "error": message}
+    place = {"line": int(match["line"])} if match["line"] else {match["unit"]: int(match["index"])}
+    return {"file": match["file"], **place, "kind": _kind(match["error"]), "error": match["error"]}
+
+
+def _kind(error: str) -> str:
+    return re.split(r" \(|, got ", error, maxsplit=1)[0]
+
+
+def count_kinds(counts: "collections.Counter[str]") -> str:
+    """The counts of kinds of bad rows, most frequent first: "2x field 'chosen' is missing, 1x
+    not valid JSON"."""
+    return ", ".join(f"{n}x {kind}" for kind, n in counts.most_common())
 
 
 def check_row(row: Any, kind: str, where: str) -> dict[str, Any]:

@@ -7,6 +7,9 @@ Paths may be local or remote (`gs://...`, through fsspec; install `gcsfs`). Arra
 hold one JSON row per record. `tfds:NAME[/CONFIG][:VERSION]:SPLIT` reads a prepared TFDS dataset
 through `tfds.data_source` (no TensorFlow); its text features become strings. `data/rows.py`
 checks what a row holds.
+
+A row over MAX_ROW_BYTES is a bad row, refused before it is parsed (a JSONL line before it is
+even read): parsing and tokenising a row take many times its size.
 """
 
 import abc
@@ -23,6 +26,9 @@ from jaxrm.data.rows import BadRow
 from jaxrm.errors import UserError
 from jaxrm.storage import glob_paths, is_dir, join, open_read
 
+# The most one row may take, encoded (a JSONL line, a Parquet row, an ArrayRecord record, a TFDS
+# example's features); README.md, "Data".
+MAX_ROW_BYTES = 8 << 20
 FORMATS = {
     ".jsonl": "jsonl",
     ".json": "jsonl",
@@ -43,26 +49,29 @@ class Source(abc.ABC):
 
 class JsonlSource(Source):
     """A JSONL file; blank lines are not rows. Line offsets are found once, up front, reading
-    the file in chunks (memory stays bounded however large it is)."""
+    the file in chunks (memory stays bounded however large the file or one line is)."""
 
     CHUNK = 1 << 24
 
     def __init__(self, path: str):
         self.path = path
         lines: list[tuple[int, int, int]] = []  # (start, end, line number) of non-blank lines
-        number, carry, carry_start = 0, b"", 0
+        # Of a line that runs past the chunk, only where it starts and whether it holds text so
+        # far are carried to the next chunk, never its bytes.
+        number, line_start, has_text, offset = 0, 0, False, 0
         with _open(path) as f:
             while chunk := f.read(self.CHUNK):
-                buffer = carry + chunk
                 start = 0
-                for newline in np.flatnonzero(np.frombuffer(buffer, np.uint8) == 10):
+                for newline in np.flatnonzero(np.frombuffer(chunk, np.uint8) == 10):
                     number += 1
-                    if buffer[start:newline].strip():
-                        lines.append((carry_start + start, carry_start + newline + 1, number))
+                    if has_text or chunk[start:newline].strip():
+                        lines.append((line_start, offset + newline + 1, number))
                     start = int(newline) + 1
-                carry, carry_start = buffer[start:], carry_start + start
-        if carry.strip():
-            lines.append((carry_start, carry_start + len(carry), number + 1))
+                    line_start, has_text = offset + start, False
+                has_text = has_text or bool(chunk[start:].strip())
+                offset += len(chunk)
+        if has_text:
+            lines.append((line_start, offset, number + 1))
         self.offsets = np.asarray([s for s, _, _ in lines], np.int64)
         self.ends = np.asarray([e for _, e, _ in lines], np.int64)
         self.line_numbers = np.asarray([n for _, _, n in lines], np.int64)
@@ -83,7 +92,9 @@ class JsonlSource(Source):
     def read(self, index: int) -> tuple[str, Any]:
         where = f"{self.path}:{self.line_numbers[index]}"
         offset = int(self.offsets[index])
-        raw = self._read_bytes(offset, int(self.ends[index]) - offset)
+        size = int(self.ends[index]) - offset
+        _check_size(where, size)
+        raw = self._read_bytes(offset, size)
         try:
             return where, json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -107,7 +118,7 @@ class ParquetSource(Source):
             raise UserError(f"{path}: not a readable Parquet file ({e})") from None
         sizes = [self.file.metadata.row_group(i).num_rows for i in range(self.file.num_row_groups)]
         self.group_starts = np.concatenate([[0], np.cumsum(sizes)]).tolist()
-        self._group: tuple[int, list[dict]] | None = None
+        self._group: tuple[int, Any] | None = None
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -117,9 +128,12 @@ class ParquetSource(Source):
         group = bisect.bisect_right(self.group_starts, index) - 1
         with self._lock:  # Grain reads from several threads
             if self._group is None or self._group[0] != group:
-                self._group = (group, self.file.read_row_group(group).to_pylist())
-            rows = self._group[1]
-        return f"{self.path} row {index}", rows[index - self.group_starts[group]]
+                self._group = (group, self.file.read_row_group(group))
+            table = self._group[1]
+        where = f"{self.path} row {index}"
+        row = table.slice(index - self.group_starts[group], 1)  # no copy
+        _check_size(where, row.nbytes)
+        return where, row.to_pylist()[0]
 
     def __getstate__(self) -> dict:
         return {"path": self.path}
@@ -143,8 +157,10 @@ class ArrayRecordSource(Source):
 
     def read(self, index: int) -> tuple[str, Any]:
         where = f"{self.path} record {index}"
+        record = self.records[index]
+        _check_size(where, len(record))
         try:
-            return where, json.loads(self.records[index])
+            return where, json.loads(record)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise BadRow(f"{where}: not a JSON row ({e})") from None
 
@@ -169,7 +185,23 @@ class TfdsSource(Source):
         return len(self.records)
 
     def read(self, index: int) -> tuple[str, Any]:
-        return f"{self.spec} example {index}", _decode_bytes(self.records[index])
+        where = f"{self.spec} example {index}"
+        example = self.records[index]
+        _check_size(where, _size(example))
+        return where, _decode_bytes(example)
+
+
+def _size(value: Any) -> int:
+    """Bytes of the texts and arrays in a decoded TFDS example."""
+    if isinstance(value, bytes | str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(map(_size, value.values()))
+    if isinstance(value, list | tuple):
+        return sum(map(_size, value))
+    if isinstance(value, np.ndarray):
+        return _size(value.tolist()) if value.dtype == object else value.nbytes
+    return 8  # a number
 
 
 def _decode_bytes(value: Any) -> Any:
@@ -255,6 +287,14 @@ def _open(path: str) -> Any:
         raise UserError(f"data file not found: {path}") from None
     except OSError as e:
         raise UserError(f"cannot read {path}: {e}") from None
+
+
+def _check_size(where: str, size: int) -> None:
+    if size > MAX_ROW_BYTES:
+        raise BadRow(
+            f"{where}: row over the {MAX_ROW_BYTES >> 20} MiB limit of one row "
+            f"({size / (1 << 20):.1f} MiB)"
+        )
 
 
 def _first_line(error: Exception) -> str:

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -44,7 +45,7 @@ from jaxrm.sharding import make_mesh
 from jaxrm.train import losses
 from jaxrm.train.checkpoints import TrainCheckpoints
 from jaxrm.train.flops import peak_flops, train_flops
-from jaxrm.train.metrics import MetricsLogger
+from jaxrm.train.metrics import MetricsLogger, SkippedRows
 from jaxrm.train.run_lock import run_lock
 from jaxrm.train.trainer import Trainer, TrainState
 
@@ -125,6 +126,8 @@ def _train(config: Config, run_dir: storage.PathLike) -> dict[str, Any]:
         )
         loop = _Loop(config, trainer, checkpoints, data, tokenizer, logger, bar, trained)
         state, step, final = loop.run(state, start, first_batch, eval_data, received, unlogged)
+    if loop.skipped and (summary := loop.skipped.summary()):
+        print(f"jaxrm: {summary}", file=sys.stderr)
     if received:
         raise Stopped(received[0], step, run_dir)
     return {"step": step, **final}
@@ -154,6 +157,7 @@ class _Loop:
         # A CPU "device" count can be faked; the measured peak is the whole host's.
         chips = jax.process_count() if device.platform == "cpu" else jax.device_count()
         self.peak = peak_flops(device, config.model.dtype) * chips
+        self.skipped = SkippedRows(logger) if config.data.skip_bad_rows else None
 
     def run(
         self,
@@ -203,6 +207,7 @@ class _Loop:
     def log(self, pending: list[dict], seconds: float, step: int) -> dict[str, float]:
         host = jax.device_get(pending)
         _stop_if_not_finite(host, step)
+        self.write_skipped(step)
         sums = {key: sum(float(m[key]) for m in host) for key in host[0]}
         metrics = losses.summarize(sums, self.config.loss)
         metrics["grad_norm"] = sums["grad_norm"] / len(host)
@@ -234,12 +239,18 @@ class _Loop:
         self.bar.write(f"step {step}: eval " + " ".join(f"{k}={v:.4g}" for k, v in result.items()))
         return {f"eval/{k}": v for k, v in result.items()}
 
+    def write_skipped(self, step: int) -> None:
+        """The rows skipped for the steps up to `step` (on every host) to bad_rows.jsonl."""
+        if self.skipped:
+            self.skipped.write(step, self.data.take_skipped())
+
     def _unlogged_work(self, host: list[dict]) -> dict[str, float]:
         return self._work({k: sum(float(m[k]) for m in host) for k in WORK_SUMS})
 
     def save(self, state: TrainState, step: int, pending: list[dict], seconds: float) -> None:
         host = jax.device_get(pending)
         _stop_if_not_finite(host, step)  # before anything of those steps is saved
+        self.write_skipped(step)  # in bad_rows.jsonl before the checkpoint that read them
         not_logged = self._unlogged_work(host)
         train_state: dict[str, Any] = {"step": step, "seed": self.config.train.seed}
         train_state.update({key: self.trained[key] + not_logged[key] for key in self.trained})

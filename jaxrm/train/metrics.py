@@ -6,9 +6,14 @@
 metrics go on lines of their own with keys prefixed "eval/". A non-finite value (nan, inf) is
 written as null, so every line is valid JSON for any reader (jq, pandas); TensorBoard keeps the
 exact value, and `read_metrics` returns null as nan, which plots as a gap in the curve.
+
+`bad_rows.jsonl`, when `data.skip_bad_rows` skipped any, holds one object per skipped row:
+`{"step", "file", "line" (or "row", "record", "example"), "kind", "error"}`, where the row was
+read for step `step` or an earlier one, and `kind` is its error without the row's particulars.
 """
 
 import argparse
+import collections
 import json
 import math
 import os
@@ -19,10 +24,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from jaxrm import storage
+from jaxrm.data.rows import count_kinds, describe_bad_row
 from jaxrm.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
+BAD_ROWS_FILE = "bad_rows.jsonl"
 # The metrics `plot_run` draws when they are logged, each with its "eval/" twin on the same axes.
 PLOTTED = (
     "loss",
@@ -38,7 +47,8 @@ PLOTTED = (
 
 
 class MetricsLogger:
-    """Appends metrics to `run_dir/metrics.jsonl` and `run_dir/tensorboard/`; use on process 0 only.
+    """Appends metrics to `run_dir/metrics.jsonl` and `run_dir/tensorboard/`, and skipped rows to
+    `run_dir/bad_rows.jsonl`; use on process 0 only.
 
     A run resumed from its checkpoint at `resume_step` drops what the interrupted process logged
     after that checkpoint, and a line it tore when killed, so the files read as one run.
@@ -56,20 +66,22 @@ class MetricsLogger:
         # tensorboardX imports torch whenever torch is installed.
         from tensorboardX import SummaryWriter
 
+        self.run_dir = run_dir
         self._remote = str(run_dir) if storage.is_remote(run_dir) else None
         if self._remote:
             local_dir = Path(tempfile.mkdtemp(prefix="jaxrm-metrics-"))
-            remote_metrics = storage.join(self._remote, METRICS_FILE)
-            if storage.is_file(remote_metrics):
-                storage.download(remote_metrics, local_dir / METRICS_FILE)
         else:
             local_dir = Path(run_dir)
             local_dir.mkdir(parents=True, exist_ok=True)
         self._local_dir = local_dir
-        path = local_dir / METRICS_FILE
-        if path.exists():
-            _replace(path, [r for r in _records(path) if r["step"] <= resume_step])
-        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (open until close())
+        for name in (METRICS_FILE, BAD_ROWS_FILE):
+            if self._remote and storage.is_file(storage.join(self._remote, name)):
+                storage.download(storage.join(self._remote, name), local_dir / name)
+            path = local_dir / name
+            if path.exists():
+                _replace(path, [r for r in _records(path) if r["step"] <= resume_step])
+        self._file = open(local_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115
+        self._bad_rows_file: Any = None  # opened at the first skipped row
         # TensorBoard hides the events of earlier files from purge_step on.
         self._tensorboard = SummaryWriter(
             str(local_dir / "tensorboard"), purge_step=resume_step + 1
@@ -96,9 +108,19 @@ class MetricsLogger:
         if time.monotonic() - self._synced > self.SYNC_SECONDS:
             self.sync()
 
+    def log_bad_rows(self, step: int, records: list[dict[str, Any]]) -> None:
+        """Writes `{"step": step, **record}` for each skipped row of `records`."""
+        if self._bad_rows_file is None:
+            path = self._local_dir / BAD_ROWS_FILE
+            self._bad_rows_file = open(path, "a", encoding="utf-8")  # noqa: SIM115
+        self._bad_rows_file.writelines(json.dumps({"step": int(step), **r}) + "\n" for r in records)
+        self._bad_rows_file.flush()
+
     def close(self) -> None:
         self.sync()
         self._file.close()
+        if self._bad_rows_file is not None:
+            self._bad_rows_file.close()
         self._tensorboard.close()
         if self._remote:
             shutil.rmtree(self._local_dir, ignore_errors=True)
@@ -108,6 +130,56 @@ class MetricsLogger:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class SkippedRows:
+    """The rows `data.skip_bad_rows` skipped, on every host: written to `bad_rows.jsonl` by
+    process 0's `logger` (the other hosts have none), and summed up at the end of the run."""
+
+    def __init__(self, logger: MetricsLogger | None):
+        self.logger = logger
+        self.kinds: collections.Counter[str] = collections.Counter()
+        self.files: collections.Counter[str] = collections.Counter()
+
+    def write(self, step: int, messages: list[str]) -> None:
+        """Records this host's `messages` (of rows read up to `step`) with every other host's;
+        every host calls it at the same steps."""
+        records = [describe_bad_row(m) for m in _gather(messages)]
+        self.kinds.update(r["kind"] for r in records)
+        self.files.update(r.get("file", "?") for r in records)
+        if self.logger and records:
+            self.logger.log_bad_rows(step, records)
+
+    def summary(self) -> str | None:
+        """On process 0 when rows were skipped, a line like "skipped 3 bad rows (2x field
+        'chosen' is missing, 1x not valid JSON) in a.jsonl; see RUN/bad_rows.jsonl"."""
+        if self.logger is None or not self.kinds:
+            return None
+        files = ", ".join(name for name, _ in self.files.most_common(3))
+        if len(self.files) > 3:
+            files += f" and {len(self.files) - 3} more files"
+        return (
+            f"skipped {self.kinds.total()} bad rows ({count_kinds(self.kinds)}) in {files}; "
+            f"see {storage.join(self.logger.run_dir, BAD_ROWS_FILE)}"
+        )
+
+
+def _gather(messages: list[str]) -> list[str]:
+    """Every host's `messages`, host by host; a collective when there are several hosts."""
+    import jax
+
+    if jax.process_count() == 1:
+        return messages
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(messages).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.int32(len(data)))
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: len(data)] = data
+    hosts = multihost_utils.process_allgather(padded)
+    return [
+        m for host, size in zip(hosts, sizes, strict=True) for m in json.loads(bytes(host[:size]))
+    ]
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
