@@ -145,18 +145,35 @@ class TrainCheckpoints:
             "opt_state": restore_args(opt_state),
             "train_state": ocp.args.JsonRestore(),
         }
-        same_hosts = self.saved_process_count(step) == jax.process_count()
-        if same_hosts:
-            items["data"] = grain.checkpoint.CheckpointRestore(data)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # Orbax and TensorStore raise bare Exceptions for unreadable files
             raise unreadable(self.step_dir(step), e) from None
         arrays = {"params": restored["params"], "opt_state": restored["opt_state"]}
         verify_arrays(self.step_dir(step), arrays)
-        if not same_hosts:
-            data.set_state(self.regrouped_data_state(step, rows))
+        if self.saved_process_count(step) == jax.process_count():
+            state = self._data_state(step, jax.process_index(), jax.process_count())
+        else:
+            state = self.regrouped_data_state(step, rows)
+        try:
+            data.set_state(state)
+        except (KeyError, ValueError, TypeError, IndexError) as e:
+            raise UserError(
+                f"{self.step_dir(step)}: its data position does not fit this data pipeline "
+                f"({type(e).__name__}: {e}); it was saved by another jaxrm version or data.* "
+                "settings"
+            ) from None
         return restored["params"], restored["opt_state"], restored["train_state"]
+
+    def _data_state(self, step: int, index: int, count: int) -> Any:
+        """What process `index` of `count` saved of its data position at `step`."""
+        path = self.step_dir(step, "data", f"process_{index}-of-{count}.json")
+        if not storage.is_file(path):
+            raise DamagedCheckpoint(f"{path} is missing; the checkpoint is damaged")
+        try:
+            return json.loads(storage.read_text_file(path))
+        except ValueError as e:
+            raise unreadable(path, e) from None
 
     def regrouped_data_state(self, step: int, rows: range) -> dict[str, Any]:
         """The data position of global batch `rows` at `step`, from the positions every saving
@@ -165,8 +182,7 @@ class TrainCheckpoints:
         count = self.saved_process_count(step)
         streams, ended = [], []
         for index in range(count):
-            path = self.step_dir(step, "data", f"process_{index}-of-{count}.json")
-            state = json.loads(storage.read_text_file(path))
+            state = self._data_state(step, index, count)
             if not isinstance(state, dict) or set(state) != {"streams", "ended"}:
                 raise UserError(
                     f"{self.step_dir(step)} was saved by {count} processes reading with "
