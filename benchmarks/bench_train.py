@@ -104,7 +104,9 @@ def make_examples(args: argparse.Namespace, rng: np.random.Generator) -> list[Ex
 
 
 def packed_batch(examples: list[Example], config: Config) -> dict[str, np.ndarray]:
-    rows = pack(examples, config.data.seq_len, 1, 2, config.data.shared_prefix, with_lm=False)
+    rows = pack(
+        examples, config.data.seq_len, 1, 2, config.data.shared_prefix, objective="pairwise"
+    )
     if len(rows) != len(examples):
         raise SystemExit(f"expected one example per row, got {len(rows)} rows")
     return {key: np.stack([row[key] for row in rows]) for key in rows[0]}

@@ -356,7 +356,7 @@ class MeshConfig:
 @dataclasses.dataclass
 class Config:
     output_dir: str = "runs/jaxrm"
-    objective: Literal["polar", "pairwise", "codepmp"] = "polar"
+    objective: Literal["polar", "pairwise", "codepmp", "regression"] = "polar"
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)

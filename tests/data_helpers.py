@@ -106,3 +106,17 @@ def jaxrm_cli(*args: str, cwd: Path | None = None, env: dict | None = None):
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def tiny_run(train: Path, tokenizer: Path, *overrides: str) -> list[str]:
+    """Config overrides of a tiny float32 run on the rows `train` that trains in seconds."""
+    return [
+        f"data.train={train}",
+        f"data.tokenizer={tokenizer}",
+        "data.reward_token=<|score|>",
+        "data.seq_len=128",
+        "train.batch_size=8",
+        "model.dtype=float32",
+        "optimizer.lr=3e-3",
+        *overrides,
+    ]

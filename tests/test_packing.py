@@ -75,7 +75,7 @@ def rewards_alone(model, data):
 def test_reward_index_points_at_each_sequence_reward_token(tokenizer):
     data = examples(tokenizer, "polar")
     for shared_prefix in (True, False):
-        rows = pack(data, SEQ_LEN, 16, MAX_CANDIDATES, shared_prefix, with_lm=False)
+        rows = pack(data, SEQ_LEN, 16, MAX_CANDIDATES, shared_prefix, objective="pairwise")
         seen = []
         for r in rows:
             assert r["reward_index"].shape == (16, MAX_CANDIDATES)
@@ -107,8 +107,8 @@ def test_packed_rewards_equal_each_sequence_alone(tokenizer, objective):
     data = examples(tokenizer, objective)
     assert {len(e.sequences) for e in data} == {2, 3}
     with_lm = objective == "codepmp"
-    shared = pack(data, SEQ_LEN, 16, MAX_CANDIDATES, shared_prefix=True, with_lm=with_lm)
-    full = pack(data, SEQ_LEN, 16, MAX_CANDIDATES, shared_prefix=False, with_lm=with_lm)
+    shared = pack(data, SEQ_LEN, 16, MAX_CANDIDATES, shared_prefix=True, objective=objective)
+    full = pack(data, SEQ_LEN, 16, MAX_CANDIDATES, shared_prefix=False, objective=objective)
     tokens = lambda rows: sum(int((r["segment_ids"] > 0).sum()) for r in rows)  # noqa: E731
     assert tokens(shared) < tokens(full)
     assert any(r["prefix_ids"].any() for r in shared) and not any(
@@ -138,7 +138,7 @@ def lm_loss(model, rows):
 def test_lm_weights_cover_exactly_the_chosen_response(tokenizer):
     data = examples(tokenizer, "codepmp", count=4)
     for shared_prefix in (True, False):
-        rows = pack(data, SEQ_LEN, 16, MAX_CANDIDATES, shared_prefix, with_lm=True)
+        rows = pack(data, SEQ_LEN, 16, MAX_CANDIDATES, shared_prefix, objective="codepmp")
         expected = sorted(tuple(e.sequences[0][np.flatnonzero(e.lm_mask)].tolist()) for e in data)
         got = []
         for r in rows:
@@ -157,6 +157,6 @@ def test_common_prefix_leaves_each_candidate_its_reward_token():
     assert common_prefix_length([np.array([4, 2]), np.array([1, 2])]) == 0
     three = [np.array([1, 2, 3, 4]), np.array([1, 2, 3]), np.array([1, 5, 3])]
     assert common_prefix_length(three) == 1
-    rows = pack([Example(same)], 16, 4, 3, shared_prefix=True, with_lm=False)
+    rows = pack([Example(same)], 16, 4, 3, shared_prefix=True, objective="pairwise")
     assert rows[0]["reward_index"][0].tolist() == [2, 3, -1]
     assert rows[0]["positions"][:4].tolist() == [0, 1, 2, 2]

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from data_helpers import jaxrm_cli, polar_rows, train_sentencepiece, write_jsonl
+from data_helpers import jaxrm_cli, polar_rows, tiny_run, train_sentencepiece, write_jsonl
 
 from jaxrm.config import dump_config, load_config
 
@@ -41,18 +41,14 @@ def write_config(data, path: Path, run_dir: Path, *overrides: str) -> Path:
     directory, tokenizer = data
     config = load_config(
         None,
-        [
+        tiny_run(
+            directory / "train.jsonl",
+            tokenizer,
             f"output_dir={run_dir}",
-            f"data.train={directory / 'train.jsonl'}",
-            f"data.tokenizer={tokenizer}",
-            "data.reward_token=<|score|>",
-            "data.seq_len=128",
-            "train.batch_size=8",
-            "model.dtype=float32",
             "train.log_every=1",
             "mesh.fsdp=1",
             *overrides,
-        ],
+        ),
     )
     path.write_text(dump_config(config))
     return path

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 import yaml
-from data_helpers import jaxrm_cli, polar_rows, train_sentencepiece, write_jsonl
+from data_helpers import jaxrm_cli, polar_rows, tiny_run, train_sentencepiece, write_jsonl
 from flax import nnx
 
 from jaxrm.checkpoint.loading import find_checkpoint, load_model
@@ -41,19 +41,14 @@ def make_config(data, run_dir, *overrides):
     directory, tokenizer = data
     return load_config(
         None,
-        [
+        tiny_run(
+            directory / "train.jsonl",
+            tokenizer,
             f"output_dir={run_dir}",
-            f"data.train={directory / 'train.jsonl'}",
-            f"data.tokenizer={tokenizer}",
-            "data.reward_token=<|score|>",
-            "data.seq_len=128",
-            "train.batch_size=8",
-            "model.dtype=float32",
-            "optimizer.lr=3e-3",
             "optimizer.weight_decay=0.01",
             "train.log_every=1",
             *overrides,
-        ],
+        ),
     )
 
 

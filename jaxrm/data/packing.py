@@ -19,6 +19,8 @@ Row fields (numpy, one row):
                                                         row's s-th example; -1 for unused
                                                         slots and responses it lacks
     margin                                              [pairs_per_row] float32
+    target                                              [pairs_per_row] float32: the score of
+                                                        a regression example
     bad_rows                                            []  rows skipped before this one
 """
 
@@ -61,7 +63,7 @@ def common_prefix_length(sequences: list[np.ndarray]) -> int:
 
 
 class Row:
-    def __init__(self, seq_len: int, pairs_per_row: int, max_candidates: int, with_lm: bool):
+    def __init__(self, seq_len: int, pairs_per_row: int, max_candidates: int, objective: str):
         self.seq_len = seq_len
         self.fields = {
             "tokens": np.zeros(seq_len, np.int32),
@@ -71,8 +73,10 @@ class Row:
             "reward_index": np.full((pairs_per_row, max_candidates), -1, np.int32),
             "margin": np.zeros(pairs_per_row, np.float32),
         }
-        if with_lm:
+        if objective == "codepmp":
             self.fields["lm_weights"] = np.zeros(seq_len, np.float32)
+        if objective == "regression":
+            self.fields["target"] = np.zeros(pairs_per_row, np.float32)
         self.used = 0
         self.examples = 0
         self.segments = 0
@@ -89,6 +93,8 @@ class Row:
             self._place(tokens, len(unit.prefix), prefix_segment)
             f["reward_index"][self.examples, rank] = self.used - 1  # its last (reward) token
         f["margin"][self.examples] = unit.example.margin
+        if "target" in f:
+            f["target"][self.examples] = unit.example.target
         mask = unit.example.lm_mask
         if mask is not None and "lm_weights" in f:
             # Sequence 0 (the best one) sits right after the prefix, so its token j is at
@@ -114,7 +120,7 @@ def pack(
     pairs_per_row: int,
     max_candidates: int,
     shared_prefix: bool,
-    with_lm: bool,
+    objective: str,
 ) -> list[dict[str, np.ndarray]]:
     """First-fit decreasing: longest examples first, each into the first row with room."""
     units = [layout(e, shared_prefix) for e in examples]
@@ -125,16 +131,16 @@ def pack(
     for unit in sorted(units, key=lambda u: -u.length):
         row = next((r for r in rows if r.fits(unit)), None)
         if row is None:
-            row = Row(seq_len, pairs_per_row, max_candidates, with_lm)
+            row = Row(seq_len, pairs_per_row, max_candidates, objective)
             rows.append(row)
         row.add(unit)
     return [r.fields for r in rows]
 
 
 def empty_row(
-    seq_len: int, pairs_per_row: int, max_candidates: int, with_lm: bool
+    seq_len: int, pairs_per_row: int, max_candidates: int, objective: str
 ) -> dict[str, np.ndarray]:
-    return Row(seq_len, pairs_per_row, max_candidates, with_lm).fields
+    return Row(seq_len, pairs_per_row, max_candidates, objective).fields
 
 
 def round_up(n: int, minimum: int) -> int:

@@ -210,6 +210,7 @@ def encode_example(example: Example) -> bytes:
             "sequences": [s.tolist() for s in example.sequences],
             "lm_mask": None if example.lm_mask is None else example.lm_mask.tolist(),
             "margin": example.margin,
+            "target": example.target,
         },
         separators=(",", ":"),
     ).encode()
@@ -222,6 +223,7 @@ def decode_example(record: bytes) -> Example:
         [np.asarray(s, np.int32) for s in data["sequences"]],
         None if mask is None else np.asarray(mask, np.int8),
         float(data["margin"]),
+        float(data.get("target", 0.0)),
     )
 
 
@@ -566,10 +568,14 @@ def pack_rows(
 ) -> list[dict[str, np.ndarray]]:
     """`examples` packed into rows as the config says (with or without shared prefixes)."""
     data = config.data
-    with_lm = config.objective == "codepmp"
     try:
         return pack(
-            examples, data.seq_len, data.pairs_per_row, data.max_candidates, shared_prefix, with_lm
+            examples,
+            data.seq_len,
+            data.pairs_per_row,
+            data.max_candidates,
+            shared_prefix,
+            config.objective,
         )
     except ValueError as e:
         raise UserError(
@@ -581,8 +587,7 @@ def pack_rows(
 def padding_row(config: Config) -> dict[str, np.ndarray]:
     """A row with no tokens and no pairs, to fill a batch."""
     data = config.data
-    with_lm = config.objective == "codepmp"
-    row = empty_row(data.seq_len, data.pairs_per_row, data.max_candidates, with_lm)
+    row = empty_row(data.seq_len, data.pairs_per_row, data.max_candidates, config.objective)
     return {**row, "bad_rows": np.int32(0)}
 
 

@@ -19,6 +19,7 @@ ROW_KINDS = {
     "polar": (("prompt", "reference"), ("category", "margin", "wrapper")),
     "pairwise": (("prompt",), ("category", "margin", "wrapper", "reference")),
     "codepmp": (("prompt",), ("category", "margin", "wrapper", "reference")),
+    "regression": (("prompt", "response", "score"), ("category", "wrapper")),
     "trajectory": (("prompt", "policy", "response"), ()),
     "score": (("prompt", "response"), ("reference", "wrapper")),
     "prompt": (("prompt",), ()),
@@ -82,8 +83,8 @@ def check_row(row: Any, kind: str, where: str) -> dict[str, Any]:
                 raise BadRow(f"{where}: field '{field}' is empty")
         elif field == "ranked":
             _check_ranked(row, where)
-        elif field == "margin" and not _is_finite_number(value):
-            raise BadRow(f"{where}: field 'margin' must be a finite number, got {value!r}")
+        elif field in ("margin", "score") and not _is_finite_number(value):
+            raise BadRow(f"{where}: field '{field}' must be a finite number, got {value!r}")
         elif field == "wrapper" and value not in ("sft", "pretrain"):
             raise BadRow(f"{where}: field 'wrapper' must be 'sft' or 'pretrain', got {value!r}")
         elif field in ("category", "policy") and not isinstance(value, str):

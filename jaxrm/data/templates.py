@@ -16,7 +16,8 @@ the prompt budget is never negative), and a prompt budget of 0 keeps no prompt t
 `ids[-0:]` keeps them all). Should re-encoding the assembled text still overflow `max_length`
 (decoded pieces can re-encode longer), the prompt gives way, then the responses, until it fits.
 
-Pairwise and CodePMP: BOS + P + SEP, then the response, then the reward token. The prompt and the
+Pairwise, CodePMP and regression (one response, its score the target): BOS + P + SEP, then the
+response, then the reward token. The prompt and the
 response are encoded apart, so the response tokens (the CodePMP LM-loss targets of the best
 response) and the shared prompt are exact token spans. The response keeps its head, the prompt its
 tail.
@@ -38,12 +39,14 @@ class Example:
     """One training example: a token sequence per candidate, best first (2 for a chosen /
     rejected row, one per response of a "ranked" row).
 
-    `lm_mask` marks, in `sequences[0]`, the tokens that are LM-loss targets (CodePMP).
+    `lm_mask` marks, in `sequences[0]`, the tokens that are LM-loss targets (CodePMP); `target`
+    is the score a regression example's one sequence should get.
     """
 
     sequences: list[np.ndarray]
     lm_mask: np.ndarray | None = None
     margin: float = 0.0
+    target: float = 0.0
 
 
 def responses(row: dict[str, Any]) -> list[Any]:
@@ -91,6 +94,9 @@ class Template:
 
     def __call__(self, row: dict[str, Any]) -> Example:
         wrapper = row.get("wrapper")
+        if self.objective == "regression":
+            sequences, _ = self.pairwise(row["prompt"], [row["response"]], wrapper)
+            return Example(sequences, target=float(row.get("score") or 0.0))
         candidates = responses(row)
         if self.objective == "polar":
             sequences = self.polar(row["prompt"], row["reference"], candidates, wrapper)

@@ -13,6 +13,11 @@ form the group "(none)"), and, when rows carry
 subsets weighted by RewardBench's example counts, prm-math upweighted as there) and their mean.
 Subsets RewardBench does not name form a section "Other", weighted by their own counts.
 
+For a regression model (`objective: regression`) `eval` reads rows {prompt, response, score} and
+reports the mean squared error of the rewards, their Pearson and Spearman correlations with the
+scores (ties get their mean rank), and as accuracy the share of row pairs with different scores
+whose rewards are ordered as the scores are; with `--by FIELD`, the same per group.
+
 `best-of-n` reads rows {prompt, reference?, candidates[], correct[], answers[]?} and reports, for
 N = 1, 2, 4, ... up to the candidates every row has, how often the top-scored of N candidates is
 correct. N candidates are a uniformly random subset; the expectation over subsets is computed
@@ -169,7 +174,61 @@ def evaluate_file(scorer: Scorer, data: str, by: str | None = None) -> dict[str,
     if by is not None and not any(by in row for row in rows):
         raise UserError(f"--by {by}: no row of {data} has a field '{by}'")
     rewards = rewards_per_row(scorer, every, counts)
-    return {**preference_report(rows, rewards, by), "scoring": scorer.counts.summary()}
+    if scorer.objective == "regression":
+        report = regression_report(rows, np.concatenate(rewards), by)
+    else:
+        report = preference_report(rows, rewards, by)
+    return {**report, "scoring": scorer.counts.summary()}
+
+
+def regression_report(rows: Sequence[dict], rewards: np.ndarray, by: str | None) -> dict[str, Any]:
+    """How well `rewards` (one per row) fit the rows' scores, overall and per `by` group."""
+    scores = np.array([float(row["score"]) for row in rows])
+    report = _fit(rewards, scores)
+    report["reward"] = {"mean": float(rewards.mean()), "std": float(rewards.std())}
+    if by is not None:
+        keys = np.array([str(row.get(by, "(none)")) for row in rows])
+        report["by"] = {
+            by: {k: _fit(rewards[keys == k], scores[keys == k]) for k in sorted(set(keys))}
+        }
+    return report
+
+
+def _fit(rewards: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
+    return {
+        "examples": len(scores),
+        "mse": float(np.mean((rewards - scores) ** 2)),
+        "pearson": _correlation(rewards, scores),
+        "spearman": _correlation(_ranks(rewards), _ranks(scores)),
+        "accuracy": _ordered_pairs(rewards, scores),
+    }
+
+
+def _correlation(x: np.ndarray, y: np.ndarray) -> float | None:
+    """Pearson's r; None where either side is constant."""
+    x, y = x - x.mean(), y - y.mean()
+    scale = math.sqrt(float((x**2).sum() * (y**2).sum()))
+    return float((x * y).sum() / scale) if scale > 0 else None
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks from 1, tied values sharing their mean rank."""
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(1, len(values) + 1)
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranks)
+    return sums[inverse] / counts[inverse]
+
+
+def _ordered_pairs(rewards: np.ndarray, scores: np.ndarray, chunk: int = 1024) -> float | None:
+    """The share of pairs with different scores whose rewards are in the scores' order."""
+    right = pairs = 0
+    for start in range(0, len(scores), chunk):
+        better = scores[start : start + chunk, None] > scores[None, :]
+        right += int((better & (rewards[start : start + chunk, None] > rewards[None, :])).sum())
+        pairs += int(better.sum())
+    return right / pairs if pairs else None
 
 
 def read_rows_as_sequences(

@@ -14,6 +14,10 @@ which for a pair is Bradley-Terry, -log sigmoid(r_chosen - r_rejected). So one l
   (sum of the example's rewards)^2, which for pairs is TRL's center_rewards_coefficient term;
 - codepmp: the same plus `loss.lm_weight` * next-token cross-entropy on the chosen response.
 
+Regression (`objective: regression`) has one response per example and its score, `target`
+[rows, slots]: the loss is the mean squared error of the reward, and its accuracy the share of
+example pairs of a batch with different scores that the rewards order as the scores do.
+
 Every loss is a sum over the micro-batch divided by a count over the whole batch (`totals`), so
 gradients of micro-batches add up to the gradient of the batch. The statistics come back as sums
 too; `summarize` turns sums into metrics.
@@ -66,7 +70,8 @@ def plackett_luce(rewards: jax.Array, valid: jax.Array, margin: jax.Array) -> ja
 def totals(batch: Batch) -> dict[str, jax.Array]:
     """The whole batch's counts that losses are divided by."""
     index = batch["reward_index"]
-    counts = {"examples": jnp.maximum(jnp.sum(_ranked(index >= 0)), 1)}
+    examples = index[..., 0] >= 0 if "target" in batch else _ranked(index >= 0)
+    counts = {"examples": jnp.maximum(jnp.sum(examples), 1)}
     if "lm_weights" in batch:
         counts["lm_tokens"] = jnp.maximum(jnp.sum(batch["lm_weights"]), 1.0)
     return counts
@@ -81,6 +86,8 @@ def objective(
     model: RewardModel, batch: Batch, config: Config, totals: dict[str, jax.Array]
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(this part's share of the batch loss, summed statistics)."""
+    if config.objective == "regression":
+        return regression(model, batch, config, totals)
     hidden, rewards, valid = ranked_rewards(model, batch, attention_span(config.data))
     examples = _ranked(valid)
     margin = batch["margin"] if config.loss.margin else jnp.zeros_like(batch["margin"])
@@ -97,10 +104,42 @@ def objective(
         "centering": centering,
         "examples": jnp.sum(examples),
         "correct": jnp.sum(correct),
+        "margin_sum": jnp.sum(jnp.where(examples, rewards[..., 0] - rewards[..., 1], 0.0)),
+        **_common_sums(batch, present, valid),
+    }
+    if "lm_weights" in batch:
+        lm_sum = next_token_loss(model, hidden, batch["tokens"], batch["lm_weights"])
+        loss += config.loss.lm_weight * lm_sum / totals["lm_tokens"]
+        sums["lm_loss"] = lm_sum
+        sums["lm_tokens"] = jnp.sum(batch["lm_weights"])
+    return loss, sums
+
+
+def regression(
+    model: RewardModel, batch: Batch, config: Config, totals: dict[str, jax.Array]
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean squared error of each example's reward against its `target` score."""
+    _, rewards, valid = ranked_rewards(model, batch, attention_span(config.data))
+    reward, present = rewards[..., 0], valid[..., 0]
+    squared = jnp.sum(jnp.where(present, (reward - batch["target"]) ** 2, 0.0))
+    r, t, p = reward.reshape(-1), batch["target"].reshape(-1), present.reshape(-1)
+    ordered = p[:, None] & p[None, :] & (t[:, None] > t[None, :])  # pairs with a better one
+    sums = {
+        "squared_error": squared,
+        "examples": jnp.sum(present),
+        "pairs": jnp.sum(ordered),
+        "correct": jnp.sum(ordered & (r[:, None] > r[None, :])),
+        **_common_sums(batch, jnp.where(present, reward, 0.0), present),
+    }
+    return squared / totals["examples"], sums
+
+
+def _common_sums(batch: Batch, present: jax.Array, valid: jax.Array) -> dict[str, jax.Array]:
+    """The statistics of every objective: rewards (`present`, 0 where not `valid`) and work."""
+    sums = {
         "reward_sum": jnp.sum(present),
         "reward_sq_sum": jnp.sum(present**2),
         "rewards": jnp.sum(valid),
-        "margin_sum": jnp.sum(jnp.where(examples, rewards[..., 0] - rewards[..., 1], 0.0)),
         "tokens": jnp.sum(batch["segment_ids"] != 0),
         "attention_pairs": attention_pairs(
             batch["positions"].astype(jnp.float32), batch["segment_ids"]
@@ -108,12 +147,7 @@ def objective(
     }
     if "bad_rows" in batch:
         sums["bad_rows"] = jnp.sum(batch["bad_rows"])
-    if "lm_weights" in batch:
-        lm_sum = next_token_loss(model, hidden, batch["tokens"], batch["lm_weights"])
-        loss += config.loss.lm_weight * lm_sum / totals["lm_tokens"]
-        sums["lm_loss"] = lm_sum
-        sums["lm_tokens"] = jnp.sum(batch["lm_weights"])
-    return loss, sums
+    return sums
 
 
 def next_token_loss(
@@ -133,13 +167,20 @@ def summarize(sums: dict[str, Any], config: LossConfig) -> dict[str, float]:
     examples = max(float(sums["examples"]), 1.0)
     rewards = max(float(sums["rewards"]), 1.0)
     mean = float(sums["reward_sum"]) / rewards
+    spread = {
+        "reward_mean": mean,
+        "reward_std": max(float(sums["reward_sq_sum"]) / rewards - mean**2, 0.0) ** 0.5,
+    }
+    if "squared_error" in sums:
+        mse = float(sums["squared_error"]) / examples
+        accuracy = float(sums["correct"]) / max(float(sums["pairs"]), 1.0)
+        return {"loss": mse, "accuracy": accuracy, "mse": mse, **spread}
     rank_loss = float(sums["rank_loss"]) / examples
     metrics = {
         "loss": rank_loss + config.center_rewards * float(sums["centering"]) / examples,
         "accuracy": float(sums["correct"]) / examples,
         "rank_loss": rank_loss,
-        "reward_mean": mean,
-        "reward_std": max(float(sums["reward_sq_sum"]) / rewards - mean**2, 0.0) ** 0.5,
+        **spread,
         "margin": float(sums["margin_sum"]) / examples,
     }
     if "lm_loss" in sums:
