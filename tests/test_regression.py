@@ -167,3 +167,34 @@ def test_sharded_and_accumulated_steps_equal_one_device_one_batch(tmp_path):
 def test_a_prepared_example_keeps_its_target():
     example = Example([np.arange(5, dtype=np.int32)], target=2.5)
     assert decode_example(encode_example(example)).target == 2.5
+
+
+@pytest.mark.slow
+def test_a_regression_model_fine_tunes_on_preferences_as_nemo_does(trained, tmp_path):
+    """NeMo's recipe: regression first, then Bradley-Terry on pairs from its weights, which
+    bring their tokenizer and reward token along."""
+    run, held_out, _ = trained
+    rows = [json.loads(line) for line in held_out.read_text().splitlines()]
+    ordered = [sorted(rows[i : i + 2], key=lambda r: -r["score"]) for i in range(0, 96, 2)]
+    pairs = [
+        {"prompt": a["prompt"], "chosen": a["response"], "rejected": b["response"]}
+        for a, b in ordered
+        if a["score"] > b["score"]
+    ]
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    config = load_config(
+        None,
+        [
+            f"output_dir={tmp_path / 'bt'}",
+            "objective=pairwise",
+            f"data.train={data}",
+            f"train.init_from={run}",
+            "data.seq_len=128",
+            "train.batch_size=8",
+            "train.steps=2",
+            "model.dtype=float32",
+        ],
+    )
+    summary = train(config)
+    # The regression head already orders most pairs before any preference step.
+    assert summary["step"] == 2 and summary["accuracy"] >= 0.75

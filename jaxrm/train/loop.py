@@ -34,9 +34,16 @@ from tqdm import tqdm
 
 from jaxrm import storage
 from jaxrm.checkpoint.checksums import DamagedCheckpoint
-from jaxrm.checkpoint.items import TOKENIZER
+from jaxrm.checkpoint.items import CONFIG, CONFIG_FILE, TOKENIZER
 from jaxrm.checkpoint.loading import find_checkpoint, load_model
-from jaxrm.config import PARAM_SIZE_KEYS, Config, config_to_dict, dump_config, resolve_paths
+from jaxrm.config import (
+    PARAM_SIZE_KEYS,
+    Config,
+    config_to_dict,
+    dump_config,
+    load_config,
+    resolve_paths,
+)
 from jaxrm.data.pipeline import eval_batches, host_rows, template_spec, train_batches
 from jaxrm.data.tokenizer import tokenizer_files
 from jaxrm.errors import UserError
@@ -77,7 +84,7 @@ def train(config: Config) -> dict[str, Any]:
 
 def _train(config: Config, run_dir: storage.PathLike) -> dict[str, Any]:
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    config = _with_tokenizer(config)
+    config = _with_init_from(config)
     spec = template_spec(config)
     config = _with_reward_token(config, spec.build())
     tokenizer = Path(spec.tokenizer)
@@ -326,17 +333,24 @@ def _check(config: Config) -> None:
         storage.check_writable(storage.join(config.output_dir, "checkpoints"))
 
 
-def _with_tokenizer(config: Config) -> Config:
-    """The config with `data.tokenizer` defaulting to the tokenizer `train.init_from` carries."""
-    if config.data.tokenizer is not None or config.train.init_from is None:
+def _with_init_from(config: Config) -> Config:
+    """The config with `data.tokenizer` and the reward token defaulting to those the checkpoint
+    `train.init_from` carries (a jaxrm checkpoint's reward token id; a HF directory's tokenizer)."""
+    if config.train.init_from is None:
         return config
     kind, directory = find_checkpoint(config.train.init_from)
-    source = storage.join(directory, TOKENIZER) if kind == "jaxrm" else directory
-    if not storage.is_dir(source) or not tokenizer_files(storage.local(source)):
-        raise UserError(
-            f"train.init_from {config.train.init_from} carries no tokenizer; set data.tokenizer"
-        )
-    return dataclasses.replace(config, data=dataclasses.replace(config.data, tokenizer=str(source)))
+    data, model = config.data, config.model
+    if data.tokenizer is None:
+        source = storage.join(directory, TOKENIZER) if kind == "jaxrm" else directory
+        if not storage.is_dir(source) or not tokenizer_files(storage.local(source)):
+            raise UserError(
+                f"train.init_from {config.train.init_from} carries no tokenizer; set data.tokenizer"
+            )
+        data = dataclasses.replace(data, tokenizer=str(source))
+    if kind == "jaxrm" and data.reward_token is None and model.reward_token_id is None:
+        saved = load_config(storage.local(storage.join(directory, CONFIG)) / CONFIG_FILE)
+        model = dataclasses.replace(model, reward_token_id=saved.model.reward_token_id)
+    return dataclasses.replace(config, data=data, model=model)
 
 
 def _with_reward_token(config: Config, template: Any) -> Config:
