@@ -337,3 +337,20 @@ def test_a_run_in_a_bucket_is_locked_by_a_lease_that_lapses_when_its_holder_dies
     with run_lock.run_lock(run):
         assert "taking over the lapsed lease of process 4242 on tpu-vm-7" in capsys.readouterr().err
         assert json.loads(storage.read_text_file(lock))["pid"] == os.getpid()
+
+
+def test_a_run_whose_lease_was_taken_over_stops_at_its_next_save(bucket, monkeypatch):
+    from jaxrm.errors import UserError
+    from jaxrm.train import run_lock
+
+    monkeypatch.setattr(run_lock, "RENEW_SECONDS", 0.2)
+    run = f"{bucket}/cut-off-run"
+    lock = f"{run}/{run_lock.LOCK_FILE}"
+    with run_lock.run_lock(run) as held:
+        held.check()
+        rival = {"host": "tpu-vm-9", "pid": 77, "started": 0, "token": "rival", "renewed": 0}
+        storage.write_bytes(lock, json.dumps(rival).encode())
+        time.sleep(1.5)
+        with pytest.raises(UserError, match="was taken over by process 77 on tpu-vm-9"):
+            held.check()
+    assert json.loads(storage.read_text_file(lock))["token"] == "rival"  # left to its holder

@@ -83,7 +83,9 @@ def test_a_disk_without_room_for_a_checkpoint_stops_the_run_at_once(data, tmp_pa
     config = write_config(data, tmp_path / "run.yaml", disk / "run", "train.steps=4")
     done, seconds = in_namespace(f"mount -t tmpfs -o size=1m tmpfs {disk}; {train_command(config)}")
     assert done.returncode != 0
-    (line,) = error_lines(done.stderr)
+    lines = error_lines(done.stderr)
+    assert len(lines) == 1, done.stderr
+    line = lines[0]
     assert "MB free on its disk, but a checkpoint takes up to" in line, line
     assert "saved steps: none" in line and seconds < 60
 

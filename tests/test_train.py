@@ -417,6 +417,9 @@ def damage(step_dir: Path, how: str) -> None:
         shutil.rmtree(step_dir)
         step_dir.mkdir()
         return
+    if how == "positions-deleted":
+        shutil.rmtree(step_dir / "data")
+        return
     files = [p for p in (step_dir / "params").rglob("*") if p.is_file() and p.parent.name == "d"]
     largest = max(files, key=lambda p: p.stat().st_size)
     if how == "deleted":
@@ -431,7 +434,9 @@ def damage(step_dir: Path, how: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["bit-flipped", "truncated", "deleted", "emptied"])
+@pytest.mark.parametrize(
+    "how", ["bit-flipped", "truncated", "deleted", "emptied", "positions-deleted"]
+)
 def test_a_damaged_newest_checkpoint_is_refused_and_resume_falls_back(
     data, saved_twice, tmp_path, capsys, how
 ):
@@ -454,7 +459,7 @@ def test_a_damaged_newest_checkpoint_is_refused_and_resume_falls_back(
             str(tmp_path / "s"),
         ],
     ]
-    for command in commands:
+    for command in commands if how != "positions-deleted" else []:  # the model is intact
         capsys.readouterr()
         assert main(command) == 1, command
         (line,) = capsys.readouterr().err.strip().splitlines()
@@ -597,3 +602,32 @@ def test_worker_processes_die_with_a_killed_trainer(data, tmp_path):
     while time.time() < deadline and any(map(alive, workers)):
         time.sleep(0.1)
     assert not any(map(alive, workers))
+
+
+@pytest.mark.slow
+def test_unreadable_checkpoints_are_never_moved_unless_an_intact_one_remains(
+    data, saved_twice, tmp_path, monkeypatch
+):
+    import orbax.checkpoint as ocp
+
+    from jaxrm.errors import UserError
+
+    run = tmp_path / "run"
+    shutil.copytree(saved_twice[0], run)
+    resume = make_config(data, run, "train.steps=6", "checkpoint.every=2", "checkpoint.keep=5")
+    with monkeypatch.context() as patch:  # storage that fails (not the checkpoint's fault)
+        patch.setattr(
+            ocp.CheckpointManager,
+            "restore",
+            lambda *a, **k: (_ for _ in ()).throw(ConnectionError("reset")),
+        )
+        with pytest.raises(
+            UserError, match=r"cannot read .*checkpoints/4 \(reset\); the checkpoint was left"
+        ):
+            train(resume)
+    damage(run / "checkpoints" / "4", "truncated")
+    damage(run / "checkpoints" / "2", "bit-flipped")
+    with pytest.raises(UserError, match=r"no checkpoint in .* can be read .* nothing was moved"):
+        train(resume)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
+    assert not (run / "damaged").exists()

@@ -29,6 +29,7 @@ from jaxrm import storage
 from jaxrm.checkpoint.checksums import DamagedCheckpoint, checksums, verify
 from jaxrm.config import Config, dump_config
 from jaxrm.data.tokenizer import tokenizer_files
+from jaxrm.errors import UserError
 from jaxrm.model.decoder import RewardModel
 
 PARAMS = "params"
@@ -156,10 +157,36 @@ def restore_params(checkpoint: storage.PathLike, target: dict) -> dict:
     return params
 
 
-def unreadable(directory: storage.PathLike, error: BaseException) -> DamagedCheckpoint:
+# Reasons a read fails that say nothing about the checkpoint: the storage, the credentials or the
+# memory of this machine. The checkpoint is left alone and the error is reported as it is.
+NOT_DAMAGE = (
+    "RESOURCE_EXHAUSTED",
+    "UNAVAILABLE",
+    "DEADLINE_EXCEEDED",
+    "PERMISSION_DENIED",
+    "UNAUTHENTICATED",
+    "CANCELLED",
+    "Permission denied",
+    "Out of memory",
+)
+
+
+def unreadable(directory: storage.PathLike, error: BaseException) -> UserError:
+    """A failed read of `directory` as one line: DamagedCheckpoint when the files are at fault
+    (missing, truncated, corrupt), a plain UserError when the storage or this machine is."""
+    outer = error
     while error.__cause__ or error.__context__:  # the file-level reason is the innermost one
         error = error.__cause__ or error.__context__
     reason = " ".join(str(error).split())[:300]
+    environmental = (
+        isinstance(error, ConnectionError | TimeoutError | PermissionError | MemoryError)
+        or any(word in reason for word in NOT_DAMAGE)
+        or (storage.remote_reason(error) or storage.remote_reason(outer) or "").startswith(
+            ("no credentials", "permission denied", "storage unreachable")
+        )
+    )
+    if environmental:
+        return UserError(f"cannot read {directory} ({reason}); the checkpoint was left as it is")
     return DamagedCheckpoint(
         f"{directory}: cannot be read into this model ({reason}); the checkpoint is damaged or "
         "was saved for another config"

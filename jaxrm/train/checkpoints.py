@@ -21,6 +21,7 @@ from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
@@ -50,6 +51,7 @@ class TrainCheckpoints:
             max_to_keep=config.keep,
             enable_async_checkpointing=config.async_save,
             create=False,
+            cleanup_tmp_directories=True,  # what a failed or killed save left behind
         )
         self.directory = storage.absolute(storage.join(run_dir, "checkpoints"))
         self.damaged = storage.absolute(storage.join(run_dir, "damaged"))
@@ -83,15 +85,35 @@ class TrainCheckpoints:
     def saved_process_count(self, step: int) -> int:
         """How many processes saved `step` (each saved its data-iterator position)."""
         names = storage.list_names(self.step_dir(step, "data"))
-        return sum(n.startswith("process_") and n.endswith(".json") for n in names)
+        saved = [
+            n[len("process_") : -len(".json")].split("-of-")
+            for n in names
+            if n.startswith("process_") and n.endswith(".json")
+        ]
+        counts = {count for _, count in saved}
+        if len(counts) != 1 or sorted(index for index, _ in saved) != [
+            str(i) for i in range(int(next(iter(counts))))
+        ]:
+            raise DamagedCheckpoint(
+                f"{self.step_dir(step, 'data')}: the data positions of some processes are "
+                "missing; the checkpoint is damaged"
+            )
+        return int(counts.pop())
 
     def check_room(self, arrays: Any, step: int | None = None) -> None:
         """Stops in one line when a local run directory's disk has no room for a checkpoint of
         `arrays` (their uncompressed size: what a save may need at most)."""
         free = storage.free_bytes(self.directory)
         need = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(arrays))
-        if free is None or free >= need:
+        room = free is None or free >= need
+        if jax.process_count() > 1:  # hosts sharing a disk may see it at different moments
+            room = bool(multihost_utils.broadcast_one_to_all(np.int32(room)))
+        if room:
             return
+        if free is None or free >= need:
+            raise UserError(
+                f"{self.directory}: process 0 found no room on its disk for step {step}"
+            )
         when = "" if step is None else f"step {step} is not saved and "
         raise UserError(
             f"{self.directory}: {free / 1e6:.1f} MB free on its disk, but a checkpoint takes up "
@@ -100,18 +122,18 @@ class TrainCheckpoints:
         )
 
     @contextlib.contextmanager
-    def _writing(self, step: int | None = None) -> Iterator[None]:
-        """A failed write of checkpoint `step` (disk full, read-only, denied) as one line."""
+    def _writing(self) -> Iterator[None]:
+        """A failed checkpoint write (disk full, read-only, denied) as one line. Orbax reports a
+        background save's failure at the next save or wait, so no step is named."""
         try:
             yield
         except Exception as e:  # Orbax re-raises its background writer's error here
             reason = _storage_reason(e)
             if reason is None:
                 raise
-            what = "a checkpoint" if step is None else f"step {step}"
             raise UserError(
-                f"{self.directory}: saving {what} failed ({reason}); the run stops, the steps "
-                "saved before are intact"
+                f"{self.directory}: saving a checkpoint failed ({reason}); the run stops, the "
+                f"steps saved before are intact (saved: {self.steps() or 'none'})"
             ) from None
 
     def save(
@@ -131,7 +153,7 @@ class TrainCheckpoints:
         items["data"] = grain.checkpoint.CheckpointSave(data)
         items["train_state"] = ocp.args.JsonSave(train_state)
         self.check_room((params, opt_state), step)
-        with self._writing(step):
+        with self._writing():
             self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore(
@@ -145,10 +167,12 @@ class TrainCheckpoints:
             "opt_state": restore_args(opt_state),
             "train_state": ocp.args.JsonRestore(),
         }
+        failure = None
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # Orbax and TensorStore raise bare Exceptions for unreadable files
-            raise unreadable(self.step_dir(step), e) from None
+            failure = unreadable(self.step_dir(step), e)
+        _raise_on_every_host(failure, f"step {step}")  # before the checksums' collectives
         arrays = {"params": restored["params"], "opt_state": restored["opt_state"]}
         verify_arrays(self.step_dir(step), arrays)
         if self.saved_process_count(step) == jax.process_count():
@@ -198,8 +222,11 @@ class TrainCheckpoints:
         step), to `RUN_DIR/damaged/<step>`, saying so on stderr."""
         target = storage.join(self.damaged, str(step))
         if jax.process_index() == 0:
+            copies = 1
+            while storage.exists(target):  # keep what an earlier resume set aside
+                copies += 1
+                target = storage.join(self.damaged, f"{step}-{copies}")
             print(f"jaxrm: {damage}; moved it to {target}", file=sys.stderr)
-            storage.remove(target)
             storage.move(self.step_dir(step), target)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"jaxrm set aside step {step}")
@@ -235,3 +262,17 @@ def _storage_reason(error: BaseException) -> str | None:
     if isinstance(error, OSError) and error.strerror:
         return f"{error.strerror}: {error.filename}"
     return text[:300] if any(word in text for word in STORAGE_FAILURES) else None
+
+
+def _raise_on_every_host(failure: UserError | None, what: str) -> None:
+    """Raises `failure` here, and on every other host an error of the same kind, so that all
+    hosts of a run take the same way on (none waits in a collective the others left)."""
+    code = 0 if failure is None else 1 if isinstance(failure, DamagedCheckpoint) else 2
+    if jax.process_count() > 1:
+        worst = int(multihost_utils.process_allgather(np.int32(code)).max())
+        if failure is None and worst == 1:
+            failure = DamagedCheckpoint(f"{what}: another host could not read its part")
+        elif failure is None and worst == 2:
+            failure = UserError(f"{what}: another host could not read its part")
+    if failure is not None:
+        raise failure

@@ -25,10 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 import yaml
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm import tqdm
 
@@ -53,7 +51,7 @@ from jaxrm.train import losses
 from jaxrm.train.checkpoints import TrainCheckpoints
 from jaxrm.train.flops import peak_flops, train_flops
 from jaxrm.train.metrics import MetricsLogger, SkippedRows
-from jaxrm.train.run_lock import run_lock
+from jaxrm.train.run_lock import Held, run_lock
 from jaxrm.train.trainer import Trainer, TrainState
 
 # Keys that may change when a run resumes; any other difference stops the run.
@@ -78,11 +76,11 @@ def train(config: Config) -> dict[str, Any]:
     """Trains (or resumes) the run `config.output_dir`; returns the final metrics."""
     _check(config)
     run_dir = storage.absolute(config.output_dir)
-    with run_lock(run_dir):
-        return _train(config, run_dir)
+    with run_lock(run_dir) as held:
+        return _train(config, run_dir, held)
 
 
-def _train(config: Config, run_dir: storage.PathLike) -> dict[str, Any]:
+def _train(config: Config, run_dir: storage.PathLike, held: Held) -> dict[str, Any]:
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     config = _with_init_from(config)
     spec = template_spec(config)
@@ -90,54 +88,54 @@ def _train(config: Config, run_dir: storage.PathLike) -> dict[str, Any]:
     tokenizer = Path(spec.tokenizer)
     trainer = Trainer(config, mesh)
     checkpoints = TrainCheckpoints(run_dir, config.checkpoint, trainer.abstract_params)
-    checkpoints.check_room(trainer.abstract)
-    data = train_batches(config)
-    first_batch = next(data)  # a malformed first window stops the run before anything is written
-    eval_data = eval_batches(config, config.data.eval) if config.data.eval else []
-
-    unlogged: dict[str, Any] = {"steps": [], "seconds": 0.0}
-    resumed = _resume(config, trainer, checkpoints, tokenizer, data)
-    if resumed is None:
-        state = trainer.init_state(_initial_model(config, mesh))
-        start, trained = 0, {"tokens": 0, "flops": 0.0}
-    else:
-        state, start, train_state = resumed
-        unlogged = {"steps": train_state.get("unlogged", []), "seconds": 0.0}
-        unlogged["seconds"] = float(train_state.get("unlogged_seconds", 0.0))
-        trained = {"tokens": int(train_state["tokens"]), "flops": float(train_state["flops"])}
+    with contextlib.closing(checkpoints):  # also when the run stops before its loop
+        checkpoints.check_room(trainer.abstract)
+        data = train_batches(config)
+        # A malformed first window stops the run before anything is written.
         first_batch = next(data)
-    if start >= config.train.steps:
-        print(f"{run_dir} is already at step {start} of train.steps={config.train.steps}")
-        checkpoints.close()
-        return {"step": start}
-    if jax.process_index() == 0:
-        storage.write_bytes(storage.join(run_dir, "config.yaml"), dump_config(config).encode())
-    trainer.compile(state, trainer.global_batch(first_batch))  # kept out of the throughput
-    with contextlib.ExitStack() as stack:
-        received = stack.enter_context(_stop_signals())
-        stack.callback(checkpoints.close)
-        stack.callback(checkpoints.wait)
-        logger = None
+        eval_data = eval_batches(config, config.data.eval) if config.data.eval else []
+
+        unlogged: dict[str, Any] = {"steps": [], "seconds": 0.0}
+        resumed = _resume(config, trainer, checkpoints, tokenizer, data)
+        if resumed is None:
+            state = trainer.init_state(_initial_model(config, mesh))
+            start, trained = 0, {"tokens": 0, "flops": 0.0}
+        else:
+            state, start, train_state = resumed
+            unlogged = {"steps": train_state.get("unlogged", []), "seconds": 0.0}
+            unlogged["seconds"] = float(train_state.get("unlogged_seconds", 0.0))
+            trained = {"tokens": int(train_state["tokens"]), "flops": float(train_state["flops"])}
+            first_batch = next(data)
+        if start >= config.train.steps:
+            print(f"{run_dir} is already at step {start} of train.steps={config.train.steps}")
+            return {"step": start}
         if jax.process_index() == 0:
-            # A fresh start drops what an earlier attempt logged before its first checkpoint.
-            resume_step = start if resumed is not None else -1
-            logger = stack.enter_context(MetricsLogger(run_dir, resume_step=resume_step))
-        bar = stack.enter_context(
-            tqdm(
-                total=config.train.steps,
-                initial=start,
-                unit="step",
-                dynamic_ncols=True,
-                disable=jax.process_index() != 0,
+            storage.write_bytes(storage.join(run_dir, "config.yaml"), dump_config(config).encode())
+        trainer.compile(state, trainer.global_batch(first_batch))  # kept out of the throughput
+        with contextlib.ExitStack() as stack:
+            received = stack.enter_context(_stop_signals())
+            stack.callback(checkpoints.wait)
+            logger = None
+            if jax.process_index() == 0:
+                # A fresh start drops what an earlier attempt logged before its first checkpoint.
+                resume_step = start if resumed is not None else -1
+                logger = stack.enter_context(MetricsLogger(run_dir, resume_step=resume_step))
+            bar = stack.enter_context(
+                tqdm(
+                    total=config.train.steps,
+                    initial=start,
+                    unit="step",
+                    dynamic_ncols=True,
+                    disable=jax.process_index() != 0,
+                )
             )
-        )
-        loop = _Loop(config, trainer, checkpoints, data, tokenizer, logger, bar, trained)
-        state, step, final = loop.run(state, start, first_batch, eval_data, received, unlogged)
-    if loop.skipped and (summary := loop.skipped.summary()):
-        print(f"jaxrm: {summary}", file=sys.stderr)
-    if received:
-        raise Stopped(received[0], step, run_dir)
-    return {"step": step, **final}
+            loop = _Loop(config, trainer, checkpoints, data, tokenizer, logger, bar, trained, held)
+            state, step, final = loop.run(state, start, first_batch, eval_data, received, unlogged)
+        if loop.skipped and (summary := loop.skipped.summary()):
+            print(f"jaxrm: {summary}", file=sys.stderr)
+        if received:
+            raise Stopped(received[0], step, run_dir)
+        return {"step": step, **final}
 
 
 WORK_SUMS = ("tokens", "attention_pairs")
@@ -156,8 +154,10 @@ class _Loop:
         logger: MetricsLogger | None,
         bar: tqdm,
         trained: dict[str, float],
+        held: Held,
     ):
         self.config, self.trainer, self.checkpoints = config, trainer, checkpoints
+        self.held = held
         self.data, self.tokenizer, self.logger, self.bar = data, tokenizer, logger, bar
         self.trained = trained  # tokens and model FLOPs so far, up to the last logged step
         device = jax.devices()[0]
@@ -255,6 +255,7 @@ class _Loop:
         return self._work({k: sum(float(m[k]) for m in host) for k in WORK_SUMS})
 
     def save(self, state: TrainState, step: int, pending: list[dict], seconds: float) -> None:
+        self.held.check()  # the run directory is still this run's
         host = jax.device_get(pending)
         _stop_if_not_finite(host, step)  # before anything of those steps is saved
         self.write_skipped(step)  # in bad_rows.jsonl before the checkpoint that read them
@@ -415,9 +416,10 @@ def _resume(
     tokenizer: Path,
     data: Any,
 ) -> tuple[TrainState, int, dict[str, Any]] | None:
-    """(state, step, saved train state) of the newest intact checkpoint, None without any; a
-    damaged one is set aside and the next older one tried."""
+    """(state, step, saved train state) of the newest intact checkpoint, None without any. The
+    damaged steps after it are set aside; when none is intact, nothing is moved."""
     steps = checkpoints.steps()
+    damaged: list[tuple[int, DamagedCheckpoint]] = []
     for step in steps:
         try:
             _check_resumable(config, checkpoints.saved_config(step))
@@ -430,27 +432,20 @@ def _resume(
             params, opt_state, train_state = checkpoints.restore(
                 step, trainer.abstract_params, trainer.abstract.opt_state, data, rows
             )
-            damage = None
         except DamagedCheckpoint as e:
-            damage = e
-        if not _everywhere_intact(damage is None):
-            checkpoints.set_aside(step, damage or DamagedCheckpoint(f"step {step} on another host"))
+            damaged.append((step, e))
             continue
+        for newer, damage in damaged:
+            checkpoints.set_aside(newer, damage)
         trainable, frozen = trainer.split_params(params)
         return TrainState(trainable, frozen, opt_state), int(train_state["step"]), train_state
-    if steps:
+    if damaged:
         raise UserError(
-            f"every checkpoint in {checkpoints.directory} is damaged (moved to "
-            f"{checkpoints.damaged}); run again to start {config.output_dir} over"
+            f"no checkpoint in {checkpoints.directory} can be read (step {damaged[0][0]}: "
+            f"{damaged[0][1]}); nothing was moved: repair them, or move {checkpoints.directory} "
+            "away to start the run over"
         )
     return None
-
-
-def _everywhere_intact(intact: bool) -> bool:
-    """Whether every process read its part of a checkpoint."""
-    if jax.process_count() == 1:
-        return intact
-    return bool(multihost_utils.process_allgather(np.int32(intact)).all())
 
 
 def _check_resumable(config: Config, saved_text: str) -> None:

@@ -9,7 +9,9 @@ checkpoint step, so the second is refused in one line naming the holder.
   renews every `RENEW_SECONDS`. A lease not renewed for `LEASE_SECONDS` (a killed holder) is
   taken over. Object storage cannot make two first writes exclusive, so two starts within the
   same second may both see the lease free; the loser sees the winner's lease when it reads it
-  back and stops.
+  back and stops. The holder reads the lease before each renewal; should another run have
+  taken it over (the holder was cut off for longer than the lease), the holder's next save stops
+  the run instead of writing into a directory it no longer owns.
 """
 
 import contextlib
@@ -36,15 +38,36 @@ RENEW_SECONDS = 20.0
 LEASE_SECONDS = 90.0
 
 
+class Held:
+    """A held lock; `check()` stops the run where the lock was lost (a lapsed lease)."""
+
+    def __init__(self, path: storage.PathLike):
+        self.path = path
+        self.lost: dict[str, Any] | None = None
+
+    def check(self) -> None:
+        """Called by every process (process 0 holds the lock and tells the others)."""
+        lost = self.lost is not None
+        if jax.process_count() > 1:
+            lost = bool(multihost_utils.broadcast_one_to_all(np.int32(lost)))
+        if lost:
+            raise UserError(
+                f"{storage.parent(self.path)} was taken over by "
+                f"{_describe(self.lost or {})} after this run's lease lapsed; this run stops "
+                "without saving"
+            )
+
+
 @contextlib.contextmanager
-def run_lock(run_dir: storage.PathLike) -> Iterator[None]:
+def run_lock(run_dir: storage.PathLike) -> Iterator[Held]:
     """Holds `run_dir`'s lock for the whole run (every process enters; process 0 locks)."""
     refusal = None
+    held = Held(storage.join(run_dir, LOCK_FILE))
     with contextlib.ExitStack() as stack:
         if jax.process_index() == 0:
             try:
                 lock = _lease if storage.is_remote(run_dir) else _flock
-                stack.enter_context(lock(storage.join(run_dir, LOCK_FILE)))
+                stack.enter_context(lock(held))
             except UserError as e:
                 refusal = e
         if jax.process_count() > 1:
@@ -53,7 +76,7 @@ def run_lock(run_dir: storage.PathLike) -> Iterator[None]:
                 raise UserError(f"{run_dir} is in use by another run (process 0 says why)")
         if refusal is not None:
             raise refusal
-        yield
+        yield held
 
 
 def _holder() -> dict[str, Any]:
@@ -66,7 +89,8 @@ def _describe(holder: dict[str, Any]) -> str:
 
 
 @contextlib.contextmanager
-def _flock(path: Path) -> Iterator[None]:
+def _flock(held: Held) -> Iterator[None]:
+    path = Path(held.path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as file:
         try:
@@ -88,18 +112,19 @@ def _flock(path: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _lease(path: str) -> Iterator[None]:
-    held = _read_lease(path)
-    age = time.time() - held.get("renewed", 0) if held else None
+def _lease(held: Held) -> Iterator[None]:
+    path = str(held.path)
+    other = _read_lease(path)
+    age = time.time() - other.get("renewed", 0) if other else None
     if age is not None and age < LEASE_SECONDS:
         raise UserError(
-            f"{storage.parent(path)} is in use by another run ({_describe(held)}, lease renewed "
+            f"{storage.parent(path)} is in use by another run ({_describe(other)}, lease renewed "
             f"{age:.0f} s ago; it lapses {LEASE_SECONDS:.0f} s after its last renewal); wait "
             "for it to end or choose another output_dir"
         )
-    if held:
+    if other:
         print(
-            f"jaxrm: taking over the lapsed lease of {_describe(held)} on {storage.parent(path)}",
+            f"jaxrm: taking over the lapsed lease of {_describe(other)} on {storage.parent(path)}",
             file=sys.stderr,
         )
     mine = {**_holder(), "token": os.urandom(8).hex()}
@@ -112,6 +137,10 @@ def _lease(path: str) -> Iterator[None]:
     def renew() -> None:
         while not stop.wait(RENEW_SECONDS):
             with contextlib.suppress(Exception):  # a missed renewal is retried at the next one
+                current = _read_lease(path)
+                if current.get("token", mine["token"]) != mine["token"]:
+                    held.lost = current
+                    return
                 _write_lease(path, mine)
 
     renewer = threading.Thread(target=renew, name="jaxrm-lease", daemon=True)
