@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 from data_helpers import jaxrm_cli, polar_rows, tiny_run, train_sentencepiece, write_jsonl
 
+from jaxrm.checkpoint.loading import load_model
 from jaxrm.config import dump_config, load_config
+from jaxrm.train.loop import train
 
 
 def _namespaces_work() -> bool:
@@ -111,18 +113,14 @@ def test_a_disk_that_fills_up_stops_the_run_with_its_saved_steps_intact(data, tm
     assert "step 4 is not saved" in line and "saved steps: [2]" in line, line
     steps = [json.loads(x)["step"] for x in (kept / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
-    check = jaxrm_cli("export", str(kept / "checkpoints" / "2"), str(tmp_path / "hf"))
-    _, err = check.communicate(timeout=300)
-    assert check.returncode == 0, err  # the checksums of step 2 still hold
+    load_model(kept / "checkpoints" / "2")  # its checksums still hold
 
 
 @needs_namespaces
 def test_a_read_only_checkpoints_directory_stops_the_run_in_one_line(data, tmp_path):
     run = tmp_path / "run"
     config = write_config(data, tmp_path / "run.yaml", run, "train.steps=2")
-    first = jaxrm_cli("train", str(config))
-    _, err = first.communicate(timeout=300)
-    assert first.returncode == 0, err
+    train(load_config(str(config), ["mesh.fsdp=-1"]))  # this process has 8 devices
     before = sorted(p.relative_to(run) for p in (run / "checkpoints").rglob("*"))
     checkpoints = run / "checkpoints"
     done, seconds = in_namespace(
