@@ -122,9 +122,7 @@ def check_writable(directory: PathLike) -> None:
     """Writes and removes a small file in `directory` (locally: in its nearest existing parent),
     so a read-only or denied place stops a run in one line before anything is saved there."""
     if not is_remote(directory):
-        place = Path(directory).absolute()
-        while not place.exists():
-            place = place.parent
+        place = _nearest_existing(Path(directory))
         probe = place / f".jaxrm-write-check-{secrets.token_hex(6)}"
         try:
             probe.write_bytes(b"")
@@ -144,10 +142,15 @@ def free_bytes(directory: PathLike) -> int | None:
     """Free space on the disk that holds (or will hold) a local `directory`; None for a URL."""
     if is_remote(directory):
         return None
-    place = Path(directory).absolute()
-    while not place.exists():
-        place = place.parent
-    return shutil.disk_usage(place).free
+    return shutil.disk_usage(_nearest_existing(Path(directory))).free
+
+
+def _nearest_existing(path: Path) -> Path:
+    """`path`, or its nearest parent that exists (where it would be made)."""
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
 
 
 def exists(path: PathLike) -> bool:

@@ -29,7 +29,7 @@ from jaxrm import storage
 from jaxrm.checkpoint.checksums import DamagedCheckpoint, checksums, verify
 from jaxrm.config import Config, dump_config
 from jaxrm.data.tokenizer import tokenizer_files
-from jaxrm.errors import UserError
+from jaxrm.errors import UserError, innermost
 from jaxrm.model.decoder import RewardModel
 
 PARAMS = "params"
@@ -174,9 +174,7 @@ NOT_DAMAGE = (
 def unreadable(directory: storage.PathLike, error: BaseException) -> UserError:
     """A failed read of `directory` as one line: DamagedCheckpoint when the files are at fault
     (missing, truncated, corrupt), a plain UserError when the storage or this machine is."""
-    outer = error
-    while error.__cause__ or error.__context__:  # the file-level reason is the innermost one
-        error = error.__cause__ or error.__context__
+    outer, error = error, innermost(error)
     reason = " ".join(str(error).split())[:300]
     environmental = (
         isinstance(error, ConnectionError | TimeoutError | PermissionError | MemoryError)

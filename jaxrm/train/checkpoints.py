@@ -39,7 +39,8 @@ from jaxrm.checkpoint.items import (
 )
 from jaxrm.config import CheckpointConfig, Config
 from jaxrm.data.tokenizer import tokenizer_files
-from jaxrm.errors import UserError
+from jaxrm.errors import UserError, causes, innermost
+from jaxrm.train.distributed import process_0_says
 
 
 class TrainCheckpoints:
@@ -105,10 +106,8 @@ class TrainCheckpoints:
         `arrays` (their uncompressed size: what a save may need at most)."""
         free = storage.free_bytes(self.directory)
         need = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(arrays))
-        room = free is None or free >= need
-        if jax.process_count() > 1:  # hosts sharing a disk may see it at different moments
-            room = bool(multihost_utils.broadcast_one_to_all(np.int32(room)))
-        if room:
+        # Hosts sharing a disk may see it at different moments: process 0 decides.
+        if process_0_says(free is None or free >= need):
             return
         if free is None or free >= need:
             raise UserError(
@@ -148,11 +147,11 @@ class TrainCheckpoints:
     ) -> None:
         if not storage.is_remote(self.directory):  # a bucket has no directories to make
             self.directory.mkdir(parents=True, exist_ok=True)
+        self.check_room((params, opt_state), step)
         items = model_items(params, config, tokenizer, opt_state=opt_state)
         items["opt_state"] = ocp.args.PyTreeSave(opt_state)
         items["data"] = grain.checkpoint.CheckpointSave(data)
         items["train_state"] = ocp.args.JsonSave(train_state)
-        self.check_room((params, opt_state), step)
         with self._writing():
             self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
@@ -175,10 +174,11 @@ class TrainCheckpoints:
         _raise_on_every_host(failure, f"step {step}")  # before the checksums' collectives
         arrays = {"params": restored["params"], "opt_state": restored["opt_state"]}
         verify_arrays(self.step_dir(step), arrays)
-        if self.saved_process_count(step) == jax.process_count():
-            state = self._data_state(step, jax.process_index(), jax.process_count())
+        count = self.saved_process_count(step)
+        if count == jax.process_count():
+            state = self._data_state(step, jax.process_index(), count)
         else:
-            state = self.regrouped_data_state(step, rows)
+            state = self.regrouped_data_state(step, count, rows)
         try:
             data.set_state(state)
         except (KeyError, ValueError, TypeError, IndexError) as e:
@@ -199,11 +199,11 @@ class TrainCheckpoints:
         except ValueError as e:
             raise unreadable(path, e) from None
 
-    def regrouped_data_state(self, step: int, rows: range) -> dict[str, Any]:
+    def regrouped_data_state(self, step: int, count: int, rows: range) -> dict[str, Any]:
         """The data position of global batch `rows` at `step`, from the positions every saving
         host wrote. Each row of the global batch is its own stream (`data/pipeline.py`) and host
-        i of N fed a contiguous block of rows, so the streams regroup for any number of hosts."""
-        count = self.saved_process_count(step)
+        i of N fed a contiguous block of rows, so the streams regroup for any number of hosts
+        (`count`: how many saved it)."""
         streams, ended = [], []
         for index in range(count):
             state = self._data_state(step, index, count)
@@ -254,13 +254,10 @@ STORAGE_FAILURES = (
 
 def _storage_reason(error: BaseException) -> str | None:
     """The innermost reason of a write that failed for lack of space or permission, else None."""
-    while error.__cause__ or error.__context__:
-        if isinstance(error, OSError) and error.strerror:
-            return f"{error.strerror}: {error.filename}"
-        error = error.__cause__ or error.__context__
-    text = " ".join(str(error).split())
-    if isinstance(error, OSError) and error.strerror:
-        return f"{error.strerror}: {error.filename}"
+    for cause in causes(error):
+        if isinstance(cause, OSError) and cause.strerror:
+            return f"{cause.strerror}: {cause.filename}"
+    text = " ".join(str(innermost(error)).split())
     return text[:300] if any(word in text for word in STORAGE_FAILURES) else None
 
 

@@ -16,6 +16,7 @@ import argparse
 import os
 
 import jax
+import numpy as np
 
 from jaxrm.errors import UserError
 
@@ -47,6 +48,16 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         metavar="I",
         help=f"this process, 0 to N-1 (env {ENVIRONMENT['process_id']})",
     )
+
+
+def process_0_says(answer: bool) -> bool:
+    """Process 0's `answer`, on every process (each passes its own; a collective when there are
+    several), so that all of them take the same way on."""
+    if jax.process_count() == 1:
+        return answer
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(answer)))
 
 
 def initialize(

@@ -27,11 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
-from jax.experimental import multihost_utils
 
 from jaxrm import storage
 from jaxrm.errors import UserError
+from jaxrm.train.distributed import process_0_says
 
 LOCK_FILE = "lock"
 RENEW_SECONDS = 20.0
@@ -47,10 +46,7 @@ class Held:
 
     def check(self) -> None:
         """Called by every process (process 0 holds the lock and tells the others)."""
-        lost = self.lost is not None
-        if jax.process_count() > 1:
-            lost = bool(multihost_utils.broadcast_one_to_all(np.int32(lost)))
-        if lost:
+        if process_0_says(self.lost is not None):
             raise UserError(
                 f"{storage.parent(self.path)} was taken over by "
                 f"{_describe(self.lost or {})} after this run's lease lapsed; this run stops "
@@ -70,10 +66,8 @@ def run_lock(run_dir: storage.PathLike) -> Iterator[Held]:
                 stack.enter_context(lock(held))
             except UserError as e:
                 refusal = e
-        if jax.process_count() > 1:
-            refused = multihost_utils.broadcast_one_to_all(np.int32(refusal is not None))
-            if refused and refusal is None:
-                raise UserError(f"{run_dir} is in use by another run (process 0 says why)")
+        if process_0_says(refusal is not None) and refusal is None:
+            raise UserError(f"{run_dir} is in use by another run (process 0 says why)")
         if refusal is not None:
             raise refusal
         yield held
