@@ -53,3 +53,16 @@ def gcs(tmp_path_factory):
     os.environ.update(emulator.env())
     yield emulator
     emulator.stop()
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    """(directory, tokenizer) of the training tests: a SentencePiece tokenizer trained on
+    generated text, train.jsonl (120 POLAR rows) and eval.jsonl (16) in the directory."""
+    from data_helpers import polar_rows, train_sentencepiece, write_jsonl
+
+    directory = tmp_path_factory.mktemp("train_data")
+    tokenizer = train_sentencepiece(directory)
+    write_jsonl(directory / "train.jsonl", polar_rows(120, seed=1))
+    write_jsonl(directory / "eval.jsonl", polar_rows(16, seed=2))
+    return directory, tokenizer

@@ -21,6 +21,7 @@ from data_helpers import (
     jaxrm_cli,
     polar_rows,
     sentence,
+    tiny_run,
     train_sentencepiece,
     write_jsonl,
 )
@@ -37,14 +38,6 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("cloud_data")
-    tokenizer = train_sentencepiece(directory)
-    write_jsonl(directory / "train.jsonl", polar_rows(120, seed=1))
-    return directory, tokenizer
-
-
-@pytest.fixture(scope="module")
 def bucket(gcs):
     """A bucket holding the training rows and the tokenizer, as a TPU run would read them."""
     return gcs.create_bucket("jaxrm-runs")
@@ -58,21 +51,16 @@ def upload(local: Path, url: str) -> str:
 def run_args(data, output_dir, *overrides):
     """`jaxrm train CONFIG` for the tiny preset on `data`, the config written beside the data."""
     directory, tokenizer = data
-    keys = [
+    keys = tiny_run(
+        directory / "train.jsonl",
+        tokenizer,
         f"output_dir={output_dir}",
-        f"data.train={directory / 'train.jsonl'}",
-        f"data.tokenizer={tokenizer}",
-        "data.reward_token=<|score|>",
-        "data.seq_len=128",
-        "train.batch_size=8",
         "model.preset=tiny",
-        "model.dtype=float32",
-        "optimizer.lr=3e-3",
         "train.log_every=1",
         "train.eval_every=0",
         "mesh.fsdp=1",
         *overrides,
-    ]
+    )
     config = directory / f"run-{abs(hash(tuple(keys)))}.yaml"
     config.write_text(dump_config(load_config(None, keys)))
     return ["train", str(config)]

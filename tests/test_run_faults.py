@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from data_helpers import jaxrm_cli, polar_rows, tiny_run, train_sentencepiece, write_jsonl
+from data_helpers import jaxrm_cli, tiny_run
 
 from jaxrm.checkpoint.loading import load_model
 from jaxrm.config import dump_config, load_config
@@ -29,14 +29,6 @@ def _namespaces_work() -> bool:
 needs_namespaces = pytest.mark.skipif(
     not _namespaces_work(), reason="user and mount namespaces are not allowed here"
 )
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("fault_data")
-    tokenizer = train_sentencepiece(directory)
-    write_jsonl(directory / "train.jsonl", polar_rows(120, seed=1))
-    return directory, tokenizer
 
 
 def write_config(data, path: Path, run_dir: Path, *overrides: str) -> Path:

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 import yaml
-from data_helpers import jaxrm_cli, polar_rows, tiny_run, train_sentencepiece, write_jsonl
+from data_helpers import jaxrm_cli, polar_rows, tiny_run, write_jsonl
 from flax import nnx
 
 from jaxrm.checkpoint.loading import find_checkpoint, load_model
@@ -26,15 +26,6 @@ from jaxrm.train.loop import train
 from jaxrm.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("train_data")
-    tokenizer = train_sentencepiece(directory)
-    write_jsonl(directory / "train.jsonl", polar_rows(120, seed=1))
-    write_jsonl(directory / "eval.jsonl", polar_rows(16, seed=2))
-    return directory, tokenizer
 
 
 def make_config(data, run_dir, *overrides):
