@@ -199,23 +199,18 @@ def test_generation_compiles_for_a_tpu_slice_with_splash_prefill():
             sharding = batch_sharding(mesh, config.mesh.rules, shape)
             return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)
 
-        def first_chunk(state, tokens, lengths, budgets, ids):
+        def first_chunk(state, tokens, lengths, budgets):
             rows = sampler._empty_rows(width + new, new)
-            seed = jnp.uint32(0)
-            where = jnp.arange(rows_n)
-            rows = sampler._insert(state, rows, where, tokens, lengths, budgets, ids, seed)
-            return sampler._decode(state, rows, jnp.asarray([2]), seed, sampler.DECODE_CHUNK)
+            settings = {k: v for k, v in sampler._settings_of(rows_n).items()}
+            prompts = {"where": jnp.arange(rows_n), "tokens": tokens, "length": lengths}
+            prompts |= {"budget": budgets, **settings, "temperature": jnp.ones(rows_n)}
+            rows = sampler._insert(state, rows, prompts, 64)
+            return sampler._decode(state, rows, sampler.DECODE_CHUNK, 64)
 
         with activation_sharding(mesh, config.mesh.rules):
             compiled = (
                 jax.jit(first_chunk)
-                .lower(
-                    sampler.state,
-                    batch(rows_n, width),
-                    batch(rows_n),
-                    batch(rows_n),
-                    batch(rows_n, 2),
-                )
+                .lower(sampler.state, batch(rows_n, width), batch(rows_n), batch(rows_n))
                 .compile()
             )
     model = config.model

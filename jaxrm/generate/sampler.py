@@ -3,17 +3,20 @@
     sampler = Sampler(loaded, mesh, Sampling(temperature=1.0, top_p=0.9, top_k=50), seed=0)
     done = sampler.generate(prompts, sample_ids, max_new_tokens=256, eos_ids={2})
     done[i].tokens, done[i].finish                 # ids up to and with EOS; "stop" | "length"
+    for finished in sampler.run(feed, cache_length, max_new_tokens): ...  # requests as they come
 
 `batch_size` rows share one KV cache. Waiting prompts are prefilled into free rows in one pass
 (the model's own attention over the padded prompts); then every row decodes one token per step
 inside a `lax.while_loop` of up to `DECODE_CHUNK` steps. Between chunks the host takes out the
-rows that met an EOS id or their token budget and refills them, so one long answer does not
-hold the others up. Three programs are compiled per prompt-length bucket: the empty rows, the
-prefill (per power-of-two count of prompts) and the decode chunk. Each row's randomness comes
-from (seed, prompt index, sample index, step) alone, so a sample does not depend on the rows
-it ran beside: in float32 a resumed run writes what an uninterrupted one would (tested). In
-bfloat16 another prompt-width bucket or prefill batch can change a logit's last bits, and with
-them, rarely, a draw.
+rows that met a stop id or their token budget and refills them, so one long answer does not
+hold the others up; `run` takes the new requests from a `Feed` there (`jaxrm serve-lm` feeds
+HTTP requests). Every row has its own sampling settings, stop ids and seed; a row's randomness
+comes from its seed and step alone (`generate` seeds sample j of prompt i with
+`sample_seed(seed, i, j)`), and its draw is over the whole vocabulary whatever its neighbours
+use, so a sample does not depend on the rows it ran beside: in float32 a resumed run writes
+what an uninterrupted one would, and a served sample equals the local one (tested). In bfloat16
+another prompt-width bucket or prefill batch can change a logit's last bits, and with them,
+rarely, a draw.
 
 Logits are processed as transformers' `generate` does: temperature, then top-k, then top-p
 (the smallest set of most likely tokens whose probability reaches p), then a draw; temperature
@@ -22,9 +25,10 @@ Logits are processed as transformers' `generate` does: temperature, then top-k, 
 
 import collections
 import dataclasses
+import hashlib
 import math
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +44,7 @@ from jaxrm.sharding import activation_sharding, batch_sharding, constrain
 
 Array = jax.Array
 CACHE_AXES = ("batch", None, "act_kv_heads", None)
+ROW_SETTINGS = ("seed", "temperature", "top_k", "top_p", "stops")
 MIN_PROMPT_BUCKET = 16
 
 
@@ -58,56 +63,102 @@ class Sampling:
             raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One completion to make: prompt token ids (BOS included), its budget, its own random
+    stream (`seed`, e.g. from `sample_seed`), how to draw, and stop ids besides none."""
+
+    ids: Sequence[int]
+    max_new_tokens: int
+    seed: int
+    sampling: Sampling
+    stop_ids: tuple[int, ...] = ()
+    watch: bool = False  # the feed's `cut` looks at this row's tokens after every chunk
+
+
 @dataclasses.dataclass
 class Generated:
-    tokens: list[int]  # the new tokens, the final EOS included when there is one
-    finish: str  # "stop" (an EOS id) or "length" (max_new_tokens or the model's context)
+    tokens: list[int]  # the new tokens, the final stop id included when there is one
+    finish: str  # "stop" (a stop id or the feed's cut) or "length" (budget or the context)
+
+
+class Feed(Protocol):
+    """Where `Sampler.run` takes its requests from, between decode chunks."""
+
+    def take(self, free: int, wait: bool) -> list[tuple[Any, Request]] | None:
+        """Up to `free` new (key, request) pairs; `wait`: nothing is running, so block until
+        there is one. None: there will be no more."""
+        ...
+
+    def cut(self, key: Any, tokens: list[int]) -> int | None:
+        """For a `watch`ed row: how many of its tokens so far to keep when it should end now
+        (a stop text was written), else None."""
+        ...
+
+
+def sample_seed(seed: int, prompt_index: int, sample: int) -> int:
+    """A sample's own 31-bit seed from (run seed, prompt index, sample index): what jaxrm's
+    sampler draws with, and what an endpoint is sent, so both can make the same sample."""
+    digest = hashlib.sha256(f"{seed}:{prompt_index}:{sample}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") >> 1
+
+
+def support_width(samplings: Iterable[Sampling], vocab: int) -> int:
+    """How the rows' draws find their top-k / top-p support, as a static width: -1 every row
+    greedy, 0 no row restricts, k the top-k ranked logits hold every row's support (the whole
+    vocabulary, a sort, once a row uses top-p without top-k)."""
+    drawn = [s for s in samplings if s.temperature > 0]
+    if not drawn:
+        return -1
+    if any(s.top_k == 0 and s.top_p < 1 for s in drawn):
+        return vocab
+    widest = max(s.top_k for s in drawn)
+    return 0 if widest == 0 else min(vocab, 2 ** math.ceil(math.log2(widest)))
+
+
+def restricted(logits: Array, temperature: Array, top_k: Array, top_p: Array, width: int) -> Array:
+    """[rows, vocab] logits after each row's temperature, with -inf outside its top-k / top-p
+    support, found among the `width` best (`support_width`): the smallest set of most likely
+    tokens whose probability reaches p, within the top k, as transformers' warpers do."""
+    scaled = logits.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    if width <= 0:
+        return scaled
+    ranked = jax.lax.top_k(scaled, width)[0]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, width), width)
+    ranked = jnp.where(jnp.arange(width)[None, :] < k[:, None], ranked, -jnp.inf)
+    probs = jax.nn.softmax(ranked, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    ranked = jnp.where((top_p[:, None] >= 1) | (mass_before < top_p[:, None]), ranked, -jnp.inf)
+    floor = jnp.where(jnp.isfinite(ranked), ranked, jnp.inf).min(axis=-1)
+    floor = jnp.where((top_k > 0) | (top_p < 1), floor, -jnp.inf)
+    return jnp.where(scaled >= floor[:, None], scaled, -jnp.inf)
 
 
 def restrict(logits: Array, sampling: Sampling) -> Array:
-    """[rows, vocab] logits after temperature, with -inf outside the top-k / top-p support."""
-    logits = logits.astype(jnp.float32) / sampling.temperature
-    if sampling.top_k:
-        ranked = jax.lax.top_k(logits, min(sampling.top_k, logits.shape[-1]))[0]
-    elif sampling.top_p < 1:
-        ranked = -jnp.sort(-logits, axis=-1)
-    else:
-        return logits
-    ranked = _nucleus(ranked, sampling.top_p)
-    floor = jnp.where(jnp.isfinite(ranked), ranked, jnp.inf).min(axis=-1, keepdims=True)
-    return jnp.where(logits >= floor, logits, -jnp.inf)
+    """`restricted` with one sampling for every row."""
+    rows, vocab = logits.shape
+    full = lambda value, dtype: jnp.full(rows, value, dtype)  # noqa: E731
+    return restricted(
+        logits,
+        full(sampling.temperature or 1.0, jnp.float32),
+        full(sampling.top_k, jnp.int32),
+        full(sampling.top_p, jnp.float32),
+        max(0, support_width([dataclasses.replace(sampling, temperature=1.0)], vocab)),
+    )
 
 
-def _nucleus(ranked: Array, top_p: float) -> Array:
-    """Logits sorted high to low, -inf past the top-p set (of these, as transformers does)."""
-    if top_p >= 1:
-        return ranked
-    probs = jax.nn.softmax(ranked, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    return jnp.where(mass_before < top_p, ranked, -jnp.inf)
-
-
-def choose(logits: Array, keys: Array, sampling: Sampling) -> Array:
-    """One token per row: argmax when greedy, else a draw from the restricted distribution.
-
-    With top-k the draw is among the k ranked logits alone: the same distribution as over the
-    masked vocabulary, without random noise for every vocabulary entry (3x faster per step)."""
-    if sampling.temperature == 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    draw = jax.vmap(jax.random.categorical)
-    if not sampling.top_k:
-        return draw(keys, restrict(logits, sampling)).astype(jnp.int32)
-    scaled = logits.astype(jnp.float32) / sampling.temperature
-    ranked, ids = jax.lax.top_k(scaled, min(sampling.top_k, logits.shape[-1]))
-    picked = draw(keys, _nucleus(ranked, sampling.top_p))
-    return jnp.take_along_axis(ids, picked[:, None], axis=-1)[:, 0].astype(jnp.int32)
-
-
-def row_keys(seed: Array, sample_ids: Array) -> Array:
-    """A key per row from (seed, prompt index, sample index): [rows] typed keys."""
-    base = jax.random.key(seed)
-    fold = lambda ids: jax.random.fold_in(jax.random.fold_in(base, ids[0]), ids[1])  # noqa: E731
-    return jax.vmap(fold)(sample_ids)
+def choose(
+    logits: Array, keys: Array, temperature: Array, top_k: Array, top_p: Array, width: int
+) -> Array:
+    """One token per row: argmax for greedy rows, else a draw from the row's restricted
+    distribution over the whole vocabulary, so a row's draw never depends on its neighbours'
+    settings (they only change `width`)."""
+    best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if width < 0:
+        return best
+    support = restricted(logits, temperature, top_k, top_p, width)
+    drawn = jax.vmap(jax.random.categorical)(keys, support).astype(jnp.int32)
+    return jnp.where(temperature > 0, drawn, best)
 
 
 def cached_attention(
@@ -189,17 +240,20 @@ class Sampler:
     """A loaded causal LM on `mesh` that completes token prompts with continuous batching.
 
     `batch_size` rows decode together. The decode loop runs on the device `DECODE_CHUNK` steps at
-    a time; between chunks the host collects the rows that met an EOS or their budget and
-    prefills waiting prompts into their rows, so a long answer does not hold up the others.
+    a time; between chunks the host collects the rows that met a stop id or their budget and
+    prefills waiting prompts into their rows, so a long answer does not hold up the others. Each
+    row carries its own sampling settings, seed and stop ids (`Request`); `sampling` and `seed`
+    are what `generate` and `completions` use for all of theirs.
     """
 
     DECODE_CHUNK = 32
+    STOP_SLOTS = 16
 
     def __init__(
         self,
         loaded: Loaded,
         mesh: Mesh,
-        sampling: Sampling,
+        sampling: Sampling = Sampling(),
         seed: int = 0,
         batch_size: int = 32,
         vocab_limit: int | None = None,
@@ -217,18 +271,22 @@ class Sampler:
         self.batch_size = -(-max(batch_size, 1) // self.row_multiple) * self.row_multiple
         self.graphdef, self.state = nnx.split(loaded.model)
         self.empty_rows = jax.jit(self._empty_rows, static_argnums=(0, 1))
-        self.insert = jax.jit(self._insert, donate_argnums=(1,))
-        self.decode = jax.jit(self._decode, static_argnums=(4,), donate_argnums=(1,))
+        self.insert = jax.jit(self._insert, static_argnums=(3,), donate_argnums=(1,))
+        self.decode = jax.jit(self._decode, static_argnums=(2, 3), donate_argnums=(1,))
+        self.end = jax.jit(self._end, donate_argnums=(0,))
 
     @property
     def max_positions(self) -> int:
         return self.config.max_position_embeddings
 
-    def _next_token(self, logits: Array, keys: Array, steps: Array) -> Array:
-        """Each row's token number `steps`, drawn with its key from `row_keys`."""
+    def _next_token(self, logits: Array, rows: dict[str, Any], steps: Array, width: int) -> Array:
+        """Each row's token number `steps`, drawn with the row's own seed and settings."""
         if self.vocab_limit is not None:  # ids past the tokenizer's (padded vocabularies)
             logits = jnp.where(jnp.arange(logits.shape[-1]) < self.vocab_limit, logits, -jnp.inf)
-        return choose(logits, jax.vmap(jax.random.fold_in)(keys, steps), self.sampling)
+        keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.key(seed), step))(
+            rows["seed"], steps
+        )
+        return choose(logits, keys, rows["temperature"], rows["top_k"], rows["top_p"], width)
 
     def _empty_rows(self, length: int, max_new: int) -> dict[str, Any]:
         """Every row done, with a zero KV cache of `length` positions."""
@@ -245,48 +303,52 @@ class Sampler:
             "count": ints(),
             "budget": ints(),
             "done": jnp.ones(rows, bool),
-            "ids": jnp.zeros((rows, 2), jnp.int32),
             "out": jnp.zeros((rows, max_new), jnp.int32),
+            **self._settings_of(rows),
+        }
+
+    def _settings_of(self, rows: int) -> dict[str, Any]:
+        return {
+            "seed": jnp.zeros(rows, jnp.uint32),
+            "temperature": jnp.zeros(rows, jnp.float32),
+            "top_k": jnp.zeros(rows, jnp.int32),
+            "top_p": jnp.ones(rows, jnp.float32),
+            "stops": jnp.full((rows, self.STOP_SLOTS), -1, jnp.int32),
         }
 
     def _insert(
         self,
         state: Any,
         rows: dict[str, Any],
-        where: Array,
-        tokens: Array,
-        lengths: Array,
-        budgets: Array,
-        ids: Array,
-        seed: Array,
+        new: dict[str, Array],
+        width: int,
     ) -> dict[str, Any]:
-        """Prefills prompts [m, width] into rows `where` (an index past the last row: none)."""
+        """Prefills prompts `new["tokens"]` [m, prompt width] into rows `new["where"]` (an index
+        past the last row: none), with their budgets and settings."""
         model = nnx.merge(self.graphdef, state)
+        tokens, lengths, where = new["tokens"], new["length"], new["where"]
         logits, new_cache = prefill(model, tokens, lengths)
-        first = self._next_token(logits, row_keys(seed, ids), jnp.zeros_like(lengths))
-        width = tokens.shape[1]
+        first = self._next_token(logits, new, jnp.zeros_like(lengths), width)
         put = lambda x, value: x.at[where].set(value, mode="drop")  # noqa: E731
+        settings = {key: put(rows[key], new[key]) for key in ROW_SETTINGS}
         return {
             "cache": tuple(
-                c.at[:, where, :width].set(n, mode="drop")
+                c.at[:, where, : tokens.shape[1]].set(n, mode="drop")
                 for c, n in zip(rows["cache"], new_cache, strict=True)
             ),
             "token": put(rows["token"], first),
             "length": put(rows["length"], lengths),
             "count": put(rows["count"], 0),
-            "budget": put(rows["budget"], budgets),
-            "done": put(rows["done"], budgets <= 0),
-            "ids": put(rows["ids"], ids),
+            "budget": put(rows["budget"], new["budget"]),
+            "done": put(rows["done"], new["budget"] <= 0),
             "out": put(rows["out"], 0),
+            **settings,
         }
 
-    def _decode(
-        self, state: Any, rows: dict[str, Any], eos_ids: Array, seed: Array, steps: int
-    ) -> dict[str, Any]:
+    def _decode(self, state: Any, rows: dict[str, Any], steps: int, width: int) -> dict[str, Any]:
         """Up to `steps` tokens for every unfinished row (fewer once all are done)."""
         model = nnx.merge(self.graphdef, state)
         every = jnp.arange(self.batch_size)
-        keys = row_keys(seed, rows["ids"])  # the rows do not change within a chunk
 
         def one_token(carry: tuple[Array, dict]) -> tuple[Array, dict]:
             step, r = carry
@@ -298,10 +360,10 @@ class Sampler:
                 .set(r["token"], mode="drop")
             )
             count = r["count"] + live
-            ended = jnp.isin(r["token"], eos_ids) | (count >= r["budget"])
-            done = r["done"] | (live & ended)
+            stopped = (r["token"][:, None] == r["stops"]).any(axis=-1)
+            done = r["done"] | (live & (stopped | (count >= r["budget"])))
             logits, cache = decode_step(model, r["token"], r["length"] + count - 1, r["cache"])
-            token = jnp.where(done, r["token"], self._next_token(logits, keys, count))
+            token = jnp.where(done, r["token"], self._next_token(logits, r, count, width))
             return step + 1, {
                 **r,
                 "cache": cache,
@@ -317,6 +379,10 @@ class Sampler:
 
         return jax.lax.while_loop(unfinished, one_token, (jnp.int32(0), rows))[1]
 
+    def _end(self, rows: dict[str, Any], ended: Array) -> dict[str, Any]:
+        """Rows `ended` [rows] bool marked done, with the tokens they have."""
+        return {**rows, "done": rows["done"] | ended}
+
     def generate(
         self,
         prompts: Sequence[Sequence[int]],
@@ -325,7 +391,7 @@ class Sampler:
         eos_ids: Sequence[int],
     ) -> list[Generated]:
         """Completes each prompt (token ids, BOS included) once; `sample_ids[i]` is its (prompt
-        index, sample index), which alone fixes its randomness."""
+        index, sample index), which with the seed alone fixes its randomness (`sample_seed`)."""
         done: dict[int, Generated] = {}
         for finished in self.completions(prompts, sample_ids, max_new_tokens, eos_ids):
             done.update(finished)
@@ -342,68 +408,128 @@ class Sampler:
         decode chunk."""
         if not prompts:
             return
-        width = round_up(max(len(p) for p in prompts), MIN_PROMPT_BUCKET)
         # No row goes past the model's context: neither need the cache and the output buffer.
         max_new_tokens = max(1, min(max_new_tokens, self.max_positions - min(map(len, prompts))))
+        width = round_up(max(len(p) for p in prompts), MIN_PROMPT_BUCKET)
         cache_length = max(width, min(width + max_new_tokens, self.max_positions))
-        stops = jnp.asarray(sorted(set(eos_ids)) or [-1], jnp.int32)
-        seed = jnp.uint32(self.seed)
-        waiting = collections.deque(range(len(prompts)))
+        stops = tuple(sorted(set(eos_ids)))
+        requests = [
+            Request(p, max_new_tokens, sample_seed(self.seed, *ids), self.sampling, stops)
+            for p, ids in zip(prompts, sample_ids, strict=True)
+        ]
+        yield from self.run(_Queue(requests), cache_length, max_new_tokens, width)
+
+    def run(
+        self, feed: Feed, cache_length: int, max_new_tokens: int, width: int | None = None
+    ) -> Iterator[list[tuple[Any, Generated]]]:
+        """Completes what `feed` gives, in rows of a KV cache of `cache_length` positions,
+        yielding (key, completion) as rows finish, a list per decode chunk, until the feed has
+        no more. Prompts are padded to `width`, or to a power-of-two bucket of each prefill's
+        longest; no answer grows past `max_new_tokens`."""
         free = collections.deque(range(self.batch_size))
-        running: dict[int, int] = {}  # row -> prompt number
+        running: dict[int, tuple[Any, Request]] = {}  # row -> what it answers
+        vocab = self.vocab_limit or self.config.vocab_size
         with activation_sharding(self.mesh, self.rules):
             rows = self.empty_rows(cache_length, max_new_tokens)
-            while waiting or running:
-                if waiting and free:
-                    taken = [
-                        (free.popleft(), waiting.popleft())
-                        for _ in range(min(len(free), len(waiting)))
-                    ]
-                    rows = self._fill(rows, taken, prompts, sample_ids, width, max_new_tokens, seed)
-                    running.update(taken)
-                rows = self.decode(self.state, rows, stops, seed, self.DECODE_CHUNK)
-                done = np.asarray(rows["done"])
-                ended = [row for row in running if done[row]]
-                if not ended:
+            while True:
+                taken = feed.take(len(free), not running) if free else []
+                if taken is None and not running:
+                    return
+                if taken:
+                    placed = [(free.popleft(), item) for item in taken]
+                    rows = self._fill(rows, placed, width, cache_length, max_new_tokens, vocab)
+                    running.update(placed)
+                if not running:
                     continue
-                out, counts = np.asarray(rows["out"]), np.asarray(rows["count"])
-                finished = []
-                for row in ended:
-                    new = out[row, : counts[row]].tolist()
-                    stop = "stop" if new and new[-1] in eos_ids else "length"
-                    finished.append((running.pop(row), Generated(new, stop)))
-                    free.append(row)
-                yield finished
+                settings = [request.sampling for _, request in running.values()]
+                rows = self.decode(
+                    self.state, rows, self.DECODE_CHUNK, support_width(settings, vocab)
+                )
+                finished, rows = self._collect(rows, running, feed)
+                free.extend(row for row, _ in finished)
+                if finished:
+                    yield [result for _, result in finished]
+
+    def _collect(
+        self, rows: dict[str, Any], running: dict[int, tuple[Any, Request]], feed: Feed
+    ) -> tuple[list[tuple[int, tuple[Any, Generated]]], dict[str, Any]]:
+        """The rows that finished (met a stop id, their budget, or the feed's cut), taken out
+        of `running`, with their completions."""
+        done = np.asarray(rows["done"])
+        watched = [row for row, (_, request) in running.items() if request.watch and not done[row]]
+        ended = [row for row in running if done[row]]
+        if not ended and not watched:
+            return [], rows
+        out, counts = np.asarray(rows["out"]), np.asarray(rows["count"])
+        finished = []
+        for row in ended:
+            key, request = running.pop(row)
+            new = out[row, : counts[row]].tolist()
+            stop = "stop" if new and new[-1] in request.stop_ids else "length"
+            finished.append((row, (key, Generated(new, stop))))
+        cut = np.zeros(self.batch_size, bool)
+        for row in watched:
+            key, _ = running[row]
+            keep = feed.cut(key, out[row, : counts[row]].tolist())
+            if keep is not None:
+                del running[row]
+                cut[row] = True
+                finished.append((row, (key, Generated(out[row, :keep].tolist(), "stop"))))
+        if cut.any():
+            rows = self.end(rows, jnp.asarray(cut))
+        return finished, rows
 
     def _fill(
         self,
         rows: dict[str, Any],
-        taken: list[tuple[int, int]],
-        prompts: Sequence[Sequence[int]],
-        sample_ids: Sequence[tuple[int, int]],
-        width: int,
+        placed: list[tuple[int, tuple[Any, Request]]],
+        width: int | None,
+        cache_length: int,
         max_new_tokens: int,
-        seed: Array,
+        vocab: int,
     ) -> dict[str, Any]:
-        count = _bucket(len(taken), self.row_multiple, self.batch_size)
-        where = np.full(count, self.batch_size, np.int32)  # past the last row: dropped
-        tokens = np.zeros((count, width), np.int32)
-        lengths = np.ones(count, np.int32)
-        budgets = np.zeros(count, np.int32)
-        ids = np.zeros((count, 2), np.int32)
-        for i, (row, number) in enumerate(taken):
-            prompt = prompts[number]
-            where[i], tokens[i, : len(prompt)], lengths[i] = row, prompt, len(prompt)
-            budgets[i] = min(max_new_tokens, self.max_positions - len(prompt))
-            ids[i] = sample_ids[number]
+        requests = [request for _, (_, request) in placed]
+        longest = max(len(r.ids) for r in requests)
+        width = width or _bucket(longest, MIN_PROMPT_BUCKET, cache_length)
+        count = _bucket(len(placed), self.row_multiple, self.batch_size)
+        new = {
+            "where": np.full(count, self.batch_size, np.int32),  # past the last row: dropped
+            "tokens": np.zeros((count, width), np.int32),
+            "length": np.ones(count, np.int32),
+            "budget": np.zeros(count, np.int32),
+            **{k: np.array(v) for k, v in self._settings_of(count).items()},
+        }
+        for i, (row, (_, request)) in enumerate(placed):
+            prompt, stops = request.ids, request.stop_ids
+            if len(stops) > self.STOP_SLOTS:
+                raise UserError(f"at most {self.STOP_SLOTS} stop ids, got {len(stops)}")
+            new["where"][i], new["tokens"][i, : len(prompt)], new["length"][i] = (
+                row,
+                prompt,
+                len(prompt),
+            )
+            room = max(0, min(self.max_positions, cache_length) - len(prompt))
+            new["budget"][i] = min(request.max_new_tokens, max_new_tokens, room)
+            new["seed"][i] = request.seed
+            new["temperature"][i] = request.sampling.temperature
+            new["top_k"][i] = request.sampling.top_k
+            new["top_p"][i] = request.sampling.top_p
+            new["stops"][i, : len(stops)] = stops
         put = lambda x: jax.device_put(x, batch_sharding(self.mesh, self.rules, x.shape))  # noqa: E731
-        return self.insert(
-            self.state,
-            rows,
-            jnp.asarray(where),
-            put(tokens),
-            put(lengths),
-            put(budgets),
-            put(ids),
-            seed,
-        )
+        plan = support_width([r.sampling for r in requests], vocab)
+        return self.insert(self.state, rows, {k: put(v) for k, v in new.items()}, plan)
+
+
+class _Queue:
+    """A fixed list of requests as a `Feed`: keyed by their place in it."""
+
+    def __init__(self, requests: Sequence[Request]):
+        self.waiting = collections.deque(enumerate(requests))
+
+    def take(self, free: int, wait: bool) -> list[tuple[Any, Request]] | None:
+        if not self.waiting:
+            return None
+        return [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
+
+    def cut(self, key: Any, tokens: list[int]) -> int | None:
+        return None

@@ -27,15 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from jaxrm.http_server import RequestError
+
 Input = str | list[int]
-
-
-class RequestError(Exception):
-    """A request the client must change: answered with `status` and the message."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status, self.message = status, message
 
 
 @dataclass

@@ -38,12 +38,8 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
-import hmac
-import json
 import os
 import queue
-import signal
-import socket
 import sys
 import threading
 import time
@@ -52,21 +48,25 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
-import uvicorn
 from tqdm import tqdm
 
 from jaxrm.errors import UserError
+from jaxrm.http_server import (
+    TOKEN_ENV,
+    App,
+    Limits,
+    Metrics,
+    RequestError,
+    check_bearer,
+    check_exposure,
+    listen,
+    serve_forever,
+)
 from jaxrm.scoring import protocols
-from jaxrm.scoring.protocols import RequestError, Scored
+from jaxrm.scoring.protocols import Scored
 from jaxrm.scoring.scorer import Groups, Row, Scorer, add_scorer_options, open_scorer
 from jaxrm.storage import add_compile_cache_option, use_compile_cache
-
-TOKEN_ENV = "JAXRM_SERVE_TOKEN"
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-DRAIN_BYTES = 256 * 2**20  # read of an oversized body before answering 413, at most
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 @dataclasses.dataclass
@@ -186,79 +186,6 @@ class Batcher:
         self.counts["largest_batch"] = max(self.counts["largest_batch"], len(rows))
 
 
-@dataclasses.dataclass
-class Limits:
-    max_items: int = 1024
-    max_body_bytes: int = 32 * 2**20
-    request_timeout: float = 300.0
-
-
-class Metrics:
-    """Counters for /metrics in Prometheus' text format, and the XLA compiles of this process."""
-
-    def __init__(self) -> None:
-        self.requests: dict[tuple[str, int], int] = {}
-        self.latency_counts = [0] * len(LATENCY_BUCKETS)
-        self.latency_sum, self.latency_total = 0.0, 0
-        self.compiles = 0
-        self._lock = threading.Lock()
-        jax.monitoring.register_event_duration_secs_listener(self._on_event)
-
-    def _on_event(self, event: str, seconds: float, **_: Any) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
-            with self._lock:
-                self.compiles += 1
-
-    def observe(self, path: str, status: int, seconds: float) -> None:
-        with self._lock:
-            key = (path, status)
-            self.requests[key] = self.requests.get(key, 0) + 1
-            self.latency_sum += seconds
-            self.latency_total += 1
-            for i, bound in enumerate(LATENCY_BUCKETS):
-                if seconds <= bound:
-                    self.latency_counts[i] += 1
-
-    def render(self, batcher: Batcher, scorer: Scorer, truncated: int, added: int) -> str:
-        lines = [
-            "# HELP jaxrm_requests_total HTTP requests answered, by path and status.",
-            "# TYPE jaxrm_requests_total counter",
-        ]
-        with self._lock:
-            for (path, status), n in sorted(self.requests.items()):
-                lines.append(f'jaxrm_requests_total{{path="{path}",status="{status}"}} {n}')
-            lines += [
-                "# HELP jaxrm_request_seconds Time from a request's arrival to its reply.",
-                "# TYPE jaxrm_request_seconds histogram",
-            ]
-            for bound, n in zip(LATENCY_BUCKETS, self.latency_counts, strict=True):
-                lines.append(f'jaxrm_request_seconds_bucket{{le="{bound}"}} {n}')
-            lines.append(f'jaxrm_request_seconds_bucket{{le="+Inf"}} {self.latency_total}')
-            lines.append(f"jaxrm_request_seconds_sum {self.latency_sum}")
-            lines.append(f"jaxrm_request_seconds_count {self.latency_total}")
-            compiles = self.compiles
-        counters = {
-            "jaxrm_sequences_total": ("sequences scored", batcher.counts["sequences"]),
-            "jaxrm_batches_total": ("batches run on the model", batcher.counts["batches"]),
-            "jaxrm_tokens_total": ("tokens scored, padding excluded", scorer.counts.tokens),
-            "jaxrm_padded_tokens_total": ("tokens computed", scorer.counts.padded_tokens),
-            "jaxrm_truncated_total": ("inputs longer than data.max_length", truncated),
-            "jaxrm_reward_token_added_total": ("inputs the reward token was appended to", added),
-            "jaxrm_xla_compiles_total": (
-                "XLA compiles in this process (0 after start-up)",
-                compiles,
-            ),
-        }
-        for name, (help_text, value) in counters.items():
-            lines += [f"# HELP {name} {help_text}.", f"# TYPE {name} counter", f"{name} {value}"]
-        lines += [
-            "# HELP jaxrm_waiting_requests Requests queued for the batcher.",
-            "# TYPE jaxrm_waiting_requests gauge",
-            f"jaxrm_waiting_requests {batcher.jobs.qsize()}",
-        ]
-        return "\n".join(lines) + "\n"
-
-
 class RewardService:
     """What the endpoints do, apart from HTTP."""
 
@@ -294,10 +221,7 @@ class RewardService:
         }
 
     def authorize(self, header: str | None) -> None:
-        if self.token is None:
-            return
-        if not hmac.compare_digest((header or "").encode(), f"Bearer {self.token}".encode()):
-            raise RequestError(401, "missing or wrong bearer token (header Authorization)")
+        check_bearer(self.token, header)
 
     # --- endpoints ------------------------------------------------------------------------
 
@@ -416,9 +340,20 @@ class RewardService:
         }
 
     def metrics_text(self) -> str:
-        return self.metrics.render(
-            self.batcher, self.scorer, self.truncated, self.reward_token_added
-        )
+        batcher, scorer = self.batcher, self.scorer
+        counters = {
+            "jaxrm_sequences_total": ("sequences scored", batcher.counts["sequences"]),
+            "jaxrm_batches_total": ("batches run on the model", batcher.counts["batches"]),
+            "jaxrm_tokens_total": ("tokens scored, padding excluded", scorer.counts.tokens),
+            "jaxrm_padded_tokens_total": ("tokens computed", scorer.counts.padded_tokens),
+            "jaxrm_truncated_total": ("inputs longer than data.max_length", self.truncated),
+            "jaxrm_reward_token_added_total": (
+                "inputs the reward token was appended to",
+                self.reward_token_added,
+            ),
+        }
+        waiting = ("Requests queued for the batcher", batcher.jobs.qsize())
+        return self.metrics.render(counters, {"jaxrm_waiting_requests": waiting})
 
     # --- shared steps ---------------------------------------------------------------------
 
@@ -484,130 +419,6 @@ class RewardService:
         return scored
 
 
-class App:
-    """The ASGI application: routing, bodies within limits, JSON in and out."""
-
-    def __init__(self, service: RewardService):
-        self.service = service
-        self.routes = service.routes()
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
-            return
-        if scope["type"] != "http":
-            return
-        started = time.perf_counter()
-        path = scope["path"].rstrip("/") or "/"
-        status, payload, content_type = await self._answer(scope, receive, path)
-        headers = [(b"content-type", content_type.encode())]
-        if status == 401:
-            headers.append((b"www-authenticate", b"Bearer"))
-        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        headers.append((b"content-length", str(len(body)).encode()))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-        known = path if path in self.routes else "other"
-        self.service.metrics.observe(known, status, time.perf_counter() - started)
-
-    async def _answer(self, scope: dict, receive: Callable, path: str) -> tuple[int, Any, str]:
-        service, json_type = self.service, "application/json"
-        try:
-            if path not in self.routes:
-                raise RequestError(404, f"no endpoint {path}; use {', '.join(self.routes)}")
-            allowed, action = self.routes[path]
-            if scope["method"] != allowed:
-                raise RequestError(405, f"{path} takes {allowed}")
-            if path == "/health":
-                return 200, service.health(), json_type
-            if path == "/metrics":
-                return 200, service.metrics_text().encode(), "text/plain; version=0.0.4"
-            headers = dict(scope["headers"])
-            service.authorize(headers.get(b"authorization", b"").decode("latin-1") or None)
-            assert action is not None
-            body = await self._body(headers, receive) if allowed == "POST" else {}
-            return 200, await action(body), json_type
-        except RequestError as e:
-            return e.status, {"error": e.message}, json_type
-        except Exception as e:
-            traceback.print_exc()
-            return 500, {"error": f"internal error: {type(e).__name__}: {e}"}, json_type
-
-    async def _body(self, headers: dict[bytes, bytes], receive: Callable) -> dict:
-        limit = self.service.limits.max_body_bytes
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            # Read (and drop) what the client sends, up to a bound, so that it gets to read the
-            # 413 instead of a broken pipe while it is still writing.
-            await _drain(receive, min(int(declared), DRAIN_BYTES))
-            raise RequestError(413, f"body of {int(declared)} bytes; at most {limit}")
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise RequestError(400, "the client went away before sending its body")
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > limit:
-                raise RequestError(413, f"body of more than {limit} bytes; at most {limit}")
-            if not message.get("more_body", False):
-                break
-        return parse_body(b"".join(chunks))
-
-
-def parse_body(raw: bytes) -> dict:
-    """A request body as a JSON object of text a tokenizer can take, or a 400 saying why not."""
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RequestError(400, f"body is not valid JSON: {e}") from None
-    except RecursionError:
-        raise RequestError(400, "body is not valid JSON: nested too deeply") from None
-    if not isinstance(body, dict):
-        raise RequestError(400, "body must be a JSON object")
-    try:  # JSON's \ud800 escapes decode to lone surrogates, which are not text
-        json.dumps(body, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise RequestError(400, f"body holds a lone surrogate ({e.object[e.start]!r})") from None
-    return body
-
-
-async def _drain(receive: Callable, limit: int) -> None:
-    size = 0
-    while size < limit:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
-        size += len(message.get("body", b""))
-        if not message.get("more_body", False):
-            return
-
-
-async def _lifespan(receive: Callable, send: Callable) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
-
-
-def listen(host: str, port: int, backlog: int) -> socket.socket:
-    """The server's socket, bound and listening before the model loads, so a port in use is
-    reported at once; connections that arrive while it compiles wait in the backlog."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        raise UserError(f"cannot listen on {host}:{port}: {e.strerror}") from None
-    sock.listen(backlog)
-    return sock
-
-
 def cmd_serve(args: argparse.Namespace) -> None:
     positive = (args.max_batch, args.max_items, args.max_body_mb, args.request_timeout)
     if min(positive) <= 0 or args.max_queue <= 0 or args.backlog <= 0:
@@ -618,11 +429,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.max_wait_ms < 0:
         raise UserError("--max-wait-ms must be >= 0")
     token = args.token or os.environ.get(TOKEN_ENV) or None
-    if args.host not in LOOPBACK and token is None and not args.allow_unauthenticated:
-        raise UserError(
-            f"listening on {args.host} without a token lets anyone who can reach it use the "
-            f"model; set --token or {TOKEN_ENV}, or pass --allow-unauthenticated"
-        )
+    check_exposure(args.host, token, args.allow_unauthenticated)
     sock = listen(args.host, args.port, args.backlog)
     use_compile_cache(args.compile_cache)
     scorer = open_scorer(args)
@@ -635,23 +442,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     limits = Limits(args.max_items, int(args.max_body_mb * 2**20), args.request_timeout)
     name = args.served_model_name or Path(args.checkpoint).absolute().name
     service = RewardService(scorer, batcher, limits, token, name, args.pooling)
-    config = uvicorn.Config(
-        App(service),
-        backlog=args.backlog,
-        timeout_keep_alive=60,
-        log_level="warning",
-        access_log=False,
-        lifespan="on",
-    )
-    server = uvicorn.Server(config)
     host, port = sock.getsockname()[:2]
     print(f"jaxrm serve: {scorer.objective} reward model on http://{host}:{port}", flush=True)
-    # uvicorn stops gracefully on SIGTERM / SIGINT and then raises the signal again for the
-    # handler it found: make that one a no-op, so a requested stop exits 0.
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: None)
     try:
-        server.run(sockets=[sock])
+        serve_forever(App(service), sock, args.backlog)
     finally:
         batcher.stop()
     print("jaxrm serve: stopped", flush=True)
