@@ -9,6 +9,7 @@ from jaxrm.data import codepmp_pairs, polar_triples, prefixes, toy
 from jaxrm.demo import add_command as add_demo_command
 from jaxrm.errors import UserError
 from jaxrm.generate import codepmp, polar_pool
+from jaxrm.generate.lm_server import add_command as add_serve_lm_command
 from jaxrm.generate.trajectories import add_command as add_generate_command
 from jaxrm.scoring.evaluate import add_commands as add_eval_commands
 from jaxrm.scoring.scorer import add_command as add_score_command
@@ -271,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_commands(commands)
     add_score_command(commands)
     add_serve_command(commands)
+    add_serve_lm_command(commands)
     add_generate_command(commands)
     add_plot_command(commands)
     add_scaling_command(commands)

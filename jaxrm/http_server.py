@@ -6,9 +6,12 @@ A service (`jaxrm serve`'s rewards, `jaxrm serve-lm`'s completions) gives `route
 `metrics_text()`, `metrics` (a `Metrics`) and `limits` (a `Limits`).
 """
 
+import argparse
+import asyncio
 import dataclasses
 import hmac
 import json
+import os
 import signal
 import socket
 import threading
@@ -103,6 +106,25 @@ class Metrics:
         for name, (help_text, value) in gauges.items():
             lines += [f"# HELP {name} {help_text}.", f"# TYPE {name} gauge", f"{name} {value}"]
         return "\n".join(lines) + "\n"
+
+
+def settle(
+    loop: asyncio.AbstractEventLoop,
+    future: asyncio.Future,
+    result: Any = None,
+    error: BaseException | None = None,
+) -> None:
+    """Sets `future` (of `loop`) from another thread, unless it was given up (timed out)."""
+
+    def set_it() -> None:
+        if future.done():
+            return
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+    loop.call_soon_threadsafe(set_it)
 
 
 class Service(Protocol):
@@ -283,3 +305,30 @@ def listen(host: str, port: int, backlog: int) -> socket.socket:
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror}") from None
     sock.listen(backlog)
     return sock
+
+
+def add_listen_options(parser: argparse.ArgumentParser) -> None:
+    """Where a server listens and who may call it: the options `serve` and `serve-lm` share."""
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    parser.add_argument("--max-body-mb", type=float, default=32.0, help="request body, at most")
+    parser.add_argument(
+        "--backlog", type=int, default=2048, help="connections waiting to be accepted, at most"
+    )
+    parser.add_argument(
+        "--token", help=f"require 'Authorization: Bearer TOKEN' (or set {TOKEN_ENV})"
+    )
+    parser.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="listen on an address other than loopback without a token",
+    )
+
+
+def open_listener(args: argparse.Namespace) -> tuple[socket.socket, str | None]:
+    """The listening socket of `add_listen_options`' settings, and the token to require."""
+    if args.max_body_mb <= 0 or args.backlog <= 0:
+        raise UserError("--max-body-mb and --backlog must be > 0")
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+    check_exposure(args.host, token, args.allow_unauthenticated)
+    return listen(args.host, args.port, args.backlog), token

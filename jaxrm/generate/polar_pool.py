@@ -15,6 +15,12 @@ POOL.yaml (paths relative to the file):
       - {name: llama3-8b, model: /models/llama3-8b}
       - {name: qwen2-7b, model: /models/qwen2-7b, overrides: [model.dtype=float32],
          sampling: {temperature: 0.8}}
+      - {name: internlm2-20b, endpoint: {url: "http://10.0.0.5:8000/v1", engine: vllm,
+                                         concurrency: 32}}
+
+A policy is a local model (`model`: loaded here, one at a time) or an OpenAI-compatible endpoint
+(`endpoint`: vLLM, SGLang, lmdeploy or `jaxrm serve-lm`; keys and guarantees in
+jaxrm/generate/endpoint.py), sampled with the same settings and per-sample seeds.
 
 For each prompt two different policies are drawn (seeded): A samples it twice, B once, as the
 POLAR rule needs (METHODS.md, section 1). Each policy then runs once over all the prompts it was

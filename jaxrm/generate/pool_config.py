@@ -16,8 +16,9 @@ import yaml
 
 from jaxrm.checkpoint.loading import find_checkpoint
 from jaxrm.errors import UserError
+from jaxrm.generate.endpoint import Endpoint, EndpointPolicy
 from jaxrm.generate.sampler import Sampling
-from jaxrm.generate.trajectories import generate_file, make_jobs, open_model
+from jaxrm.generate.trajectories import LocalPolicy, generate_file, make_jobs, open_model
 
 Row = dict[str, Any]
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -63,7 +64,8 @@ class ModelEntry:
     """One model of a pool: where it is and how to sample from it."""
 
     name: str
-    model: str
+    model: str | None  # a local model, or
+    endpoint: Endpoint | None  # a served one
     overrides: list[str]
     tokenizer: str | None
     sampling: Sampling
@@ -75,16 +77,21 @@ class ModelEntry:
         cls, entry: Any, where: str, base: Path, defaults: Row, name: str | None = None
     ) -> "ModelEntry":
         if not isinstance(entry, dict):
-            raise UserError(f"{where}: must be a mapping with at least 'model'")
-        known = {"name", "model", "overrides", "tokenizer", "sampling", "template"}
+            raise UserError(f"{where}: must be a mapping with 'model' or 'endpoint'")
+        known = {"name", "model", "endpoint", "overrides", "tokenizer", "sampling", "template"}
         unknown = sorted(set(entry) - known)
         if unknown:
             raise UserError(
                 f"{where}: unknown key '{unknown[0]}' (known: {', '.join(sorted(known))})"
             )
-        for key in ("model",) if name else ("name", "model"):
+        if ("model" in entry) == ("endpoint" in entry):
+            raise UserError(f"{where}: give one of 'model' (a local model) or 'endpoint'")
+        served = "endpoint" in entry
+        for key in (() if name else ("name",)) + (() if served else ("model",)):
             if not isinstance(entry.get(key), str):
                 raise UserError(f"{where}.{key}: must be text")
+        if served and ("overrides" in entry or "tokenizer" in entry):
+            raise UserError(f"{where}: 'overrides' and 'tokenizer' are for local models only")
         for key in ("tokenizer", "template"):
             if not isinstance(entry.get(key, ""), str):
                 raise UserError(f"{where}.{key}: must be text")
@@ -96,9 +103,11 @@ class ModelEntry:
             raise UserError(f"{where}.name: {name!r} must be letters, digits, '.', '_' or '-'")
         sampling = sampling_settings(entry.get("sampling", {}), f"{where}.sampling", defaults)
         tokenizer = entry.get("tokenizer")
-        model = resolve_path(base, entry["model"])
+        model = None if served else resolve_path(base, entry["model"])
+        endpoint = Endpoint.parse(entry["endpoint"], f"{where}.endpoint") if served else None
         try:  # a wrong path fails now, not after the models before it have run
-            find_checkpoint(model)
+            if model is not None:
+                find_checkpoint(model)
         except UserError as e:
             raise UserError(f"{where}.model: {e}") from None
         try:
@@ -108,6 +117,7 @@ class ModelEntry:
         return cls(
             name=name,
             model=model,
+            endpoint=endpoint,
             overrides=overrides,
             tokenizer=resolve_path(base, tokenizer) if tokenizer else None,
             sampling=drawn,
@@ -117,11 +127,10 @@ class ModelEntry:
 
     def settings(self) -> Row:
         """What an earlier run of this entry must have used for its output to be resumed."""
-        return {
-            "model": self.model,
-            "overrides": self.overrides,
-            **dataclasses.asdict(self.sampling),
-        }
+        where = {"model": self.model, "overrides": self.overrides}
+        if self.endpoint is not None:
+            where = self.endpoint.settings(self.endpoint.model or "")
+        return {**where, **dataclasses.asdict(self.sampling)}
 
 
 def sampling_settings(given: Any, where: str, defaults: Row) -> Row:
@@ -156,11 +165,21 @@ def generate_with(
     label: str,
 ) -> dict[str, Any]:
     """`samples[i]` responses of `entry`'s model to prompt i, into `out` (resuming it)."""
+    settings = {**entry.settings(), "seed": seed, "prompts": label}
+    if entry.endpoint is not None:
+        source = EndpointPolicy(
+            entry.endpoint, entry.name, entry.sampling, seed, entry.max_new_tokens
+        )
+        jobs = make_jobs(prompts, None, samples, None)
+        return generate_file(
+            source, jobs, out, entry.name, {**settings, "endpoint_model": source.model}
+        )
+    assert entry.model is not None
     model = open_model(entry.model, entry.overrides, entry.tokenizer)
     jobs = make_jobs(prompts, model.tokenizer, samples, model.max_positions)
     sampler = model.sampler(entry.sampling, seed, batch_size)
-    settings = {**entry.settings(), "seed": seed, "eos_ids": model.eos_ids, "prompts": label}
-    summary = generate_file(model, sampler, jobs, out, entry.name, entry.max_new_tokens, settings)
-    del sampler, model
+    local = LocalPolicy(model, sampler, entry.max_new_tokens)
+    summary = generate_file(local, jobs, out, entry.name, {**settings, "eos_ids": model.eos_ids})
+    del local, sampler, model
     gc.collect()  # one model in memory at a time
     return summary

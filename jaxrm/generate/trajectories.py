@@ -21,7 +21,7 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from jaxrm.data.sources import read_rows
 from jaxrm.data.templates import flatten
 from jaxrm.data.tokenizer import Tokenizer, load_tokenizer
 from jaxrm.errors import UserError
+from jaxrm.generate.endpoint import ENGINES, Answer, Endpoint, EndpointPolicy
 from jaxrm.generate.sampler import Sampler, Sampling
 from jaxrm.hf.convert import load_hf
 from jaxrm.model.decoder import Loaded
@@ -72,6 +73,33 @@ class Model:
         mesh = make_mesh(fsdp=-1)
         limit = self.tokenizer.vocab_size
         return Sampler(self.loaded, mesh, sampling, seed, batch_size, vocab_limit=limit)
+
+
+class LocalPolicy:
+    """Completes jobs with a model in this process."""
+
+    def __init__(self, model: Model, sampler: Sampler, max_new_tokens: int):
+        self.model, self.sampler, self.max_new_tokens = model, sampler, max_new_tokens
+
+    def completions(self, jobs: Sequence[Job]) -> Iterator[list[tuple[int, Answer]]]:
+        eos = set(self.model.eos_ids)
+        for results in self.sampler.completions(
+            [j.ids for j in jobs],
+            [(j.prompt_index, j.sample) for j in jobs],
+            self.max_new_tokens,
+            self.model.eos_ids,
+        ):
+            yield [
+                (
+                    number,
+                    Answer(
+                        response_text(self.model.tokenizer, jobs[number].ids, done.tokens, eos),
+                        done.finish,
+                        len(done.tokens),
+                    ),
+                )
+                for number, done in results
+            ]
 
 
 def open_model(
@@ -136,28 +164,34 @@ def read_prompts(spec: str | Sequence[str]) -> list[tuple[str, Any]]:
 
 def make_jobs(
     prompts: Sequence[tuple[str, Any]],
-    tokenizer: Tokenizer,
+    tokenizer: Tokenizer | None,
     samples: Sequence[int] | int,
-    max_positions: int,
+    max_positions: int | None,
 ) -> list[Job]:
     """Every completion to make, prompt by prompt: `samples` of each prompt (one count for all,
-    or one per prompt). A prompt that is empty or leaves no room in the model's context is an
-    error naming its row."""
+    or one per prompt). With a tokenizer (a local model), a prompt that is empty or leaves no
+    room in the model's context is an error naming its row; an endpoint encodes for itself."""
     counts = [samples] * len(prompts) if isinstance(samples, int) else samples
     jobs: list[Job] = []
     for index, ((where, prompt), count) in enumerate(zip(prompts, counts, strict=True)):
         if count == 0:
             continue
-        ids = tokenizer.encode(flatten(prompt), add_special_tokens=True)
-        if not ids:
+        ids = (
+            [] if tokenizer is None else tokenizer.encode(flatten(prompt), add_special_tokens=True)
+        )
+        if tokenizer is not None and not ids:
             raise UserError(f"{where}: the prompt is empty and the tokenizer adds no BOS")
-        if len(ids) >= max_positions:
+        if max_positions is not None and len(ids) >= max_positions:
             raise UserError(
                 f"{where}: the prompt has {len(ids)} tokens, leaving no room in the model's "
                 f"{max_positions} positions"
             )
         jobs += [Job(prompt, ids, index, s) for s in range(count)]
     return jobs
+
+
+def is_endpoint(model: str) -> bool:
+    return model.startswith(("http://", "https://"))
 
 
 def settings_path(out: Path) -> Path:
@@ -235,51 +269,49 @@ def response_text(tokenizer: Tokenizer, prompt: list[int], new: list[int], eos: 
 
 
 def generate_file(
-    model: Model,
-    sampler: Sampler,
+    source: LocalPolicy | EndpointPolicy,
     jobs: Sequence[Job],
     out: str | Path,
     policy: str,
-    max_new_tokens: int,
     settings: dict[str, Any],
     upload_every: float = 30.0,
 ) -> dict[str, Any]:
-    """Writes one trajectory row per job to `out`, batch by batch, resuming an earlier run.
+    """Writes one trajectory row per job to `out` as `source` answers, resuming an earlier run.
 
     A remote `out` (gs://...) is written locally and uploaded in parts at most every
     `upload_every` seconds (`storage.RemoteAppend`); a rerun goes on from the parts uploaded."""
-    if max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if source.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {source.max_new_tokens}")
     with contextlib.ExitStack() as stack:
         remote = None
         if storage.is_remote(out):
             remote = storage.RemoteAppend(out, [settings_path(Path(storage.name(out))).name])
             stack.callback(remote.close)
             out = remote.local
-        summary = _generate_rows(
-            model, sampler, jobs, Path(out), policy, max_new_tokens, settings, remote, upload_every
-        )
+        summary = _generate_rows(source, jobs, Path(out), policy, settings, remote, upload_every)
         if remote is not None:
             remote.finish()
         return summary
 
 
 def _generate_rows(
-    model: Model,
-    sampler: Sampler,
+    source: LocalPolicy | EndpointPolicy,
     jobs: Sequence[Job],
     out: Path,
     policy: str,
-    max_new_tokens: int,
     settings: dict[str, Any],
     remote: storage.RemoteAppend | None,
     upload_every: float,
 ) -> dict[str, Any]:
-    settings = {**settings, "policy": policy, "max_new_tokens": max_new_tokens, "rows": len(jobs)}
+    settings = {
+        **settings,
+        "policy": policy,
+        "max_new_tokens": source.max_new_tokens,
+        "rows": len(jobs),
+    }
     done = rows_done(out, jobs, policy, settings)
     if remote is not None:
         remote.upload_side(settings_path(out).name)
-    eos = set(model.eos_ids)
     counts = {"rows": len(jobs), "resumed_from": done, "new_tokens": 0, "stop": 0, "length": 0}
     started = time.perf_counter()
     bar = tqdm(
@@ -289,21 +321,14 @@ def _generate_rows(
     finished: dict[int, str] = {}  # rows finished out of order, waiting for the ones before
     written = 0
     with bar, open(out, "a", encoding="utf-8") as f:
-        for results in sampler.completions(
-            [j.ids for j in todo],
-            [(j.prompt_index, j.sample) for j in todo],
-            max_new_tokens,
-            model.eos_ids,
-        ):
-            for number, result in results:
-                job = todo[number]
-                text = response_text(model.tokenizer, job.ids, result.tokens, eos)
-                row = {"prompt": job.prompt, "policy": policy, "response": text}
+        for results in source.completions(todo):
+            for number, answer in results:
+                row = {"prompt": todo[number].prompt, "policy": policy, "response": answer.text}
                 finished[number] = json.dumps(
-                    {**row, "finish_reason": result.finish}, ensure_ascii=False
+                    {**row, "finish_reason": answer.finish}, ensure_ascii=False
                 )
-                counts["new_tokens"] += len(result.tokens)
-                counts[result.finish] += 1
+                counts["new_tokens"] += answer.tokens
+                counts[answer.finish] += 1
             while written in finished:  # in prompt order, so a rerun knows where to go on
                 f.write(finished.pop(written) + "\n")
                 written += 1
@@ -316,11 +341,14 @@ def _generate_rows(
             )
             bar.update(len(results))
     seconds = time.perf_counter() - started
-    return {
+    summary = {
         **counts,
         "seconds": round(seconds, 3),
         "tokens_per_sec": counts["new_tokens"] / max(seconds, 1e-9),
     }
+    if isinstance(source, EndpointPolicy):
+        summary |= {"retries": source.retried, "guarantees": source.guarantees()}
+    return summary
 
 
 def check_run_settings(seed: int, batch_size: int, prefix: str) -> None:
@@ -372,6 +400,28 @@ def sampling_from(args: argparse.Namespace) -> Sampling:
         raise UserError(f"--{name.replace('_', '-')} {rest}") from None
 
 
+def add_model_arguments(parser: argparse.ArgumentParser, endpoints: bool = False) -> None:
+    """MODEL, its config overrides, tokenizer and extra stop tokens: what `open_model` takes."""
+    kinds = "HF causal LM directory or jaxrm checkpoint"
+    if endpoints:
+        kinds += (
+            ", or an OpenAI-compatible API's base URL (http://HOST:PORT/v1: vLLM, SGLang, "
+            "lmdeploy or jaxrm serve-lm)"
+        )
+    parser.add_argument("model", metavar="MODEL", help=kinds)
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config changes, e.g. model.dtype=float32"
+    )
+    parser.add_argument("--tokenizer", help="tokenizer path when MODEL has none beside it")
+    parser.add_argument(
+        "--eos",
+        action="append",
+        default=[],
+        metavar="TOKEN",
+        help="one more stop token (text or id; an endpoint's: an id); repeatable",
+    )
+
+
 def add_command(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     gen = commands.add_parser(
         "generate",
@@ -381,10 +431,7 @@ def add_command(commands: "argparse._SubParsersAction[argparse.ArgumentParser]")
         "LM head) and append trajectory rows {prompt, policy, response, finish_reason} to --out "
         "as batches finish. Rerunning the same command resumes. Sampling defaults are POLAR's.",
     )
-    gen.add_argument("model", metavar="MODEL", help="HF causal LM directory or jaxrm checkpoint")
-    gen.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="config changes, e.g. model.dtype=float32"
-    )
+    add_model_arguments(gen, endpoints=True)
     gen.add_argument(
         "--prompts", required=True, metavar="FILE", help="prompt rows: JSONL, Parquet or a glob"
     )
@@ -392,7 +439,6 @@ def add_command(commands: "argparse._SubParsersAction[argparse.ArgumentParser]")
     gen.add_argument("--policy", help="the rows' policy name (default: MODEL's directory name)")
     gen.add_argument("--n", type=int, default=1, help="responses per prompt (default 1)")
     add_sampling_options(gen, POLAR_SAMPLING)
-    gen.add_argument("--tokenizer", help="tokenizer path when MODEL has none beside it")
     gen.add_argument(
         "--upload-every",
         type=float,
@@ -402,12 +448,22 @@ def add_command(commands: "argparse._SubParsersAction[argparse.ArgumentParser]")
         "a part OUT.parts/part-N.jsonl at most this often (default 30); a rerun goes on after "
         "the uploaded parts, and the finished run leaves OUT alone",
     )
-    gen.add_argument(
-        "--eos",
-        action="append",
-        default=[],
-        metavar="TOKEN",
-        help="one more stop token (text or id); repeatable",
+    endpoint = gen.add_argument_group("when MODEL is an endpoint (see jaxrm/generate/endpoint.py)")
+    endpoint.add_argument(
+        "--endpoint-model", help="the served model's name (default: the one it lists)"
+    )
+    endpoint.add_argument(
+        "--engine", choices=list(ENGINES), default="vllm", help="what serves it (default vllm)"
+    )
+    endpoint.add_argument("--api-key-env", metavar="VAR", help="send $VAR as the bearer token")
+    endpoint.add_argument(
+        "--concurrency", type=int, default=8, help="requests in flight, at most (default 8)"
+    )
+    endpoint.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds per request (default 600)"
+    )
+    endpoint.add_argument(
+        "--retries", type=int, default=6, help="retries of a failed request (default 6)"
     )
     storage.add_compile_cache_option(gen)
     gen.set_defaults(run=cmd_generate)
@@ -417,22 +473,45 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")
     check_run_settings(args.seed, args.batch_size, "--")
-    storage.use_compile_cache(args.compile_cache)
     sampling = sampling_from(args)
-    model = open_model(args.model, args.overrides, args.tokenizer, args.eos)
-    policy = args.policy or storage.name(storage.absolute(args.model))
-    jobs = make_jobs(read_prompts(args.prompts), model.tokenizer, args.n, model.max_positions)
-    sampler = model.sampler(sampling, args.seed, args.batch_size)
-    settings = {
-        "model": str(storage.absolute(args.model)),
-        "overrides": list(args.overrides),
+    prompts = read_prompts(args.prompts)
+    settings: dict[str, Any] = {
         "prompts": str(storage.absolute(args.prompts)),
         "n": args.n,
         "seed": args.seed,
-        "eos_ids": model.eos_ids,
         **dataclasses.asdict(sampling),
     }
-    summary = generate_file(
-        model, sampler, jobs, args.out, policy, args.max_new_tokens, settings, args.upload_every
-    )
+    source: LocalPolicy | EndpointPolicy
+    if is_endpoint(args.model):
+        if args.overrides or args.tokenizer:
+            raise UserError("key=value overrides and --tokenizer are for local models only")
+        if not all(e.isdigit() for e in args.eos):
+            raise UserError("--eos for an endpoint takes token ids (it has no tokenizer here)")
+        endpoint = Endpoint(
+            args.model,
+            args.endpoint_model,
+            args.engine,
+            args.api_key_env,
+            args.concurrency,
+            args.timeout,
+            args.retries,
+            tuple(int(e) for e in args.eos),
+        ).checked(None)
+        policy_name = args.policy or endpoint.served_model(args.model)
+        source = EndpointPolicy(endpoint, policy_name, sampling, args.seed, args.max_new_tokens)
+        jobs = make_jobs(prompts, None, args.n, None)
+        settings |= endpoint.settings(source.model)
+    else:
+        storage.use_compile_cache(args.compile_cache)
+        model = open_model(args.model, args.overrides, args.tokenizer, args.eos)
+        policy_name = args.policy or storage.name(storage.absolute(args.model))
+        jobs = make_jobs(prompts, model.tokenizer, args.n, model.max_positions)
+        sampler = model.sampler(sampling, args.seed, args.batch_size)
+        source = LocalPolicy(model, sampler, args.max_new_tokens)
+        settings |= {
+            "model": str(storage.absolute(args.model)),
+            "overrides": list(args.overrides),
+            "eos_ids": model.eos_ids,
+        }
+    summary = generate_file(source, jobs, args.out, policy_name, settings, args.upload_every)
     print(json.dumps(summary))

@@ -38,13 +38,17 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 
-class RewardServerError(RuntimeError):
-    """The reward server refused, failed, kept failing or gave a malformed reply."""
+class ServerError(RuntimeError):
+    """A server refused, failed, kept failing or gave a malformed reply."""
 
     def __init__(self, where: str, message: str, status: int | None = None) -> None:
         super().__init__(f"{where}: {message}" + ("" if status is None else f" (HTTP {status})"))
         self.status = status
         self.message = message
+
+
+class RewardServerError(ServerError):
+    """The reward server refused, failed, kept failing or gave a malformed reply."""
 
 
 class RewardClient:
@@ -133,27 +137,54 @@ class RewardClient:
         return rewards
 
     def _request(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
-        url = self.url + path
-        # verl hands over numpy scalars and arrays; .tolist() turns them into plain JSON values.
-        data = None if body is None else json.dumps(body, default=_tolist).encode()
-        last_error, last_status = "", None
-        for attempt in range(self.retries + 1):
-            request = urllib.request.Request(url, data=data, headers=self._headers, method=method)
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return _json_object(response.read(), url)
-            except urllib.error.HTTPError as error:
-                message = _error_message(error)
-                if error.code not in RETRY_STATUSES:
-                    raise RewardServerError(f"{method} {url}", message, error.code) from None
-                last_error, last_status = message, error.code
-            except (OSError, http.client.HTTPException) as error:
-                last_error, last_status = str(getattr(error, "reason", error)) or repr(error), None
-            if attempt < self.retries:
-                delay = min(self.max_backoff, self.backoff * 2**attempt)
-                time.sleep(delay * random.uniform(0.5, 1.0))
-        attempts = f"failed after {self.retries + 1} attempts; last error: {last_error}"
-        raise RewardServerError(f"{method} {url}", attempts, last_status)
+        return request_json(
+            method,
+            self.url + path,
+            body,
+            self._headers,
+            timeout=self.timeout,
+            retries=self.retries,
+            backoff=self.backoff,
+            max_backoff=self.max_backoff,
+            error=RewardServerError,
+        )
+
+
+def request_json(
+    method: str,
+    url: str,
+    body: Any,
+    headers: Mapping[str, str],
+    *,
+    timeout: float,
+    retries: int,
+    backoff: float = 0.5,
+    max_backoff: float = 30.0,
+    error: type[ServerError] = ServerError,
+) -> dict[str, Any]:
+    """The JSON object a server answers to `body`, retrying connection failures, timeouts and
+    429 / 5xx replies with jittered exponential back-off; another 4xx fails at once."""
+    # verl hands over numpy scalars and arrays; .tolist() turns them into plain JSON values.
+    data = None if body is None else json.dumps(body, default=_tolist).encode()
+    last_error, last_status = "", None
+    for attempt in range(retries + 1):
+        request = urllib.request.Request(url, data=data, headers=dict(headers), method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return _json_object(response.read(), url, error)
+        except urllib.error.HTTPError as failure:
+            message = _error_message(failure)
+            if failure.code not in RETRY_STATUSES:
+                raise error(f"{method} {url}", message, failure.code) from None
+            last_error, last_status = message, failure.code
+        except (OSError, http.client.HTTPException) as failure:
+            last_error = str(getattr(failure, "reason", failure)) or repr(failure)
+            last_status = None
+        if attempt < retries:
+            delay = min(max_backoff, backoff * 2**attempt)
+            time.sleep(delay * random.uniform(0.5, 1.0))
+    attempts = f"failed after {retries + 1} attempts; last error: {last_error}"
+    raise error(f"{method} {url}", attempts if retries else last_error, last_status)
 
 
 def _group_chunks(groups: list[dict], max_items: int) -> list[list[dict]]:
@@ -178,13 +209,13 @@ def _tolist(value: Any) -> Any:
     raise TypeError(f"cannot send {type(value).__name__} as JSON")
 
 
-def _json_object(raw: bytes, url: str) -> dict[str, Any]:
+def _json_object(raw: bytes, url: str, error: type[ServerError]) -> dict[str, Any]:
     try:
         reply = json.loads(raw)
     except ValueError:
         reply = None
     if not isinstance(reply, dict):
-        raise RewardServerError(url, f"reply is not a JSON object: {raw[:200]!r}")
+        raise error(url, f"reply is not a JSON object: {raw[:200]!r}")
     return reply
 
 
@@ -194,7 +225,8 @@ def _error_message(error: urllib.error.HTTPError) -> str:
     except (OSError, http.client.HTTPException):
         return str(error.reason)
     try:
-        return str(json.loads(raw)["error"])
+        detail = json.loads(raw)["error"]  # jaxrm's text, or OpenAI's {"message", "type", ...}
+        return str(detail["message"] if isinstance(detail, dict) else detail)
     except (ValueError, TypeError, KeyError):
         return raw.decode(errors="replace")[:200] or str(error.reason)
 

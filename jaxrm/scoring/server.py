@@ -38,7 +38,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
-import os
 import queue
 import sys
 import threading
@@ -53,15 +52,15 @@ from tqdm import tqdm
 
 from jaxrm.errors import UserError
 from jaxrm.http_server import (
-    TOKEN_ENV,
     App,
     Limits,
     Metrics,
     RequestError,
+    add_listen_options,
     check_bearer,
-    check_exposure,
-    listen,
+    open_listener,
     serve_forever,
+    settle,
 )
 from jaxrm.scoring import protocols
 from jaxrm.scoring.protocols import Scored
@@ -76,15 +75,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
 
     def finish(self, result: Any = None, error: BaseException | None = None) -> None:
-        def settle() -> None:
-            if self.future.done():  # the request timed out meanwhile
-                return
-            if error is None:
-                self.future.set_result(result)
-            else:
-                self.future.set_exception(error)
-
-        self.loop.call_soon_threadsafe(settle)
+        settle(self.loop, self.future, result, error)
 
 
 class Batcher:
@@ -420,17 +411,12 @@ class RewardService:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    positive = (args.max_batch, args.max_items, args.max_body_mb, args.request_timeout)
-    if min(positive) <= 0 or args.max_queue <= 0 or args.backlog <= 0:
-        raise UserError(
-            "--max-batch, --max-items, --max-body-mb, --request-timeout, --max-queue and "
-            "--backlog must be > 0"
-        )
+    positive = (args.max_batch, args.max_items, args.request_timeout, args.max_queue)
+    if min(positive) <= 0:
+        raise UserError("--max-batch, --max-items, --request-timeout and --max-queue must be > 0")
     if args.max_wait_ms < 0:
         raise UserError("--max-wait-ms must be >= 0")
-    token = args.token or os.environ.get(TOKEN_ENV) or None
-    check_exposure(args.host, token, args.allow_unauthenticated)
-    sock = listen(args.host, args.port, args.backlog)
+    sock, token = open_listener(args)
     use_compile_cache(args.compile_cache)
     scorer = open_scorer(args)
     started = time.perf_counter()
@@ -459,8 +445,7 @@ def add_command(commands: "argparse._SubParsersAction[argparse.ArgumentParser]")
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_scorer_options(serve)
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
-    serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    add_listen_options(serve)
     serve.add_argument("--max-batch", type=int, default=256, help="sequences scored together")
     serve.add_argument(
         "--max-wait-ms",
@@ -469,23 +454,11 @@ def add_command(commands: "argparse._SubParsersAction[argparse.ArgumentParser]")
         help="how long a batch waits for requests already on their way (none: it starts at once)",
     )
     serve.add_argument("--max-items", type=int, default=1024, help="inputs per request, at most")
-    serve.add_argument("--max-body-mb", type=float, default=32.0, help="request body, at most")
     serve.add_argument(
         "--request-timeout", type=float, default=300.0, help="seconds a request waits for rewards"
     )
     serve.add_argument(
         "--max-queue", type=int, default=4096, help="requests waiting for the model, at most"
-    )
-    serve.add_argument(
-        "--backlog", type=int, default=2048, help="connections waiting to be accepted, at most"
-    )
-    serve.add_argument(
-        "--token", help=f"require 'Authorization: Bearer TOKEN' (or set {TOKEN_ENV})"
-    )
-    serve.add_argument(
-        "--allow-unauthenticated",
-        action="store_true",
-        help="listen on an address other than loopback without a token",
     )
     serve.add_argument(
         "--served-model-name", help="the model name replies carry (default: the directory's name)"
