@@ -289,3 +289,56 @@ def test_polar_triples_leaves_out_empty_responses_and_counts_them(tmp_path, caps
     assert "left out 1 empty responses" in capsys.readouterr().out
     (triple,) = read(tmp_path / "o")
     assert {triple["reference"], triple["chosen"]} == {"one", "two"}
+
+
+def generate_on_hosts(model, prompts, out, port):
+    """Two processes x 4 CPU devices joined on 127.0.0.1, each answering its share."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    args = ["generate", str(model), "model.dtype=float32", "--prompts", str(prompts)]
+    args += ["--out", str(out), "--max-new-tokens", "12", "--batch-size", "4", "--n", "2"]
+    args += ["--policy", "p", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+    return [
+        subprocess.Popen(
+            [sys.executable, "-m", "jaxrm", *args, "--process-id", str(i)],
+            env={**env, "JAX_PLATFORMS": "cpu"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+
+
+@pytest.mark.slow
+def test_two_hosts_generate_what_one_does_and_resume_their_own_parts(models, tmp_path):
+    from test_multihost import free_port
+
+    prompts = prompt_file(tmp_path / "prompts.jsonl", 12)
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    assert generate(models / "llama", prompts, one, "--n", "2", "--policy", "p") == 0
+
+    # Killed once both hosts have written part of their share; rerun, each goes on from its own.
+    hosts = generate_on_hosts(models / "llama", prompts, two, free_port())
+    parts = [tmp_path / f"two.jsonl.host-0000{i}-of-00002" for i in range(2)]
+    deadline = time.time() + 300
+    while time.time() < deadline and all(h.poll() is None for h in hosts):
+        if all(p.exists() and p.read_text().count("\n") >= 4 for p in parts):
+            break
+        time.sleep(0.02)
+    for host in hosts:
+        host.kill()
+        host.wait()
+    assert all(4 <= p.read_text().count("\n") < 12 for p in parts) and not two.exists()
+
+    hosts = generate_on_hosts(models / "llama", prompts, two, free_port())
+    summaries = []
+    for host in hosts:
+        output, _ = host.communicate(timeout=300)
+        assert host.returncode == 0, output[-2000:]
+        summaries.append(json.loads(output.strip().splitlines()[-1]))
+    assert [s["resumed_from"] >= 4 for s in summaries] == [True, True]
+    assert two.read_text() == one.read_text()
+    assert (tmp_path / "two.jsonl.generate.json").read_text() == (
+        tmp_path / "one.jsonl.generate.json"
+    ).read_text()
+    assert not any(p.exists() for p in parts)

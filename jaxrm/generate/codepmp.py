@@ -36,7 +36,12 @@ from jaxrm.generate.pool_config import (
     read_settings,
     resolve_path,
 )
-from jaxrm.generate.trajectories import check_run_settings
+from jaxrm.generate.trajectories import (
+    add_distributed_options,
+    check_run_settings,
+    join_hosts,
+    write_once,
+)
 from jaxrm.storage import glob_paths, read_text_file, write_jsonl
 
 Row = dict[str, Any]
@@ -187,7 +192,9 @@ def codepmp_generate(path: str | Path) -> dict[str, Any]:
         counts["empty_description"] += not description
         if description:
             descriptions.append({**source, "prompt": description})
-    write_jsonl(descriptions, _fresh(work / "descriptions.jsonl"))
+    write_once(
+        lambda: write_jsonl(descriptions, _fresh(work / "descriptions.jsonl")), "descriptions"
+    )
     for role in ("strong", "weak"):
         template = entries[role].template or RESPOND_TEMPLATE
         asks = [
@@ -209,13 +216,14 @@ def codepmp_generate(path: str | Path) -> dict[str, Any]:
                 descriptions, read_rows(str(work / f"{role}.jsonl")), strict=True
             )
         ]
-        write_jsonl(answers, _fresh(work / f"{role}.responses.jsonl"))
+        responses = work / f"{role}.responses.jsonl"
+        write_once(lambda: write_jsonl(answers, _fresh(responses)), str(responses))  # noqa: B023
     pairs, pair_counts = codepmp_pairs(
         str(work / "descriptions.jsonl"),
         str(work / "strong.responses.jsonl"),
         str(work / "weak.responses.jsonl"),
     )  # the source filters were applied before anything was generated
-    write_jsonl(pairs, out)
+    write_once(lambda: write_jsonl(pairs, out), str(out))
     return {"pairs": len(pairs), **counts, **{k: pair_counts[k] for k in DROP_REASONS}}
 
 
@@ -233,6 +241,7 @@ def _fresh(path: Path) -> Path:
 
 
 def cmd_codepmp_generate(args: argparse.Namespace) -> None:
+    join_hosts(args)
     print(json.dumps(codepmp_generate(args.config)))
 
 
@@ -246,4 +255,5 @@ def add_command(data_commands: "argparse._SubParsersAction[argparse.ArgumentPars
         "rejected, and the pair builder filters the pairs. Resumable: rerun the same command.",
     )
     code.add_argument("config", metavar="CODEPMP.yaml")
+    add_distributed_options(code)
     code.set_defaults(run=cmd_codepmp_generate)

@@ -56,8 +56,11 @@ from jaxrm.generate.pool_config import (
 from jaxrm.generate.trajectories import (
     POLAR_MAX_NEW_TOKENS,
     POLAR_SAMPLING,
+    add_distributed_options,
     check_run_settings,
+    join_hosts,
     read_prompts,
+    write_once,
 )
 from jaxrm.storage import write_jsonl
 
@@ -126,7 +129,7 @@ def polar_pool(path: str | Path) -> dict[str, Any]:
             )
     rows, counts = _usable_trajectories(work, list(summaries), [p for _, p in prompts])
     triples = polar_triples(rows, seed, per_prompt)
-    write_jsonl(triples, out)
+    write_once(lambda: write_jsonl(triples, out), str(out))
     return {"triples": len(triples), "prompts": len(prompts), **counts, "generated": summaries}
 
 
@@ -161,6 +164,7 @@ def _forms_triple(group: list[tuple[str, Row]]) -> bool:
 
 
 def cmd_polar_pool(args: argparse.Namespace) -> None:
+    join_hosts(args)
     print(json.dumps(polar_pool(args.pool)))
 
 
@@ -174,4 +178,5 @@ def add_command(data_commands: "argparse._SubParsersAction[argparse.ArgumentPars
         "rerun the same command. See the module docs for the file's keys.",
     )
     pool.add_argument("pool", metavar="POOL.yaml")
+    add_distributed_options(pool)
     pool.set_defaults(run=cmd_polar_pool)

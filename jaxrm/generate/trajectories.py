@@ -21,11 +21,12 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from jaxrm import storage
@@ -40,6 +41,8 @@ from jaxrm.generate.sampler import Sampler, Sampling
 from jaxrm.hf.convert import load_hf
 from jaxrm.model.decoder import Loaded
 from jaxrm.sharding import make_mesh
+from jaxrm.train.distributed import add_options as add_distributed_options
+from jaxrm.train.distributed import initialize, process_0_says
 
 # POLAR's sampling for policy trajectories (METHODS.md, section 1).
 POLAR_SAMPLING = Sampling(temperature=1.0, top_p=0.9, top_k=50)
@@ -70,9 +73,13 @@ class Model:
 
     def sampler(self, sampling: Sampling, seed: int, batch_size: int) -> Sampler:
         """A sampler on all devices that never draws ids the tokenizer cannot decode."""
-        mesh = make_mesh(fsdp=-1)
         limit = self.tokenizer.vocab_size
-        return Sampler(self.loaded, mesh, sampling, seed, batch_size, vocab_limit=limit)
+        return Sampler(self.loaded, local_mesh(), sampling, seed, batch_size, vocab_limit=limit)
+
+
+def local_mesh() -> Mesh:
+    """This process's devices: the hosts of a multi-host generation answer apart."""
+    return make_mesh(fsdp=-1, devices=jax.local_devices())
 
 
 class LocalPolicy:
@@ -113,11 +120,12 @@ def open_model(
     EOS ids: the HF generation_config.json / config.json `eos_token_id` (an id or a list),
     the tokenizer's EOS, and `extra_eos` (tokens or ids)."""
     kind, directory = find_checkpoint(path)
+    mesh = local_mesh()
     if kind == "hf":
         directory = storage.local(directory)
-        loaded = load_hf(directory, keep_lm_head=True, overrides=overrides)
+        loaded = load_hf(directory, mesh=mesh, keep_lm_head=True, overrides=overrides)
     else:
-        loaded = load_model(directory, overrides=overrides)
+        loaded = load_model(directory, mesh=mesh, overrides=overrides)
     source = tokenizer or loaded.tokenizer_dir
     if source is None:
         raise UserError(f"{path}: no tokenizer files beside the model; give --tokenizer PATH")
@@ -279,9 +287,24 @@ def generate_file(
     """Writes one trajectory row per job to `out` as `source` answers, resuming an earlier run.
 
     A remote `out` (gs://...) is written locally and uploaded in parts at most every
-    `upload_every` seconds (`storage.RemoteAppend`); a rerun goes on from the parts uploaded."""
+    `upload_every` seconds (`storage.RemoteAppend`); a rerun goes on from the parts uploaded.
+    With several processes (the hosts of a slice), each writes its share of the jobs to its own
+    part and process 0 merges the parts into `out` (`_generate_parts`)."""
     if source.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {source.max_new_tokens}")
+    if jax.process_count() > 1:
+        return _generate_parts(source, jobs, out, policy, settings, upload_every)
+    return _generate_one(source, jobs, out, policy, settings, upload_every)
+
+
+def _generate_one(
+    source: LocalPolicy | EndpointPolicy,
+    jobs: Sequence[Job],
+    out: str | Path,
+    policy: str,
+    settings: dict[str, Any],
+    upload_every: float,
+) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         remote = None
         if storage.is_remote(out):
@@ -292,6 +315,99 @@ def generate_file(
         if remote is not None:
             remote.finish()
         return summary
+
+
+def write_once(write: Callable[[], None], what: str) -> None:
+    """Runs `write` on process 0 alone, and has every process wait until it is done, so that
+    the hosts of a multi-host run do not all write the same file."""
+    if jax.process_index() == 0:
+        write()
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"jaxrm: {what} written")
+
+
+def part_path(out: str | Path, index: int, count: int) -> str:
+    return f"{out}.host-{index:05d}-of-{count:05d}"
+
+
+def _generate_parts(
+    source: LocalPolicy | EndpointPolicy,
+    jobs: Sequence[Job],
+    out: str | Path,
+    policy: str,
+    settings: dict[str, Any],
+    upload_every: float,
+) -> dict[str, Any]:
+    """Process i of N answers jobs [i * J / N, (i + 1) * J / N) into its own part, resuming it;
+    once every part is written, process 0 concatenates them into `out` (written whole, with the
+    settings record a one-process run writes: the same file), and removes the parts. Every
+    process must see the parts at the same paths (gs://, or a disk they share)."""
+    from jax.experimental import multihost_utils
+
+    index, count = jax.process_index(), jax.process_count()
+    whole = {**settings, "policy": policy, "max_new_tokens": source.max_new_tokens}
+    whole["rows"] = len(jobs)
+    if process_0_says(_merged_already(out, whole)):
+        return {"rows": len(jobs), "resumed_from": len(jobs), "process": index, "merged": str(out)}
+    start, end = index * len(jobs) // count, (index + 1) * len(jobs) // count
+    share = {**settings, "part": f"{index} of {count}"}
+    part = part_path(out, index, count)
+    summary = _generate_one(source, jobs[start:end], part, policy, share, upload_every)
+    multihost_utils.sync_global_devices("jaxrm generate: every part written")
+    if index == 0:
+        bounds = [(i * len(jobs) // count, (i + 1) * len(jobs) // count) for i in range(count)]
+        parts = [(part_path(out, i, count), b - a) for i, (a, b) in enumerate(bounds)]
+        _merge(parts, out, whole)
+    multihost_utils.sync_global_devices("jaxrm generate: parts merged")
+    return {**summary, "process": index, "processes": count, "merged": str(out)}
+
+
+def _merged_already(out: str | Path, whole: dict[str, Any]) -> bool:
+    """Whether `out` is the finished file of these settings (a merge writes it whole)."""
+    if not storage.exists(out):
+        return False
+    record = f"{out}.generate.json"
+    try:
+        before = json.loads(storage.read_text_file(record))
+    except (UserError, json.JSONDecodeError):
+        before = None
+    lines = 0
+    with storage.open_read(out) as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            lines += block.count(b"\n")
+    if before != whole or lines != whole["rows"]:
+        raise UserError(
+            f"{out} already exists and is not the finished output of these settings (a "
+            "one-process run that did not finish, or other settings); finish it with one "
+            "process, or remove it"
+        )
+    return True
+
+
+def _merge(parts: Sequence[tuple[str, int]], out: str | Path, whole: dict[str, Any]) -> None:
+    """`out` as the concatenation of `parts` (path, rows each), and its settings record."""
+    missing = [part for part, _ in parts if not storage.is_file(part)]
+    if missing:
+        raise UserError(
+            f"process 0 cannot see {missing[0]}: the hosts must write to storage all of them "
+            "see (gs://, or a shared disk)"
+        )
+    record = f"{out}.generate.json"
+    storage.write_bytes(record, (json.dumps(whole, indent=2) + "\n").encode())
+    with storage.staged_file(out) as staging, open(staging, "wb") as merged:
+        for part, rows in parts:
+            lines = 0
+            with storage.open_read(part) as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    merged.write(block)
+                    lines += block.count(b"\n")
+            if lines != rows:
+                raise UserError(f"{part} has {lines} rows, not {rows}; rerun to finish it")
+    for part, _ in parts:
+        storage.remove(part)
+        storage.remove(f"{part}.generate.json")
 
 
 def _generate_rows(
@@ -352,16 +468,13 @@ def _generate_rows(
 
 
 def check_run_settings(seed: int, batch_size: int, prefix: str) -> None:
-    """One-line errors for a seed or batch size jaxrm cannot use (`prefix`: "--" or a YAML path),
-    and for several processes: every host would append to the same files."""
+    """One-line errors for a seed or batch size jaxrm cannot use (`prefix`: "--" or a YAML path)."""
     if not 0 <= seed < 2**32:
         raise UserError(f"{prefix}seed must be in [0, 2**32), got {seed}")
     if batch_size < 1:
         raise UserError(
             f"{prefix}batch{'-' if prefix == '--' else '_'}size must be >= 1, got {batch_size}"
         )
-    if jax.process_count() > 1:
-        raise UserError("generation runs in one process; start it on one host of a pod")
 
 
 def add_sampling_options(parser: argparse.ArgumentParser, defaults: Sampling) -> None:
@@ -466,10 +579,17 @@ def add_command(commands: "argparse._SubParsersAction[argparse.ArgumentParser]")
         "--retries", type=int, default=6, help="retries of a failed request (default 6)"
     )
     storage.add_compile_cache_option(gen)
+    add_distributed_options(gen)
     gen.set_defaults(run=cmd_generate)
 
 
+def join_hosts(args: argparse.Namespace) -> None:
+    """Joins the other processes of a multi-host generation (`add_distributed_options`)."""
+    initialize(args.coordinator, args.num_processes, args.process_id)
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
+    join_hosts(args)
     if args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")
     check_run_settings(args.seed, args.batch_size, "--")
