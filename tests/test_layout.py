@@ -21,12 +21,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "jaxrm"
 # Lowest first. Rooms of one rank never import each other.
 RANKS = (
     ("errors", "presets"),
-    ("storage", "sharding"),
+    ("storage", "sharding", "http_server"),
     ("config",),
     ("model", "data"),
     ("hf",),
     ("checkpoint",),
-    ("train", "scoring", "generate"),
+    ("train", "scoring"),
+    ("generate",),
     ("tpu",),
     ("demo",),
     ("cli",),
@@ -55,6 +56,7 @@ COMMANDS = [
     "jaxrm best-of-n",
     "jaxrm score",
     "jaxrm serve",
+    "jaxrm serve-lm",
     "jaxrm generate",
     "jaxrm plot",
     "jaxrm scaling",
