@@ -164,7 +164,21 @@ class Endpoint:
     def settings(self, model: str) -> dict[str, Any]:
         """What a rerun must send the same way for its output to be resumed (not the URL: a
         server may move)."""
-        return {"endpoint_model": model, "engine": self.engine, "stop_ids": list(self.stop_ids)}
+        return {
+            "endpoint_model": model,
+            "engine": self.engine,
+            "stop_ids": list(self.stop_ids),
+            "guarantees": guarantees(self.engine),
+        }
+
+
+def guarantees(engine: str) -> dict[str, str]:
+    """What an engine promises about seeds and response lengths (recorded with the output)."""
+    lengths = ENGINES[engine]["token_ids"]
+    return {
+        "seeds": GUARANTEES[engine],
+        "lengths": "token ids" if lengths else "usage.completion_tokens (n = 1: exact)",
+    }
 
 
 @dataclasses.dataclass
@@ -185,13 +199,6 @@ class EndpointPolicy:
         self.sampling, self.seed, self.max_new_tokens = sampling, seed, max_new_tokens
         self.retried = 0
         self._lock = threading.Lock()
-
-    def guarantees(self) -> dict[str, Any]:
-        lengths = ENGINES[self.endpoint.engine]["token_ids"]
-        return {
-            "seeds": GUARANTEES[self.endpoint.engine],
-            "lengths": "token ids" if lengths else "usage.completion_tokens (n = 1: exact)",
-        }
 
     def body(self, prompt: Any, prompt_index: int, sample: int) -> dict[str, Any]:
         engine = ENGINES[self.endpoint.engine]

@@ -36,7 +36,7 @@ from jaxrm.data.sources import read_rows
 from jaxrm.data.templates import flatten
 from jaxrm.data.tokenizer import Tokenizer, load_tokenizer
 from jaxrm.errors import UserError
-from jaxrm.generate.endpoint import ENGINES, Answer, Endpoint, EndpointPolicy
+from jaxrm.generate.endpoint import ENGINES, Answer, Endpoint, EndpointPolicy, guarantees
 from jaxrm.generate.sampler import Sampler, Sampling
 from jaxrm.hf.convert import load_hf
 from jaxrm.model.decoder import Loaded
@@ -463,7 +463,7 @@ def _generate_rows(
         "tokens_per_sec": counts["new_tokens"] / max(seconds, 1e-9),
     }
     if isinstance(source, EndpointPolicy):
-        summary |= {"retries": source.retried, "guarantees": source.guarantees()}
+        summary |= {"retries": source.retried, "guarantees": guarantees(source.endpoint.engine)}
     return summary
 
 
