@@ -5,7 +5,8 @@
 
 A prepared directory holds `examples-0000K-of-0000N.array_record` shards of templated examples and
 `manifest.json` with the template settings (tokenizer by content hash); `data.train` may name the
-directory, and a run whose settings differ is refused.
+directory, and a run whose settings differ is refused. `data/beam_prepare.py` writes the same
+directory with an Apache Beam pipeline (`--runner beam`), through the helpers below.
 """
 
 import json
@@ -33,7 +34,10 @@ from jaxrm.data.pipeline import (
     template_spec,
 )
 from jaxrm.data.templates import Example
-from jaxrm.storage import require_new_dir, staged_directory
+from jaxrm.storage import PathLike, join, require_new_dir, staged_directory, write_bytes
+
+# One record per group: a reader fetches one example without decompressing its neighbours.
+SHARD_OPTIONS = "group_size:1"
 
 
 def templated(
@@ -57,8 +61,6 @@ def prepare(
     config: Config, spec: str | Sequence[str], out: str | Path, shard_size: int = 100_000
 ) -> dict[str, Any]:
     """Writes the templated examples of `spec` as ArrayRecord shards; returns the manifest."""
-    from array_record.python.array_record_module import ArrayRecordWriter
-
     out = require_new_dir(out, "output directory")
     # Shards are written locally (ArrayRecordWriter cannot write to a bucket) and uploaded with
     # the manifest last: a reader that finds the manifest finds every shard.
@@ -74,27 +76,52 @@ def prepare(
                 if writer is not None:
                     writer.close()
                 shard_files.append(staging / f"shard-{len(shard_files):05d}.array_record")
-                writer = ArrayRecordWriter(str(shard_files[-1]), "group_size:1")
+                writer = open_shard(shard_files[-1])
             writer.write(encode_example(item))
             counts["examples"] += 1
-            counts["tokens"] += sum(len(s) for s in item.sequences)
+            counts["tokens"] += example_tokens(item)
         if writer is not None:
             writer.close()
-        names = []
-        for i, path in enumerate(shard_files):
-            name = f"examples-{i + 1:05d}-of-{len(shard_files):05d}.array_record"
+        names = [shard_name(i, len(shard_files)) for i in range(len(shard_files))]
+        for path, name in zip(shard_files, names, strict=True):
             path.rename(staging / name)
-            names.append(name)
-        manifest = {
-            "format": PREPARED_FORMAT,
-            "source": spec if isinstance(spec, str) else list(spec),
-            "template": template_spec(config).fingerprint(),
-            "shards": names,
-            **counts,
-            "data": config_to_dict(config)["data"],
-        }
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        manifest = make_manifest(config, spec, names, counts)
+        write_manifest(staging, manifest)
     return manifest
+
+
+def shard_name(index: int, count: int) -> str:
+    """The name of shard `index` (from 0) of `count`."""
+    return f"examples-{index + 1:05d}-of-{count:05d}.array_record"
+
+
+def open_shard(path: str | Path) -> Any:
+    """An ArrayRecordWriter for a new local shard file."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    return ArrayRecordWriter(str(path), SHARD_OPTIONS)
+
+
+def example_tokens(example: Example) -> int:
+    return sum(len(s) for s in example.sequences)
+
+
+def make_manifest(
+    config: Config, spec: str | Sequence[str], shards: list[str], counts: dict[str, int]
+) -> dict[str, Any]:
+    """The manifest of a prepared directory; `counts`: examples, skipped_rows, tokens."""
+    return {
+        "format": PREPARED_FORMAT,
+        "source": spec if isinstance(spec, str) else list(spec),
+        "template": template_spec(config).fingerprint(),
+        "shards": shards,
+        **counts,
+        "data": config_to_dict(config)["data"],
+    }
+
+
+def write_manifest(directory: PathLike, manifest: dict[str, Any]) -> None:
+    write_bytes(join(directory, MANIFEST), (json.dumps(manifest, indent=2) + "\n").encode())
 
 
 def stats(config: Config, spec: str | Sequence[str]) -> dict[str, Any]:
