@@ -123,7 +123,24 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
 
     config = load_config(args.config, args.overrides)
     spec = args.data or _data_spec(config, args.split)
-    manifest = prepare(config, spec, args.out, shard_size=args.shard_size)
+    if args.runner != "local":
+        from jaxrm.data.beam_prepare import prepare_with_beam
+
+        manifest = prepare_with_beam(
+            config,
+            spec,
+            args.out,
+            runner=args.runner,
+            pipeline_args=args.pipeline_options,
+            shard_size=args.shard_size,
+        )
+    elif args.pipeline_options:
+        raise UserError(
+            f"{' '.join(args.pipeline_options)}: Beam pipeline options need --runner beam (or "
+            "a Beam runner's name)"
+        )
+    else:
+        manifest = prepare(config, spec, args.out, shard_size=args.shard_size)
     print(
         f"prepared {manifest['examples']} examples ({manifest['tokens']} tokens) in "
         f"{len(manifest['shards'])} shards -> {args.out}; skipped rows: {manifest['skipped_rows']}"
@@ -265,6 +282,15 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "prepare":
             sub.add_argument("--out", required=True, help="new directory for the shards")
             sub.add_argument("--shard-size", type=int, default=100_000, help="examples per shard")
+            sub.add_argument(
+                "--runner",
+                default="local",
+                help="local (this process, and data.num_workers processes), beam (an Apache "
+                "Beam pipeline on 2 local worker processes, Beam's FnApiRunner) or a Beam "
+                "runner's name (DataflowRunner, ...); Beam pipeline options (--name=value) may "
+                "follow",
+            )
+            sub.set_defaults(pipeline_options=[])
         else:
             sub.add_argument("--json", action="store_true", help="print the report as JSON")
     for module in (polar_triples, codepmp_pairs, toy, prefixes, polar_pool, codepmp):
@@ -288,6 +314,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args, extra = parser.parse_known_args(argv)
     if extra and hasattr(args, "overrides") and all(_is_override(x) for x in extra):
         args.overrides = [*args.overrides, *extra]
+    elif extra and hasattr(args, "pipeline_options"):  # data prepare: for Beam, unchanged
+        args.overrides = [*args.overrides, *filter(_is_override, extra)]
+        args.pipeline_options = [x for x in extra if not _is_override(x)]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args
