@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from jaxrm.data import codepmp_pairs, polar_triples, prefixes, toy
 from jaxrm.demo import add_command as add_demo_command
 from jaxrm.errors import UserError
-from jaxrm.generate import codepmp, polar_pool
+from jaxrm.generate import codepmp, comment_augment, polar_pool
 from jaxrm.generate.lm_server import add_command as add_serve_lm_command
 from jaxrm.generate.trajectories import add_command as add_generate_command
 from jaxrm.scoring.evaluate import add_commands as add_eval_commands
@@ -293,7 +293,15 @@ def build_parser() -> argparse.ArgumentParser:
             sub.set_defaults(pipeline_options=[])
         else:
             sub.add_argument("--json", action="store_true", help="print the report as JSON")
-    for module in (polar_triples, codepmp_pairs, toy, prefixes, polar_pool, codepmp):
+    for module in (
+        polar_triples,
+        codepmp_pairs,
+        toy,
+        prefixes,
+        polar_pool,
+        codepmp,
+        comment_augment,
+    ):
         module.add_command(data_commands)
     add_eval_commands(commands)
     add_score_command(commands)

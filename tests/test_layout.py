@@ -52,6 +52,7 @@ COMMANDS = [
     "jaxrm data prefixes",
     "jaxrm data polar-pool",
     "jaxrm data codepmp-generate",
+    "jaxrm data comment-augment",
     "jaxrm eval",
     "jaxrm best-of-n",
     "jaxrm score",

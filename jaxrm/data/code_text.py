@@ -6,6 +6,7 @@ told apart per syntax family (Python, C-like, hash-comment languages), so a `#` 
 is not a comment.
 """
 
+import ast
 import re
 
 # The language names (lower-cased) of each comment syntax; other names are guessed from the text.
@@ -173,3 +174,53 @@ def _closes(line: str, fence: str) -> bool:
 def has_empty_code_block(text: str) -> bool:
     """Whether a response announces code it does not give: any fenced block with no content."""
     return any(not block.strip() for block in code_blocks(text))
+
+
+def changed_code(original: str, commented: str, language: str | None = None) -> str | None:
+    """Why `commented` is not `original` with comments added, or None when it is.
+
+    Python is compared by its syntax tree (`ast`), docstrings left out, so comments, docstrings
+    and layout may change and nothing else: "unparsable" or "code_changed". Other languages have
+    no parser here: their code is compared as a sequence of tokens (words and single punctuation
+    characters) once comments are cut out, which layout does not change either."""
+    syntax = comment_syntax(original, language)
+    if syntax == "python":
+        try:
+            after = ast.parse(commented)
+        except (SyntaxError, ValueError):
+            return "unparsable"
+        try:
+            before = ast.parse(original)
+        except (SyntaxError, ValueError):  # not Python after all: compare the tokens
+            before = None
+        if before is not None:
+            same = ast.dump(_without_docstrings(before)) == ast.dump(_without_docstrings(after))
+            return None if same else "code_changed"
+    same = _code_tokens(original, syntax) == _code_tokens(commented, syntax)
+    return None if same else "code_changed"
+
+
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+
+
+def _code_tokens(text: str, syntax: str) -> list[str]:
+    kept, start = [], 0
+    for begin, end in comment_spans(text, syntax):
+        kept.append(text[start:begin])
+        start = end
+    kept.append(text[start:])
+    return _TOKEN.findall(" ".join(kept))
+
+
+def _without_docstrings(tree: ast.AST) -> ast.AST:
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (
+            isinstance(node, ast.Module | ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
+            node.body = body[1:] or [ast.Pass()]
+    return tree
