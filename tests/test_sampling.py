@@ -204,8 +204,8 @@ def test_generation_compiles_for_a_tpu_slice_with_splash_prefill():
             settings = {k: v for k, v in sampler._settings_of(rows_n).items()}
             prompts = {"where": jnp.arange(rows_n), "tokens": tokens, "length": lengths}
             prompts |= {"budget": budgets, **settings, "temperature": jnp.ones(rows_n)}
-            rows = sampler._insert(state, rows, prompts, 64)
-            return sampler._decode(state, rows, sampler.DECODE_CHUNK, 64)
+            rows = sampler._insert(state, rows, prompts, (64, 64))
+            return sampler._decode(state, rows, sampler.DECODE_CHUNK, (64, 64))
 
         with activation_sharding(mesh, config.mesh.rules):
             compiled = (
@@ -216,3 +216,30 @@ def test_generation_compiles_for_a_tpu_slice_with_splash_prefill():
     model = config.model
     cache = 2 * model.num_layers * rows_n * (width + new) * model.num_kv_heads * model.head_dim * 2
     assert compiled.memory_analysis().temp_size_in_bytes >= cache / len(mesh.devices.flat)
+
+
+def test_a_rows_draw_does_not_depend_on_the_plan_its_neighbours_make():
+    """The same rows drawn with the narrowest plan their settings allow, and with plans their
+    neighbours could force (a wider rank, the whole vocabulary): the same tokens."""
+    from jaxrm.generate.sampler import choose, draw_plan
+
+    rows, vocab = 64, 300
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(rows, vocab)) * 3, jnp.float32)
+    settings = [
+        Sampling(float(rng.uniform(0.5, 1.5)), int(rng.integers(1, 50)), float(rng.uniform(0.3, 1)))
+        for _ in range(rows)
+    ]
+    keys = jax.vmap(jax.random.key)(jnp.arange(rows, dtype=jnp.uint32))
+    args = [
+        jnp.asarray([getattr(s, f) for s in settings]) for f in ("temperature", "top_k", "top_p")
+    ]
+    narrow = draw_plan(settings, vocab)
+    assert narrow == (64, 64)
+    drawn = [
+        np.asarray(choose(logits, keys, *args, plan))
+        for plan in (narrow, (128, vocab), (vocab, vocab))
+    ]
+    np.testing.assert_array_equal(drawn[0], drawn[1])
+    np.testing.assert_array_equal(drawn[0], drawn[2])
+    assert len(set(drawn[0].tolist())) > 10  # draws, not one token

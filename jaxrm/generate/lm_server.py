@@ -79,7 +79,7 @@ UNUSED = {
 }
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # one per HTTP request: compared, hashed by identity
 class Completion:
     """One request's samples on their way: filled in by the engine thread."""
 
@@ -108,6 +108,7 @@ class Engine:
         self.max_queue = max_queue
         self.counts = {"requests": 0, "samples": 0, "prompt_tokens": 0, "completion_tokens": 0}
         self.running = 0
+        self.active: set[Completion] = set()  # with samples in the sampler's rows
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="jaxrm-serve-lm", daemon=True)
         self._thread.start()
@@ -138,6 +139,8 @@ class Engine:
             pass
         taken = [item for item in taken if not item[0][0].cancelled]
         self.running += len(taken)
+        self.active = {c for c in self.active if not c.cancelled}
+        self.active.update(completion for (completion, _), _ in taken)
         return taken
 
     def cut(self, key: Any, tokens: list[int]) -> int | None:
@@ -165,10 +168,14 @@ class Engine:
         for (completion, number), generated in finished:
             completion.results[number] = generated
             if len(completion.results) == completion.count:
+                self.active.discard(completion)
                 completion.settle()
 
     def _fail_all(self, error: RequestError) -> None:
         self.running = 0
+        for completion in self.active:
+            completion.settle(error)
+        self.active.clear()
         while True:
             try:
                 (completion, _), _ = self.waiting.get_nowait()

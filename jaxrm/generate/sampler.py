@@ -103,61 +103,100 @@ def sample_seed(seed: int, prompt_index: int, sample: int) -> int:
     return int.from_bytes(digest[:4], "little") >> 1
 
 
-def support_width(samplings: Iterable[Sampling], vocab: int) -> int:
-    """How the rows' draws find their top-k / top-p support, as a static width: -1 every row
-    greedy, 0 no row restricts, k the top-k ranked logits hold every row's support (the whole
-    vocabulary, a sort, once a row uses top-p without top-k)."""
+def draw_plan(samplings: Iterable[Sampling], vocab: int) -> tuple[int, int]:
+    """The static shape of the rows' draws, (rank, draw): the `rank` best logits hold every
+    row's top-k / top-p support (0: no row restricts; the whole vocabulary, a sort, once a row
+    uses top-p without top-k), and the draw is among the `draw` best (when every row has a
+    top-k) or the whole vocabulary. (-1, 0): every row is greedy."""
     drawn = [s for s in samplings if s.temperature > 0]
     if not drawn:
-        return -1
-    if any(s.top_k == 0 and s.top_p < 1 for s in drawn):
-        return vocab
+        return -1, 0
     widest = max(s.top_k for s in drawn)
-    return 0 if widest == 0 else min(vocab, 2 ** math.ceil(math.log2(widest)))
+    rank = 0 if widest == 0 else min(vocab, 2 ** math.ceil(math.log2(widest)))
+    if any(s.top_k == 0 and s.top_p < 1 for s in drawn):
+        rank = vocab
+    return rank, rank if all(s.top_k > 0 for s in drawn) else vocab
 
 
-def restricted(logits: Array, temperature: Array, top_k: Array, top_p: Array, width: int) -> Array:
+def restricted(
+    logits: Array, temperature: Array, top_k: Array, top_p: Array, rank: int
+) -> tuple[Array, Array | None, Array | None]:
     """[rows, vocab] logits after each row's temperature, with -inf outside its top-k / top-p
-    support, found among the `width` best (`support_width`): the smallest set of most likely
-    tokens whose probability reaches p, within the top k, as transformers' warpers do."""
+    support (the smallest set of most likely tokens whose probability reaches p, within the top
+    k, as transformers' warpers do), found among the `rank` best; and those `rank` best, masked
+    alike, with their ids (None when `rank` is 0: no row restricts)."""
     scaled = logits.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)[:, None]
-    if width <= 0:
-        return scaled
-    ranked = jax.lax.top_k(scaled, width)[0]
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, width), width)
-    ranked = jnp.where(jnp.arange(width)[None, :] < k[:, None], ranked, -jnp.inf)
+    if rank <= 0:
+        return scaled, None, None
+    ranked, ids = jax.lax.top_k(scaled, rank)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, rank), rank)
+    ranked = jnp.where(jnp.arange(rank)[None, :] < k[:, None], ranked, -jnp.inf)
     probs = jax.nn.softmax(ranked, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
     ranked = jnp.where((top_p[:, None] >= 1) | (mass_before < top_p[:, None]), ranked, -jnp.inf)
     floor = jnp.where(jnp.isfinite(ranked), ranked, jnp.inf).min(axis=-1)
     floor = jnp.where((top_k > 0) | (top_p < 1), floor, -jnp.inf)
-    return jnp.where(scaled >= floor[:, None], scaled, -jnp.inf)
+    return jnp.where(scaled >= floor[:, None], scaled, -jnp.inf), ranked, ids
 
 
 def restrict(logits: Array, sampling: Sampling) -> Array:
     """`restricted` with one sampling for every row."""
     rows, vocab = logits.shape
     full = lambda value, dtype: jnp.full(rows, value, dtype)  # noqa: E731
+    rank, _ = draw_plan([dataclasses.replace(sampling, temperature=1.0)], vocab)
     return restricted(
         logits,
         full(sampling.temperature or 1.0, jnp.float32),
         full(sampling.top_k, jnp.int32),
         full(sampling.top_p, jnp.float32),
-        max(0, support_width([dataclasses.replace(sampling, temperature=1.0)], vocab)),
-    )
+        rank,
+    )[0]
+
+
+def token_noise(keys: Array, ids: Array) -> Array:
+    """Gumbel noise [rows, n] for token `ids` [rows, n], a function of (row key, token id) alone:
+    the draw is the argmax of logit + noise over the support (Gumbel-max), so it is the same
+    whichever candidates a plan looks at, and only the candidates' noise is made. The key's bits
+    and the id go through two rounds of MurmurHash3's 32-bit finaliser (a fast mix, not a
+    cryptographic one; the keys themselves come from threefry)."""
+    bits = jax.random.key_data(keys)
+    low, high = bits[..., 0][:, None], bits[..., -1][:, None]
+    mixed = _fmix32(_fmix32(ids.astype(jnp.uint32) * jnp.uint32(0x9E3779B9) ^ low) ^ high)
+    uniform = ((mixed >> 8).astype(jnp.float32) + 0.5) * 2.0**-24  # in (0, 1)
+    return -jnp.log(-jnp.log(uniform))
+
+
+def _fmix32(x: Array) -> Array:
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = x * jnp.uint32(0xC2B2AE35)
+    return x ^ (x >> 16)
 
 
 def choose(
-    logits: Array, keys: Array, temperature: Array, top_k: Array, top_p: Array, width: int
+    logits: Array,
+    keys: Array,
+    temperature: Array,
+    top_k: Array,
+    top_p: Array,
+    plan: tuple[int, int],
 ) -> Array:
     """One token per row: argmax for greedy rows, else a draw from the row's restricted
-    distribution over the whole vocabulary, so a row's draw never depends on its neighbours'
-    settings (they only change `width`)."""
+    distribution. A row's draw never depends on its neighbours' settings: they change the
+    `plan` (`draw_plan`), which only decides which candidates get noise."""
     best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    if width < 0:
+    rank, draw = plan
+    if rank < 0:
         return best
-    support = restricted(logits, temperature, top_k, top_p, width)
-    drawn = jax.vmap(jax.random.categorical)(keys, support).astype(jnp.int32)
+    support, ranked, ids = restricted(logits, temperature, top_k, top_p, rank)
+    if draw == rank and ranked is not None and ids is not None:  # among the ranked ones
+        values, candidates = ranked, ids
+    else:
+        values = support
+        candidates = jnp.broadcast_to(jnp.arange(logits.shape[-1]), logits.shape)
+    pick = jnp.argmax(values + token_noise(keys, candidates), axis=-1)
+    drawn = jnp.take_along_axis(candidates, pick[:, None], axis=-1)[:, 0].astype(jnp.int32)
     return jnp.where(temperature > 0, drawn, best)
 
 
@@ -279,14 +318,16 @@ class Sampler:
     def max_positions(self) -> int:
         return self.config.max_position_embeddings
 
-    def _next_token(self, logits: Array, rows: dict[str, Any], steps: Array, width: int) -> Array:
+    def _next_token(
+        self, logits: Array, rows: dict[str, Any], steps: Array, plan: tuple[int, int]
+    ) -> Array:
         """Each row's token number `steps`, drawn with the row's own seed and settings."""
         if self.vocab_limit is not None:  # ids past the tokenizer's (padded vocabularies)
             logits = jnp.where(jnp.arange(logits.shape[-1]) < self.vocab_limit, logits, -jnp.inf)
         keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.key(seed), step))(
             rows["seed"], steps
         )
-        return choose(logits, keys, rows["temperature"], rows["top_k"], rows["top_p"], width)
+        return choose(logits, keys, rows["temperature"], rows["top_k"], rows["top_p"], plan)
 
     def _empty_rows(self, length: int, max_new: int) -> dict[str, Any]:
         """Every row done, with a zero KV cache of `length` positions."""
@@ -321,14 +362,14 @@ class Sampler:
         state: Any,
         rows: dict[str, Any],
         new: dict[str, Array],
-        width: int,
+        plan: tuple[int, int],
     ) -> dict[str, Any]:
         """Prefills prompts `new["tokens"]` [m, prompt width] into rows `new["where"]` (an index
         past the last row: none), with their budgets and settings."""
         model = nnx.merge(self.graphdef, state)
         tokens, lengths, where = new["tokens"], new["length"], new["where"]
         logits, new_cache = prefill(model, tokens, lengths)
-        first = self._next_token(logits, new, jnp.zeros_like(lengths), width)
+        first = self._next_token(logits, new, jnp.zeros_like(lengths), plan)
         put = lambda x, value: x.at[where].set(value, mode="drop")  # noqa: E731
         settings = {key: put(rows[key], new[key]) for key in ROW_SETTINGS}
         return {
@@ -345,7 +386,9 @@ class Sampler:
             **settings,
         }
 
-    def _decode(self, state: Any, rows: dict[str, Any], steps: int, width: int) -> dict[str, Any]:
+    def _decode(
+        self, state: Any, rows: dict[str, Any], steps: int, plan: tuple[int, int]
+    ) -> dict[str, Any]:
         """Up to `steps` tokens for every unfinished row (fewer once all are done)."""
         model = nnx.merge(self.graphdef, state)
         every = jnp.arange(self.batch_size)
@@ -363,7 +406,7 @@ class Sampler:
             stopped = (r["token"][:, None] == r["stops"]).any(axis=-1)
             done = r["done"] | (live & (stopped | (count >= r["budget"])))
             logits, cache = decode_step(model, r["token"], r["length"] + count - 1, r["cache"])
-            token = jnp.where(done, r["token"], self._next_token(logits, r, count, width))
+            token = jnp.where(done, r["token"], self._next_token(logits, r, count, plan))
             return step + 1, {
                 **r,
                 "cache": cache,
@@ -442,9 +485,7 @@ class Sampler:
                 if not running:
                     continue
                 settings = [request.sampling for _, request in running.values()]
-                rows = self.decode(
-                    self.state, rows, self.DECODE_CHUNK, support_width(settings, vocab)
-                )
+                rows = self.decode(self.state, rows, self.DECODE_CHUNK, draw_plan(settings, vocab))
                 finished, rows = self._collect(rows, running, feed)
                 free.extend(row for row, _ in finished)
                 if finished:
@@ -516,7 +557,7 @@ class Sampler:
             new["top_p"][i] = request.sampling.top_p
             new["stops"][i, : len(stops)] = stops
         put = lambda x: jax.device_put(x, batch_sharding(self.mesh, self.rules, x.shape))  # noqa: E731
-        plan = support_width([r.sampling for r in requests], vocab)
+        plan = draw_plan([r.sampling for r in requests], vocab)
         return self.insert(self.state, rows, {k: put(v) for k, v in new.items()}, plan)
 
 
