@@ -130,8 +130,10 @@ class SentencePieceTokenizer(Tokenizer):
             if chunk in self.added:
                 offsets.append((start, start + len(chunk)))
             elif chunk:
-                found = self.sp.encode(chunk, out_type="offset_mapping", return_bytes=False)
-                offsets += [(start + begin, start + end) for begin, end in found["offsets"]]
+                # For a str, the binding gives each piece's character offsets; byte-fallback
+                # pieces of one character are empty but the last, which covers it.
+                pieces = self.sp.encode_as_immutable_proto(chunk).pieces
+                offsets += [(start + p.begin, start + p.end) for p in pieces]
             start += len(chunk)
         return offsets
 

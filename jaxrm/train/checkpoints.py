@@ -240,6 +240,11 @@ class TrainCheckpoints:
         return self.manager.reached_preemption(step)
 
     def close(self) -> None:
+        # Orbax cleans up what failed saves left in a thread it starts with the manager and
+        # awaits only at the next save; a run that stops before its first save (no room on the
+        # disk) must wait for it too, or the thread meets the interpreter's shutdown and logs an
+        # error (orbax-checkpoint is pinned: the private name is stable).
+        self.manager._maybe_await_cleanup_tmp_directory()
         self.manager.close()
 
 
