@@ -342,3 +342,21 @@ def test_two_hosts_generate_what_one_does_and_resume_their_own_parts(models, tmp
         tmp_path / "one.jsonl.generate.json"
     ).read_text()
     assert not any(p.exists() for p in parts)
+
+
+@pytest.mark.slow
+def test_two_hosts_generate_into_a_bucket(models, gcs, tmp_path):
+    """The hosts of a slice share no disk: their parts and the merged file live in a bucket."""
+    from test_multihost import free_port
+
+    from jaxrm import storage
+
+    prompts = prompt_file(tmp_path / "prompts.jsonl", 6)
+    one = tmp_path / "one.jsonl"
+    assert generate(models / "llama", prompts, one, "--n", "2", "--policy", "p") == 0
+    out = f"{gcs.create_bucket('generate')}/two.jsonl"
+    for host in generate_on_hosts(models / "llama", prompts, out, free_port()):
+        output, _ = host.communicate(timeout=300)
+        assert host.returncode == 0, output[-2000:]
+    assert storage.read_text_file(out) == one.read_text()
+    assert storage.list_names(storage.parent(out)) == ["two.jsonl", "two.jsonl.generate.json"]
