@@ -58,7 +58,7 @@ def complete(url, body):
 
 
 @pytest.mark.slow
-def test_endpoint_samples_equal_local_ones_greedy_and_seeded(models, endpoint, tmp_path):  # noqa: F811
+def test_endpoint_samples_equal_local_ones_when_seeded(models, endpoint, tmp_path):  # noqa: F811
     prompts = prompt_file(tmp_path / "prompts.jsonl", 6)
     for flags in (["--seed", "5"],):  # POLAR's sampling, seeded (the pool test checks greedy)
         local, remote = tmp_path / "local.jsonl", tmp_path / "remote.jsonl"
