@@ -30,6 +30,7 @@ OpenAI's {"error": {"message", "type", "code"}}; a wrong `model` is 404 (vLLM's)
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import queue
 import secrets
@@ -130,13 +131,11 @@ class Engine:
         if self._stop.is_set():
             return None
         taken = []
-        try:
+        with contextlib.suppress(queue.Empty):  # the queue ran dry: start with what there is
             if wait:
                 taken.append(self.waiting.get(timeout=0.1))
             while len(taken) < free:
                 taken.append(self.waiting.get_nowait())
-        except queue.Empty:
-            pass
         taken = [item for item in taken if not item[0][0].cancelled]
         self.running += len(taken)
         self.active = {c for c in self.active if not c.cancelled}
