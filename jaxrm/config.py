@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from jax.sharding import Mesh
 
 from jaxrm import storage
 from jaxrm.errors import UserError
 from jaxrm.presets import PRESETS, preset_shape
-from jaxrm.sharding import DEFAULT_RULES, MESH_AXES
+from jaxrm.sharding import DEFAULT_RULES, MESH_AXES, make_mesh
 
 DType = Literal["float32", "bfloat16", "float16"]
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "gate", "up", "down")
@@ -103,7 +104,12 @@ RANGES: dict[str, dict[str, Allowed]] = {
         "grad_clip": Allowed("positive or null", low=0, open_low=True),
     },
     "checkpoint": {"every": AT_LEAST_1, "keep": AT_LEAST_1},
-    "mesh": dict.fromkeys(MESH_AXES, Allowed("a positive size or -1", low=1, also=(-1,))),
+    "mesh": {
+        **dict.fromkeys(
+            ("data", "fsdp", "tensor"), Allowed("a positive size or -1", low=1, also=(-1,))
+        ),
+        "context": Allowed("a positive size (the shards of each row's tokens)", low=1),
+    },
 }
 
 # The keys each kind of model.rope_scaling needs besides its type (as transformers checks them).
@@ -331,6 +337,7 @@ class MeshConfig:
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    context: int = 1  # shards of each packed row's tokens (context parallelism)
     rules: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_RULES))
 
     def __post_init__(self) -> None:
@@ -351,6 +358,10 @@ class MeshConfig:
                         f"mesh.rules.{name}: {axis!r} is not a mesh axis "
                         f"(choose from {', '.join(MESH_AXES)} or null)"
                     )
+
+    def make(self, devices: Sequence[Any] | None = None) -> Mesh:
+        """The mesh of these sizes over `devices` (default: all)."""
+        return make_mesh(self.data, self.fsdp, self.tensor, devices, context=self.context)
 
 
 @dataclasses.dataclass
@@ -375,6 +386,7 @@ class Config:
                     f"data.{key} ({token}) must be a token id below model.vocab_size "
                     f"({self.model.vocab_size})"
                 )
+        self._check_context()
         scaling = self.model.rope_scaling or {}
         dynamic = scaling.get("type", scaling.get("rope_type")) == "dynamic"
         if dynamic and self.data.seq_len > self.model.max_position_embeddings:
@@ -382,6 +394,22 @@ class Config:
                 f"data.seq_len ({self.data.seq_len}) exceeds model.max_position_embeddings "
                 f"({self.model.max_position_embeddings}), past which dynamic RoPE scaling changes "
                 "per sequence; jaxrm computes it only within that length"
+            )
+
+    def _check_context(self) -> None:
+        shards, seq_len = self.mesh.context, self.data.seq_len
+        if shards == 1:
+            return
+        if self.model.attention == "cudnn":
+            raise UserError(
+                f"mesh.context ({shards}) splits rows, which model.attention: cudnn does not "
+                "support; use xla (or splash on TPU)"
+            )
+        block = 128 if self.model.attention == "splash" else 1
+        if seq_len % (shards * block):
+            raise UserError(
+                f"data.seq_len ({seq_len}) must be a multiple of mesh.context ({shards})"
+                + (" x 128 with model.attention: splash" if block > 1 else "")
             )
 
 

@@ -1,4 +1,4 @@
-"""Parallelism as data: a device mesh (`data`, `fsdp`, `tensor`) and logical-axis rules.
+"""Parallelism as data: a device mesh (`data`, `fsdp`, `context`, `tensor`) and logical-axis rules.
 
 Every parameter and constrained activation names its dimensions with logical axes (`embed`,
 `mlp`, `heads`, ...). A rules table maps each logical axis to zero, one or several mesh axes, so
@@ -7,6 +7,10 @@ changing how a model is split is a config change (`mesh.*`), never a code change
 A mesh axis that does not divide a dimension is dropped from that dimension (the dimension is
 replicated instead), so every preset runs on every mesh shape; a mesh axis is used at most once
 per array.
+
+`context` splits each packed row's tokens (the `length` activations) over devices: attention
+gathers the keys and values along it (`jaxrm.model.attention`), and parameters are sharded over it
+as over `fsdp`, so a context group holds one copy of the model between them.
 """
 
 import contextlib
@@ -20,14 +24,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxrm.errors import UserError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 
 Rules = Mapping[str, str | list[str] | None]
 
 DEFAULT_RULES: dict[str, str | list[str] | None] = {
     # parameters
     "vocab": "tensor",
-    "embed": "fsdp",
+    "embed": ["fsdp", "context"],
     "heads": "tensor",
     "kv_heads": "tensor",
     "head_dim": None,
@@ -37,7 +41,7 @@ DEFAULT_RULES: dict[str, str | list[str] | None] = {
     "score": None,
     # activations
     "batch": ["data", "fsdp"],
-    "length": None,
+    "length": "context",
     "act_embed": None,
     "act_heads": "tensor",
     "act_kv_heads": "tensor",
@@ -46,39 +50,46 @@ DEFAULT_RULES: dict[str, str | list[str] | None] = {
 }
 
 
-def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
-    """Resolves a -1 entry to the devices left over and checks the product."""
-    sizes = [data, fsdp, tensor]
-    fixed = math.prod(s for s in sizes if s != -1)
-    if -1 in sizes:
+def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:
+    """Mesh axis sizes (by name, missing ones 1) with a -1 entry resolved to the devices left
+    over; checks the product."""
+    sizes = {axis: sizes.get(axis, 1) for axis in MESH_AXES}
+    named = lambda: " x ".join(f"{a}={n}" for a, n in sizes.items())  # noqa: E731
+    fixed = math.prod(n for n in sizes.values() if n != -1)
+    free = [axis for axis, n in sizes.items() if n == -1]
+    if free:
         if num_devices % fixed:
-            raise UserError(
-                f"mesh: {num_devices} devices cannot be split with "
-                f"data={data} fsdp={fsdp} tensor={tensor}"
-            )
-        sizes[sizes.index(-1)] = num_devices // fixed
-    if math.prod(sizes) != num_devices:
+            raise UserError(f"mesh: {num_devices} devices cannot be split with {named()}")
+        sizes[free[0]] = num_devices // fixed
+    if math.prod(sizes.values()) != num_devices:
         raise UserError(
-            f"mesh: data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} "
-            f"devices, but {num_devices} are available"
+            f"mesh: {named()} = {math.prod(sizes.values())} devices, but {num_devices} are "
+            "available"
         )
-    return sizes[0], sizes[1], sizes[2]
+    return sizes
 
 
 def make_mesh(
-    data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[Any] | None = None
+    data: int = 1,
+    fsdp: int = -1,
+    tensor: int = 1,
+    devices: Sequence[Any] | None = None,
+    context: int = 1,
 ) -> Mesh:
-    """A mesh over `devices` (default: all) with axes data x fsdp x tensor."""
+    """A mesh over `devices` (default: all) with axes data x fsdp x context x tensor."""
     devices = list(jax.devices() if devices is None else devices)
-    shape = mesh_shape(data, fsdp, tensor, len(devices))
+    sizes = mesh_shape(
+        {"data": data, "fsdp": fsdp, "context": context, "tensor": tensor}, len(devices)
+    )
+    shape = tuple(sizes[axis] for axis in MESH_AXES)
     axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     try:
         return jax.make_mesh(shape, MESH_AXES, axis_types, devices=devices)
     except NotImplementedError:  # a TPU torus: each mesh axis must be whole sides of it
+        named = " x ".join(f"{a}={n}" for a, n in sizes.items())
         raise UserError(
-            f"mesh data={shape[0]} x fsdp={shape[1]} x tensor={shape[2]} does not map onto this "
-            "TPU slice's torus: each mesh axis must be a product of whole torus sides (e.g. "
-            "4 or 8 on a 4x8 slice, not 2 or 16)"
+            f"mesh {named} does not map onto this TPU slice's torus: each mesh axis must be a "
+            "product of whole torus sides (e.g. 4 or 8 on a 4x8 slice, not 2 or 16)"
         ) from None
 
 
@@ -169,3 +180,12 @@ def describe(mesh: Mesh) -> str:
 def batch_sharding(mesh: Mesh, rules: Rules, shape: Sequence[int]) -> NamedSharding:
     """Sharding for a batch array [rows, ...]: rows split by the `batch` rule."""
     return named_sharding(("batch", *[None] * (len(shape) - 1)), shape, rules, mesh)
+
+
+def local_rows(mesh: Mesh, rules: Rules, rows: int) -> set[int]:
+    """The rows of a [rows, ...] batch that this process's devices hold."""
+    sharding = batch_sharding(mesh, rules, (rows,))
+    held: set[int] = set()
+    for index in sharding.addressable_devices_indices_map((rows,)).values():
+        held.update(range(rows)[index[0]])
+    return held

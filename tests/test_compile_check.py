@@ -151,7 +151,7 @@ def tiny_report() -> dict:
 def test_tiny_preset_compiles_for_v5p_and_fits(tiny_report):
     assert (tiny_report["chip_grid"], tiny_report["chips"]) == ("v5p:2x2x1", 4)
     assert tiny_report["device_kind"] == "TPU v5"
-    assert tiny_report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert tiny_report["mesh"] == {"data": 1, "fsdp": 4, "context": 1, "tensor": 1}
     memory = tiny_report["memory_per_chip"]
     for key in ("arguments", "outputs", "aliased", "temporaries", "generated_code"):
         assert memory[key] > 0, key
@@ -177,6 +177,20 @@ def test_tiny_estimate_counts_full_rows(tiny_report):
     assert received["fsdp_gather"] == 2 * received["fsdp_reduce_scatter"] > 0
     assert received["tensor_all_reduce"] == received["data_all_reduce"] == 0
     assert 0 < estimate["mfu"] < 1
+
+
+def test_split_rows_with_splash_compile_for_tpu():
+    """Context parallelism lowers for a real TPU: the splash kernel with its mask split into
+    query shards, inside shard_map, with the shared prefixes of the tiny POLAR config."""
+    needs_libtpu()
+    config = load_config(
+        TINY, ["model.attention=splash", "mesh.fsdp=2", "mesh.context=2", "data.shared_prefix=true"]
+    )
+    report = compile_check.compile_check(config, compile_check.parse_topology("v5p-8"))
+    assert report["mesh"] == {"data": 1, "fsdp": 2, "context": 2, "tensor": 1}
+    assert report["memory_per_chip"]["fits"]
+    received = report["estimate"]["collective_bytes_per_chip"]
+    assert received["context_kv_gather"] > 0
 
 
 def test_text_report_shows_the_figures(tiny_report):
@@ -218,7 +232,9 @@ def test_a_mesh_that_does_not_map_onto_the_torus_is_one_line(capsys):
     )
     assert code == 1
     error = capsys.readouterr().err.strip()
-    assert error.startswith("jaxrm: error: mesh data=1 x fsdp=16 x tensor=2 does not map onto")
+    assert error.startswith(
+        "jaxrm: error: mesh data=1 x fsdp=16 x context=1 x tensor=2 does not map onto"
+    )
     assert "\n" not in error
 
 

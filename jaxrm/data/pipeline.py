@@ -369,6 +369,9 @@ class StackRowsIterator(grain.DatasetIterator):
         self.ended = list(state["ended"])
 
 
+ROWS = "rows"  # the data state's record of the global batch rows it feeds
+
+
 class HostBatches(grain.IterDataset):
     """The batches of StackRows (put back together from the workers' parts), with the skipped
     rows' messages taken off; stops with one line once every row of an epoch was bad."""
@@ -385,6 +388,7 @@ class HostBatches(grain.IterDataset):
         super().__init__(parent)
         self.workers = workers
         self.spec = spec
+        self.rows = rows
         # Stream j reads examples j, j + total, ...: the first len(range(j, size, total)) of them
         # are its share of an epoch.
         self.epoch_share = np.asarray([len(range(j, size, total)) for j in rows])
@@ -398,6 +402,7 @@ class HostBatchesIterator(grain.DatasetIterator):
         super().__init__(parent)
         self.workers, self.spec = batches.workers, batches.spec
         self.epoch_share = batches.epoch_share
+        self.rows = [batches.rows.start, batches.rows.stop]
         # Worker k's part holds streams k, k + W, ...: the rows of the parts put back in order.
         streams = np.arange(len(self.epoch_share))
         parts = [streams[k :: self.workers] for k in range(self.workers)]
@@ -443,10 +448,12 @@ class HostBatchesIterator(grain.DatasetIterator):
         return taken
 
     def get_state(self) -> dict[str, Any]:
-        return self._parent.get_state()
+        """The streams' positions and which global batch rows they feed (`rows`: [start, stop],
+        so that positions saved by hosts that shared rows regroup)."""
+        return {**self._parent.get_state(), ROWS: self.rows}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        self._parent.set_state(state)
+        self._parent.set_state({key: value for key, value in state.items() if key != ROWS})
         self._restart()
 
 
@@ -511,6 +518,14 @@ def host_rows(config: Config, process_index: int, process_count: int) -> range:
     return range(process_index * per_host, (process_index + 1) * per_host)
 
 
+def _default_rows(config: Config, index: int | None, count: int | None) -> range:
+    return host_rows(
+        config,
+        jax.process_index() if index is None else index,
+        jax.process_count() if count is None else count,
+    )
+
+
 def train_batches(
     config: Config,
     tokenizer: str | Path | None = None,
@@ -518,13 +533,14 @@ def train_batches(
     num_epochs: int | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
+    rows: range | None = None,
 ) -> grain.DatasetIterator:
-    """This host's endless (or `num_epochs`) stream of [rows per host, ...] training batches."""
+    """This host's endless (or `num_epochs`) stream of [rows per host, ...] training batches:
+    global batch `rows`, by default its share as `host_rows` says."""
     if config.data.train is None:
         raise UserError("data.train is not set")
-    index = jax.process_index() if process_index is None else process_index
-    count = jax.process_count() if process_count is None else process_count
-    rows = host_rows(config, index, count)
+    if rows is None:
+        rows = _default_rows(config, process_index, process_count)
     template = template_spec(config, tokenizer)
     dataset = examples_dataset(config.data.train, config, template)
     if len(dataset) == 0:
@@ -547,15 +563,16 @@ def eval_batches(
     *,
     process_index: int | None = None,
     process_count: int | None = None,
+    rows: range | None = None,
 ) -> list[dict[str, np.ndarray]]:
-    """This host's rows of every evaluation batch, in order, the last ones padded with empty rows.
+    """This host's rows of every evaluation batch (`rows`, by default as `host_rows` says), in
+    order, the last ones padded with empty rows.
 
     Every host packs the whole evaluation set (it is small), so all hosts agree on the number of
     batches, which a collective evaluation step needs.
     """
-    index = jax.process_index() if process_index is None else process_index
-    count = jax.process_count() if process_count is None else process_count
-    rows = host_rows(config, index, count)
+    if rows is None:
+        rows = _default_rows(config, process_index, process_count)
     template = template_spec(config, tokenizer)
     dataset = examples_dataset(spec, config, template)
     everything = range(config.train.batch_size)

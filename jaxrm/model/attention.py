@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel
+from jax.sharding import NamedSharding
 
 from jaxrm.errors import UserError
 from jaxrm.model.cpu_attention import available, flash_attention
@@ -40,13 +41,21 @@ CPU_FLASH_ENV = "JAXRM_CPU_FLASH"
 def attention_mask(segment_ids: Array, prefix_ids: Array | None = None) -> Array:
     """[batch, query, key]: not in the future, and in the query's own non-padding segment or in
     the shared-prefix segment the query continues (`prefix_ids`, 0 for none)."""
-    length = segment_ids.shape[-1]
-    causal = jnp.arange(length)[:, None] >= jnp.arange(length)[None, :]
-    visible = segment_ids[:, :, None] == segment_ids[:, None, :]
+    index = jnp.arange(segment_ids.shape[-1])
+    return visibility(segment_ids, segment_ids, prefix_ids, index, index)
+
+
+def visibility(
+    query_ids: Array, key_ids: Array, prefix_ids: Array | None, query_index: Array, key_index: Array
+) -> Array:
+    """`attention_mask` for some queries and keys of a row: their segment ids [batch, queries]
+    and [batch, keys], the queries' prefix ids, and their places in the row."""
+    causal = query_index[:, None] >= key_index[None, :]
+    visible = query_ids[:, :, None] == key_ids[:, None, :]
     if prefix_ids is not None:
-        continues = prefix_ids[:, :, None] == segment_ids[:, None, :]
+        continues = prefix_ids[:, :, None] == key_ids[:, None, :]
         visible |= continues & (prefix_ids[:, :, None] != 0)
-    return visible & causal & (segment_ids[:, :, None] != 0)
+    return visible & causal & (query_ids[:, :, None] != 0)
 
 
 def attention(
@@ -59,7 +68,14 @@ def attention(
     span: int | None = None,
 ) -> Array:
     """Dispatches to the implementation named by `model.attention`; `span` bounds how far back
-    any token attends (xla's einsums skip the keys before it)."""
+    any token attends (xla's einsums skip the keys before it). Where the active rules split the
+    row's tokens (`mesh.context`), each shard attends with its own queries to the whole row's
+    keys and values (`context_attention`)."""
+    if implementation in ("xla", "splash") and context_axes(q.shape):
+        interpret = os.environ.get(INTERPRET_ENV) == "1"
+        if implementation == "splash" and not interpret:
+            _require_platform("splash", "tpu")
+        return context_attention(q, k, v, segment_ids, prefix_ids, implementation, span, interpret)
     if implementation == "xla":
         return xla_attention(q, k, v, segment_ids, prefix_ids, span)
     if implementation == "splash":
@@ -99,29 +115,69 @@ def xla_attention(
     """
     if target_platform() == "cpu" and os.environ.get(CPU_FLASH_ENV) != "0" and available():
         return per_shard(flash_attention, q, k, v, segment_ids, prefix_ids)
+    return blocked_attention(q, k, v, segment_ids, segment_ids, prefix_ids, 0, span)
+
+
+def blocked_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    query_ids: Array,
+    key_ids: Array,
+    prefix_ids: Array | None,
+    offset: int | Array,
+    span: int | None,
+) -> Array:
+    """The einsums of `xla_attention` for queries at places `offset`, `offset + 1`, ... of a row
+    whose every key and value is given (k, v [batch, keys, kv_heads, head_dim]).
+
+    With a static `offset` a block's keys end at its last query; with a traced one (a context
+    shard's place) the window has a static width: `span` back from the block's last query, or
+    the whole row.
+    """
     b, t, n, d = q.shape
-    kv = k.shape[2]
+    keys, kv = k.shape[1], k.shape[2]
     # Heads first, so both products are plain batched matmuls (no transposes in between).
     groups = (q * d**-0.5).reshape(b, t, kv, n // kv, d).transpose(0, 2, 3, 1, 4)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    mask = attention_mask(segment_ids, prefix_ids)[:, None, None]
     blocks = min(MAX_QUERY_BLOCKS, -(-t // MIN_QUERY_BLOCK))
     size = -(-t // blocks)
     outs = []
     for start in range(0, t, size):
         end = min(start + size, t)
-        first = max(0, start - span + 1) if span else 0
+        first, width = _key_window(offset, start, end, keys, span)
+        window = functools.partial(
+            jax.lax.dynamic_slice_in_dim, start_index=first, slice_size=width
+        )
+        visible = visibility(
+            query_ids[:, start:end],
+            window(key_ids, axis=1),
+            None if prefix_ids is None else prefix_ids[:, start:end],
+            offset + jnp.arange(start, end),
+            first + jnp.arange(width),
+        )[:, None, None]
         scores = jnp.einsum(
             "bkgtd,bksd->bkgts",
             groups[:, :, :, start:end],
-            k[:, :, first:end],
+            window(k, axis=2),
             preferred_element_type=jnp.float32,
         )
-        visible = mask[..., start:end, first:end]
         scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        outs.append(jnp.einsum("bkgts,bksd->bkgtd", probs, v[:, :, first:end]))
+        outs.append(jnp.einsum("bkgts,bksd->bkgtd", probs, window(v, axis=2)))
     return jnp.concatenate(outs, axis=3).transpose(0, 3, 1, 2, 4).reshape(b, t, n, d)
+
+
+def _key_window(
+    offset: int | Array, start: int, end: int, keys: int, span: int | None
+) -> tuple[int | Array, int]:
+    """(first key, static number of keys) that queries `offset + start .. offset + end` see."""
+    if isinstance(offset, int):
+        last = offset + end
+        first = max(0, offset + start - span + 1) if span else 0
+        return first, last - first
+    width = min(keys, span - 1 + end - start) if span else keys
+    return jnp.clip(offset + end - width, 0, keys - width), width
 
 
 def cudnn_attention(
@@ -194,6 +250,73 @@ def per_shard(
     )(q, k, v, segment_ids, prefix_ids)
 
 
+def context_axes(q_shape: tuple[int, ...]) -> tuple[str, ...]:
+    """The mesh axes that the active rules split a row's tokens over (`length`), if any."""
+    active = active_mesh()
+    if active is None:
+        return ()
+    mesh, rules = active
+    axes = logical_to_spec(("batch", "length", "act_heads", None), q_shape, rules, mesh)[1]
+    return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def context_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    segment_ids: Array,
+    prefix_ids: Array | None,
+    implementation: str,
+    span: int | None,
+    interpret: bool = False,
+) -> Array:
+    """Attention over rows whose tokens are split over the `length` mesh axes (context
+    parallelism, MaxText's all-gather strategy): each shard gathers the row's keys, values and
+    key segment ids and attends with its own queries; the gradients of the gathered keys and
+    values are reduce-scattered back. xla runs `blocked_attention` on the local queries; splash
+    runs the kernel made for the whole row with its mask split into query shards, each shard
+    taking its own part.
+    """
+    mesh, rules = active_mesh()
+    q_spec = logical_to_spec(("batch", "length", "act_heads", None), q.shape, rules, mesh)
+    kv_spec = logical_to_spec(("batch", "length", "act_kv_heads", None), k.shape, rules, mesh)
+    if kv_spec[2] != q_spec[2]:
+        k, v = (jnp.repeat(x, q.shape[2] // k.shape[2], axis=2) for x in (k, v))
+        kv_spec = q_spec
+    axes = context_axes(q.shape)
+    ids_spec = jax.P(q_spec[0], q_spec[1])
+    _, local_length, local_heads, _ = NamedSharding(mesh, q_spec).shard_shape(q.shape)
+    if implementation == "splash":
+        shards = q.shape[1] // local_length
+        block = next(size for size in (512, 256, 128) if local_length % size == 0)
+        kernels = _splash_kernels(
+            local_heads, q.shape[1], block, interpret, prefix_ids is not None, shards
+        )
+        split = NamedSharding(mesh, jax.P(None, q_spec[1]))
+        kernel_specs = tuple(kernel.manual_sharding_spec(split) for kernel in kernels)
+    else:
+        kernels, kernel_specs = (), ()
+
+    def local(q: Array, k: Array, v: Array, ids: Array, prefix: Array | None, kernels) -> Array:
+        gather = lambda x: jax.lax.all_gather(x, axes, axis=1, tiled=True)  # noqa: E731
+        k, v, key_ids = gather(k), gather(v), gather(ids)
+        if kernels:
+            return _splash_local(q, k, v, ids, key_ids, prefix, kernels)
+        offset = jax.lax.axis_index(axes) * q.shape[1]
+        return blocked_attention(q, k, v, ids, key_ids, prefix, offset, span)
+
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(q_spec, kv_spec, kv_spec, ids_spec, ids_spec, kernel_specs),
+        out_specs=q_spec,
+        check_vma=False,  # kernels' outputs carry no varying-axes annotation
+    )(q, k, v, segment_ids, prefix_ids, kernels)
+
+
+Kernels = tuple[splash_attention_kernel.SplashAttentionKernel, ...]
+
+
 def _splash_rows(
     q: Array,
     k: Array,
@@ -208,33 +331,63 @@ def _splash_rows(
     largest of 512, 256, 128 that divides the padded length. The padded tokens are segment 0:
     they see only each other and are sliced off.
     """
-    t, d = q.shape[1], q.shape[-1]
+    t = q.shape[1]
     padded = -(-t // 128) * 128
     block = next(size for size in (512, 256, 128) if padded % size == 0)
     pad = lambda x: jnp.pad(x, [(0, 0), (0, padded - t)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
-    heads_first = lambda x: pad(x).swapaxes(1, 2)  # noqa: E731  [rows, heads, length, head_dim]
-    # The kernel does not scale the scores.
-    q, k, v = heads_first(q * d**-0.5), heads_first(k), heads_first(v)
-    segment_ids = pad(segment_ids)
+    kernels = _splash_kernels(q.shape[2], padded, block, interpret, prefix_ids is not None)
+    ids = pad(segment_ids)
+    prefix = None if prefix_ids is None else pad(prefix_ids)
+    return _splash_local(pad(q), pad(k), pad(v), ids, ids, prefix, kernels)[:, :t]
+
+
+def _splash_kernels(
+    heads: int, length: int, block: int, interpret: bool, prefixed: bool, q_shards: int = 1
+) -> Kernels:
+    """The kernel for causal rows of `length` tokens; with shared prefixes, also its twin that
+    returns log-sum-exps (`_with_prefix`). `q_shards` splits the kernel's mask by queries."""
+    return tuple(
+        _kernel(heads, length, block, interpret, residuals, q_shards)
+        for residuals in ((False, True) if prefixed else (False,))
+    )
+
+
+def _splash_local(
+    q: Array,
+    k: Array,
+    v: Array,
+    query_ids: Array,
+    key_ids: Array,
+    prefix_ids: Array | None,
+    kernels: Kernels,
+) -> Array:
+    """The kernel over rows of queries [rows, queries, heads, head_dim] and the whole rows' keys
+    and values, unscaled as the kernel takes them."""
+    scale = q.shape[-1] ** -0.5
+    heads_first = lambda x: x.swapaxes(1, 2)  # noqa: E731  [rows, heads, length, head_dim]
+    q, k, v = heads_first(q * scale), heads_first(k), heads_first(v)
     if prefix_ids is None:
-        kernel = _kernel(q.shape[1], padded, block, interpret, residuals=False)
-        one_row = lambda q, k, v, ids: kernel(q, k, v, splash.SegmentIds(ids, ids))  # noqa: E731
-        out = jax.vmap(one_row)(q, k, v, segment_ids)
+        one_row = lambda q, k, v, q_ids, k_ids: kernels[0](  # noqa: E731
+            q, k, v, splash.SegmentIds(q_ids, k_ids)
+        )
+        out = jax.vmap(one_row)(q, k, v, query_ids, key_ids)
     else:
-        prefix = functools.partial(_with_prefix, block=block, interpret=interpret)
-        out = jax.vmap(prefix)(q, k, v, segment_ids, pad(prefix_ids))
-    return out.swapaxes(1, 2)[:, :t]
+        one_row = lambda q, k, v, q_ids, k_ids, p_ids: _with_prefix(  # noqa: E731
+            kernels, q, k, v, *_prefix_ids(q_ids, k_ids, p_ids)
+        )
+        out = jax.vmap(one_row)(q, k, v, query_ids, key_ids, prefix_ids)
+    return out.swapaxes(1, 2)
 
 
 def _kernel(
-    heads: int, length: int, block: int, interpret: bool, residuals: bool
+    heads: int, length: int, block: int, interpret: bool, residuals: bool, q_shards: int = 1
 ) -> splash_attention_kernel.SplashAttentionKernel:
     mask = splash.MultiHeadMask([splash.CausalMask((length, length))] * heads)
     return splash.make_splash_mha(
         mask,
         block_sizes=splash.BlockSizes(*[block] * 8),  # forward, dkv and dq blocks alike
         head_shards=1,  # shard_map hands the kernel its shard's heads and rows only
-        q_seq_shards=1,
+        q_seq_shards=q_shards,
         save_residuals=residuals,
         interpret=interpret,
     )
@@ -249,46 +402,57 @@ def _kernel(
 # uses `_splash_attention_bwd`, private to jax's splash module (jax is pinned to 0.10.2).
 
 
-def _prefix_ids(segment_ids: Array, prefix_ids: Array) -> tuple[splash.SegmentIds, ...]:
+def _prefix_ids(
+    query_ids: Array, key_ids: Array, prefix_ids: Array
+) -> tuple[splash.SegmentIds, splash.SegmentIds]:
     # Prefix id 0 (none) must match nothing, not the padding segment 0.
     no_prefix = jnp.where(prefix_ids > 0, prefix_ids, -1)
-    return splash.SegmentIds(segment_ids, segment_ids), splash.SegmentIds(no_prefix, segment_ids)
+    return splash.SegmentIds(query_ids, key_ids), splash.SegmentIds(no_prefix, key_ids)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+@jax.custom_vjp
 def _with_prefix(
-    q: Array, k: Array, v: Array, segment_ids: Array, prefix_ids: Array, block: int, interpret: bool
+    kernels: Kernels,
+    q: Array,
+    k: Array,
+    v: Array,
+    own_ids: splash.SegmentIds,
+    continue_ids: splash.SegmentIds,
 ) -> Array:
-    return _with_prefix_fwd(q, k, v, segment_ids, prefix_ids, block, interpret)[0]
+    return _with_prefix_fwd(kernels, q, k, v, own_ids, continue_ids)[0]
 
 
 def _with_prefix_fwd(
-    q: Array, k: Array, v: Array, segment_ids: Array, prefix_ids: Array, block: int, interpret: bool
+    kernels: Kernels,
+    q: Array,
+    k: Array,
+    v: Array,
+    own_ids: splash.SegmentIds,
+    continue_ids: splash.SegmentIds,
 ) -> tuple[Array, tuple]:
-    kernel = _kernel(q.shape[0], q.shape[1], block, interpret, residuals=True)
-    own_ids, continue_ids = _prefix_ids(segment_ids, prefix_ids)
-    own, (own_lse,) = kernel(q, k, v, own_ids)
-    pre, (pre_lse,) = kernel(q, k, v, continue_ids)
+    with_lse = kernels[1]
+    own, (own_lse,) = with_lse(q, k, v, own_ids)
+    pre, (pre_lse,) = with_lse(q, k, v, continue_ids)
     # Rows without a prefix get pre_lse near the kernel's mask value (-0.7 x float32 max) and so
     # weight 0, not NaN.
     lse = jnp.logaddexp(own_lse, pre_lse)
     weight = lambda part_lse: jnp.exp(part_lse - lse)[..., None]  # noqa: E731
     out = (own * weight(own_lse) + pre * weight(pre_lse)).astype(q.dtype)
-    return out, (q, k, v, segment_ids, prefix_ids, out, lse)
+    return out, (kernels, q, k, v, own_ids, continue_ids, out, lse)
 
 
-def _with_prefix_bwd(block: int, interpret: bool, residuals: tuple, grad: Array) -> tuple:
-    q, k, v, segment_ids, prefix_ids, out, lse = residuals
-    kernel = _kernel(q.shape[0], q.shape[1], block, interpret, residuals=False)
+def _with_prefix_bwd(residuals: tuple, grad: Array) -> tuple:
+    kernels, q, k, v, own_ids, continue_ids, out, lse = residuals
+    kernel = kernels[0]
     shares = []
-    for ids in _prefix_ids(segment_ids, prefix_ids):
+    for ids in (own_ids, continue_ids):
         kernel_residuals = (q, k, v, ids, None, out, lse, kernel.dq_mask_info, kernel.dkv_mask_info)
         _, _, _, dq, dk, dv, _, _ = splash_attention_kernel._splash_attention_bwd(
             **kernel.kwargs, res=kernel_residuals, do=grad
         )
         shares.append((dq, dk, dv))
     dq, dk, dv = (a + b for a, b in zip(*shares, strict=True))
-    return dq, dk, dv, None, None
+    return None, dq, dk, dv, None, None
 
 
 _with_prefix.defvjp(_with_prefix_fwd, _with_prefix_bwd)

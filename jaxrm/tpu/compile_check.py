@@ -47,7 +47,7 @@ from jax.experimental import topologies
 from jaxrm.config import Config, load_config
 from jaxrm.data.pipeline import padding_row
 from jaxrm.errors import UserError
-from jaxrm.sharding import batch_sharding, make_mesh
+from jaxrm.sharding import batch_sharding
 from jaxrm.train.flops import PEAK_FLOPS, train_flops
 from jaxrm.train.losses import attention_span
 from jaxrm.train.trainer import Trainer
@@ -238,7 +238,7 @@ def compile_check(config: Config, chosen: Slice) -> dict[str, Any]:
     """Compiles the config's train step for the slice; returns the report (see module doc)."""
     with libtpu_warnings_hidden():
         devices = topology_devices(chosen)
-        mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
+        mesh = config.mesh.make(devices)
         trainer = Trainer(config, mesh)
         start = time.perf_counter()
         try:
@@ -316,31 +316,43 @@ def recomputed_flops(config: Config, tokens: float, pairs: float) -> float:
 def collective_bytes(config: Config, trainer: Trainer) -> dict[str, float]:
     """Bytes each chip receives per step over ICI (see the module doc for what is counted)."""
     mesh = trainer.mesh
-    data, fsdp, tensor = (mesh.shape[axis] for axis in ("data", "fsdp", "tensor"))
+    data, fsdp, context, tensor = (
+        mesh.shape[axis] for axis in ("data", "fsdp", "context", "tensor")
+    )
     parts = config.train.micro_batches
 
     def shard_bytes(leaf: jax.ShapeDtypeStruct) -> int:
         return math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
 
-    def over_fsdp(leaf: jax.ShapeDtypeStruct) -> bool:
-        return "fsdp" in jax.tree.leaves(tuple(leaf.sharding.spec))
+    def gathered_from(leaf: jax.ShapeDtypeStruct) -> int:
+        """How many chips (over fsdp and context) hold a piece of this parameter."""
+        axes = set(jax.tree.leaves(tuple(leaf.sharding.spec)))
+        return math.prod(mesh.shape[axis] for axis in axes & {"fsdp", "context"})
 
     params = jax.tree.leaves((trainer.abstract.trainable, trainer.abstract.frozen))
     trainable = jax.tree.leaves(trainer.abstract.trainable)
-    gathers = 2 * parts * sum((fsdp - 1) * shard_bytes(p) for p in params if over_fsdp(p))
-    scatters = parts * sum((fsdp - 1) * shard_bytes(p) for p in trainable if over_fsdp(p))
+    gathers = 2 * parts * sum((gathered_from(p) - 1) * shard_bytes(p) for p in params)
+    scatters = parts * sum((gathered_from(p) - 1) * shard_bytes(p) for p in trainable)
     data_reduce = 2 * parts * (data - 1) / data * sum(shard_bytes(p) for p in trainable)
 
     model = config.model
-    tokens_per_group = config.train.batch_size * config.data.seq_len / (data * fsdp)
-    activation = tokens_per_group * model.hidden_size * np.dtype(model.dtype).itemsize
+    itemsize = np.dtype(model.dtype).itemsize
+    rows_per_group = config.train.batch_size / (data * fsdp)
+    tokens_per_chip = rows_per_group * config.data.seq_len / context
+    activation = tokens_per_chip * model.hidden_size * itemsize
     reduces_per_layer = 4 + (2 if model.remat == "full" else 0)
     tensor_reduce = model.num_layers * reduces_per_layer * 2 * (tensor - 1) / tensor * activation
+    # Context: each layer gathers the row's keys and values forward (again when remat: full
+    # recomputes it) and reduce-scatters their gradients backward.
+    kv_bytes = 2 * rows_per_group * config.data.seq_len * model.num_kv_heads * model.head_dim
+    kv_passes = 2 + (1 if model.remat == "full" else 0)
+    context_kv = model.num_layers * kv_passes * (context - 1) / context * kv_bytes * itemsize
     return {
         "fsdp_gather": float(gathers),
         "fsdp_reduce_scatter": float(scatters),
         "data_all_reduce": float(data_reduce),
         "tensor_all_reduce": float(tensor_reduce),
+        "context_kv_gather": float(context_kv / tensor),
     }
 
 
@@ -382,7 +394,8 @@ ASSUMPTIONS = [
     "(half the bidirectional bandwidth)",
     "per micro-batch: FSDP gathers parameters (in param_dtype) forward and backward and "
     "reduce-scatters gradients; tensor all-reduces activations 2x per layer forward, 2x backward, "
-    "2x more with remat full",
+    "2x more with remat full; context gathers each layer's keys and values forward (again "
+    "with remat full) and reduce-scatters their gradients",
 ]
 
 

@@ -38,6 +38,7 @@ from jaxrm.checkpoint.items import (
     verify_arrays,
 )
 from jaxrm.config import CheckpointConfig, Config
+from jaxrm.data.pipeline import ROWS
 from jaxrm.data.tokenizer import tokenizer_files
 from jaxrm.errors import UserError, causes, innermost
 from jaxrm.train.distributed import process_0_says
@@ -174,10 +175,11 @@ class TrainCheckpoints:
         _raise_on_every_host(failure, f"step {step}")  # before the checksums' collectives
         arrays = {"params": restored["params"], "opt_state": restored["opt_state"]}
         verify_arrays(self.step_dir(step), arrays)
-        count = self.saved_process_count(step)
+        count, fed = self.saved_process_count(step), [rows.start, rows.stop]
+        state = None
         if count == jax.process_count():
             state = self._data_state(step, jax.process_index(), count)
-        else:
+        if not isinstance(state, dict) or state.get(ROWS, fed) != fed:
             state = self.regrouped_data_state(step, count, rows)
         try:
             data.set_state(state)
@@ -201,21 +203,33 @@ class TrainCheckpoints:
 
     def regrouped_data_state(self, step: int, count: int, rows: range) -> dict[str, Any]:
         """The data position of global batch `rows` at `step`, from the positions every saving
-        host wrote. Each row of the global batch is its own stream (`data/pipeline.py`) and host
-        i of N fed a contiguous block of rows, so the streams regroup for any number of hosts
+        host wrote. Each row of the global batch is its own stream (`data/pipeline.py`) and each
+        host fed a contiguous block of rows (its state's `rows`; saved before they were recorded,
+        block i of N equal ones), so the streams regroup for any number of hosts and any mesh
         (`count`: how many saved it)."""
-        streams, ended = [], []
+        saved: dict[int, tuple[Any, Any]] = {}
         for index in range(count):
             state = self._data_state(step, index, count)
-            if not isinstance(state, dict) or set(state) != {"streams", "ended"}:
+            if not isinstance(state, dict) or set(state) - {ROWS} != {"streams", "ended"}:
                 raise UserError(
                     f"{self.step_dir(step)} was saved by {count} processes reading with "
-                    f"data.num_workers > 0; resume it on {count} processes, or the positions "
-                    "cannot be regrouped"
+                    f"data.num_workers > 0; resume it on {count} processes with the same mesh, "
+                    "or the positions cannot be regrouped"
                 )
-            streams += state["streams"]
-            ended += state["ended"]
-        return {"streams": streams[rows.start : rows.stop], "ended": ended[rows.start : rows.stop]}
+            fed = len(state["streams"])
+            start, _ = state.get(ROWS, [index * fed, (index + 1) * fed])
+            for offset, position in enumerate(zip(state["streams"], state["ended"], strict=True)):
+                saved[start + offset] = position
+        missing = [row for row in rows if row not in saved]
+        if missing:
+            raise DamagedCheckpoint(
+                f"{self.step_dir(step, 'data')}: no saved position for global batch rows "
+                f"{missing[0]}..{missing[-1]}; the checkpoint is damaged"
+            )
+        return {
+            "streams": [saved[row][0] for row in rows],
+            "ended": [saved[row][1] for row in rows],
+        }
 
     def set_aside(self, step: int, damage: DamagedCheckpoint) -> None:
         """Moves the damaged `step` out of the way of resuming (and of the next save of that

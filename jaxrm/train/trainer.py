@@ -91,10 +91,11 @@ class Trainer:
         return nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen)
 
     def global_batch(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """This host's rows -> arrays over all hosts' rows, split over the batch mesh axes."""
+        """This host's rows -> arrays of the whole batch's `train.batch_size` rows, split over
+        the batch mesh axes (hosts whose devices share rows give the same rows)."""
         out = {}
         for key, value in host_batch.items():
-            shape = (value.shape[0] * jax.process_count(), *value.shape[1:])
+            shape = (self.config.train.batch_size, *value.shape[1:])
             sharding = batch_sharding(self.mesh, self.rules, shape)
             out[key] = jax.make_array_from_process_local_data(sharding, value, shape)
         return out
