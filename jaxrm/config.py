@@ -84,6 +84,7 @@ RANGES: dict[str, dict[str, Allowed]] = {
         "max_response_length": AT_LEAST_1,
         "pairs_per_row": AT_LEAST_1,
         "max_candidates": Allowed("at least 2", low=2),
+        "max_steps": AT_LEAST_1,
         "num_workers": Allowed("0 or more", low=0),
         "reward_marker": TOKEN_ID,  # when given as an id rather than a string
         "reward_token": TOKEN_ID,
@@ -241,6 +242,10 @@ class DataConfig:
     shared_prefix: bool = True  # pack a prefix common to the candidates once
     pairs_per_row: int | None = None  # examples (pairs or lists) per row; default seq_len // 16
     max_candidates: int = 2  # responses a row may rank (a "ranked" list of more than 2: listwise)
+    # Process rewards (objective prm): each step's text ends with this, then the reward token,
+    # where the step's reward is read; rewards are read for at most max_steps steps of a row.
+    step_separator: str = "\n"
+    max_steps: int = 16
     # Skip malformed rows (counted as bad_rows, listed in RUN/bad_rows.jsonl) instead of
     # stopping; a run whose every row of an epoch is bad still stops.
     skip_bad_rows: bool = False
@@ -367,7 +372,7 @@ class MeshConfig:
 @dataclasses.dataclass
 class Config:
     output_dir: str = "runs/jaxrm"
-    objective: Literal["polar", "pairwise", "codepmp", "regression"] = "polar"
+    objective: Literal["polar", "pairwise", "codepmp", "regression", "prm"] = "polar"
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)

@@ -108,6 +108,19 @@ def jaxrm_cli(*args: str, cwd: Path | None = None, env: dict | None = None):
     )
 
 
+def trained_run(directory: Path, rows: list, held_out: list, *overrides: str) -> tuple:
+    """(run directory, held-out rows file, final metrics) of a tiny run trained on `rows`."""
+    from jaxrm.config import load_config
+    from jaxrm.train.loop import train
+
+    tokenizer = train_sentencepiece(directory)
+    write_jsonl(directory / "train.jsonl", rows)
+    held_out_file = write_jsonl(directory / "held_out.jsonl", held_out)
+    run = directory / "run"
+    settings = tiny_run(directory / "train.jsonl", tokenizer, f"output_dir={run}", *overrides)
+    return run, held_out_file, train(load_config(None, [*settings, "train.log_every=10"]))
+
+
 def tiny_run(train: Path, tokenizer: Path, *overrides: str) -> list[str]:
     """Config overrides of a tiny float32 run on the rows `train` that trains in seconds."""
     return [

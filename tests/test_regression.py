@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from data_helpers import WORDS, sentence, tiny_run, train_sentencepiece, write_jsonl
+from data_helpers import (
+    WORDS,
+    sentence,
+    tiny_run,
+    train_sentencepiece,
+    trained_run,
+    write_jsonl,
+)
 from scipy import stats
 
 from jaxrm.cli import main
@@ -42,24 +49,9 @@ def scored_rows(count: int, seed: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+    rows, held_out = scored_rows(400, seed=1), scored_rows(96, seed=2)
     directory = tmp_path_factory.mktemp("regression")
-    tokenizer = train_sentencepiece(directory)
-    write_jsonl(directory / "train.jsonl", scored_rows(400, seed=1))
-    held_out = write_jsonl(directory / "held_out.jsonl", scored_rows(96, seed=2))
-    run = directory / "run"
-    config = load_config(
-        None,
-        tiny_run(
-            directory / "train.jsonl",
-            tokenizer,
-            f"output_dir={run}",
-            "objective=regression",
-            "train.steps=150",
-            "train.log_every=10",
-        ),
-    )
-    summary = train(config)
-    return run, held_out, summary
+    return trained_run(directory, rows, held_out, "objective=regression", "train.steps=150")
 
 
 @pytest.mark.slow

@@ -17,10 +17,14 @@ Row fields (numpy, one row):
                                                         [s, k] is the index of the reward (last)
                                                         token of the k-th best response of the
                                                         row's s-th example; -1 for unused
-                                                        slots and responses it lacks
+                                                        slots and responses it lacks. For
+                                                        objective prm [pairs_per_row, max_steps]:
+                                                        [s, j] is where step j is judged
     margin                                              [pairs_per_row] float32
     target                                              [pairs_per_row] float32: the score of
                                                         a regression example
+    step_labels                                         [pairs_per_row, max_steps] float32: the
+                                                        label of each step (objective prm)
     bad_rows                                            []  rows skipped before this one
 """
 
@@ -77,6 +81,8 @@ class Row:
             self.fields["lm_weights"] = np.zeros(seq_len, np.float32)
         if objective == "regression":
             self.fields["target"] = np.zeros(pairs_per_row, np.float32)
+        if objective == "prm":
+            self.fields["step_labels"] = np.zeros((pairs_per_row, max_candidates), np.float32)
         self.used = 0
         self.examples = 0
         self.segments = 0
@@ -92,6 +98,10 @@ class Row:
         for rank, tokens in enumerate(unit.candidates):
             self._place(tokens, len(unit.prefix), prefix_segment)
             f["reward_index"][self.examples, rank] = self.used - 1  # its last (reward) token
+        reads = unit.example.reads
+        if reads is not None:  # a process-reward example, judged at each step's reward token
+            f["reward_index"][self.examples, : len(reads)] = start + reads
+            f["step_labels"][self.examples, : len(reads)] = unit.example.labels
         f["margin"][self.examples] = unit.example.margin
         if "target" in f:
             f["target"][self.examples] = unit.example.target

@@ -57,6 +57,7 @@ SKIPPED = "skipped"
 ENDED = "ended"
 PREPARED_FORMAT = "jaxrm-examples/1"
 # The settings a prepared (tokenised) dataset was made with; they must match the run's.
+PROCESS_KEYS = ("step_separator", "max_steps")  # recorded for objective prm only
 TEMPLATE_KEYS = (
     "objective",
     "tokenizer_sha256",
@@ -88,6 +89,8 @@ class TemplateSpec:
     separator: str
     reward_marker: str | int
     reward_token: str | int | None
+    step_separator: str = "\n"
+    max_steps: int = 16
 
     def build(self) -> Template:
         settings = dataclasses.asdict(self)
@@ -98,7 +101,8 @@ class TemplateSpec:
         """The settings a prepared dataset records, with the tokenizer by content."""
         settings = dataclasses.asdict(self)
         settings["tokenizer_sha256"] = _tokenizer_sha256(Path(settings.pop("tokenizer")))
-        return {key: settings[key] for key in TEMPLATE_KEYS}
+        keys = TEMPLATE_KEYS + (PROCESS_KEYS if self.objective == "prm" else ())
+        return {key: settings[key] for key in keys}
 
 
 def template_spec(config: Config, tokenizer: str | Path | None = None) -> TemplateSpec:
@@ -118,6 +122,8 @@ def template_spec(config: Config, tokenizer: str | Path | None = None) -> Templa
         separator=data.separator,
         reward_marker=data.reward_marker,
         reward_token=reward_token,
+        step_separator=data.step_separator,
+        max_steps=data.max_steps,
     )
 
 
@@ -184,7 +190,7 @@ class PreparedSource:
                 f"{directory} was prepared with data.max_candidates {prepared_candidates}; "
                 f"set data.max_candidates to at least that (it is {max_candidates})"
             )
-        differing = [k for k in TEMPLATE_KEYS if manifest["template"].get(k) != expected.get(k)]
+        differing = [k for k in expected if manifest["template"].get(k) != expected[k]]
         if differing:
             details = ", ".join(
                 f"{k}: {manifest['template'].get(k)!r} there, {expected.get(k)!r} here"
@@ -211,6 +217,8 @@ def encode_example(example: Example) -> bytes:
             "lm_mask": None if example.lm_mask is None else example.lm_mask.tolist(),
             "margin": example.margin,
             "target": example.target,
+            **({} if example.reads is None else {"reads": example.reads.tolist()}),
+            **({} if example.labels is None else {"labels": example.labels.tolist()}),
         },
         separators=(",", ":"),
     ).encode()
@@ -224,6 +232,8 @@ def decode_example(record: bytes) -> Example:
         None if mask is None else np.asarray(mask, np.int8),
         float(data["margin"]),
         float(data.get("target", 0.0)),
+        None if "reads" not in data else np.asarray(data["reads"], np.int32),
+        None if "labels" not in data else np.asarray(data["labels"], np.float32),
     )
 
 
@@ -590,7 +600,7 @@ def pack_rows(
             examples,
             data.seq_len,
             data.pairs_per_row,
-            data.max_candidates,
+            reads_per_example(config),
             shared_prefix,
             config.objective,
         )
@@ -601,10 +611,16 @@ def pack_rows(
         ) from None
 
 
+def reads_per_example(config: Config) -> int:
+    """The rewards read per example: one per ranked response, or per step (objective prm)."""
+    data = config.data
+    return data.max_steps if config.objective == "prm" else data.max_candidates
+
+
 def padding_row(config: Config) -> dict[str, np.ndarray]:
     """A row with no tokens and no pairs, to fill a batch."""
     data = config.data
-    row = empty_row(data.seq_len, data.pairs_per_row, data.max_candidates, config.objective)
+    row = empty_row(data.seq_len, data.pairs_per_row, reads_per_example(config), config.objective)
     return {**row, "bad_rows": np.int32(0)}
 
 

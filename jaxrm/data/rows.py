@@ -20,6 +20,8 @@ ROW_KINDS = {
     "pairwise": (("prompt",), ("category", "margin", "wrapper", "reference")),
     "codepmp": (("prompt",), ("category", "margin", "wrapper", "reference")),
     "regression": (("prompt", "response", "score"), ("category", "wrapper")),
+    "prm": (("prompt", "steps", "labels"), ("category", "wrapper")),
+    "process_score": (("prompt", "steps"), ("labels", "category", "wrapper")),
     "trajectory": (("prompt", "policy", "response"), ()),
     "score": (("prompt", "response"), ("reference", "wrapper")),
     "prompt": (("prompt",), ()),
@@ -65,6 +67,12 @@ def check_row(row: Any, kind: str, where: str) -> dict[str, Any]:
     """`row` if it is a valid row of `kind`; otherwise BadRow."""
     if not isinstance(row, dict):
         raise BadRow(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+    if (
+        kind in ("prm", "process_score")
+        and row.get("steps") is None
+        and row.get("completions") is not None
+    ):
+        row = {**row, "steps": steps_of(row)}
     required, optional = ROW_KINDS[kind]
     needs = ", ".join(required)
     if kind in PREFERENCE_KINDS:
@@ -83,6 +91,8 @@ def check_row(row: Any, kind: str, where: str) -> dict[str, Any]:
                 raise BadRow(f"{where}: field '{field}' is empty")
         elif field == "ranked":
             _check_ranked(row, where)
+        elif field == "steps":
+            _check_steps(row, where)
         elif field in ("margin", "score") and not _is_finite_number(value):
             raise BadRow(f"{where}: field '{field}' must be a finite number, got {value!r}")
         elif field == "wrapper" and value not in ("sft", "pretrain"):
@@ -90,6 +100,11 @@ def check_row(row: Any, kind: str, where: str) -> dict[str, Any]:
         elif field in ("category", "policy") and not isinstance(value, str):
             raise BadRow(f"{where}: field '{field}' must be a string, got {value!r}")
     return row
+
+
+def steps_of(row: dict[str, Any]) -> Any:
+    """A process-reward row's steps: its "steps", or TRL's name for them, "completions"."""
+    return row["steps"] if row.get("steps") is not None else row.get("completions")
 
 
 def _response_fields(row: dict[str, Any]) -> tuple[str, ...]:
@@ -112,6 +127,30 @@ def _check_ranked(row: dict[str, Any], where: str) -> None:
         _check_text(response, f"ranked[{i}]", where)
         if not _has_text(response):
             raise BadRow(f"{where}: field 'ranked[{i}]' is empty")
+
+
+def _check_steps(row: dict[str, Any], where: str) -> None:
+    """A process-reward row's steps (strings) and, where given, one label per step: true /
+    false or a probability that the step is correct."""
+    steps, labels = row["steps"], row.get("labels")
+    if not isinstance(steps, list) or not steps:
+        raise BadRow(f"{where}: field 'steps' must be a non-empty list of strings")
+    for i, step in enumerate(steps):
+        if not isinstance(step, str) or not step:
+            raise BadRow(f"{where}: field 'steps[{i}]' must be a non-empty string, got {step!r}")
+    if labels is None:
+        return
+    if not isinstance(labels, list) or len(labels) != len(steps):
+        raise BadRow(
+            f"{where}: field 'labels' must be a list of one label per step ({len(steps)}), "
+            f"got {labels!r}"
+        )
+    for i, label in enumerate(labels):
+        if not (isinstance(label, bool) or (_is_finite_number(label) and 0 <= label <= 1)):
+            raise BadRow(
+                f"{where}: field 'labels[{i}]' must be true, false or a number in [0, 1], "
+                f"got {label!r}"
+            )
 
 
 def _check_text(value: Any, field: str, where: str) -> None:

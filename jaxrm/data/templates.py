@@ -21,6 +21,12 @@ response, then the reward token. The prompt and the
 response are encoded apart, so the response tokens (the CodePMP LM-loss targets of the best
 response) and the shared prompt are exact token spans. The response keeps its head, the prompt its
 tail.
+
+Process rewards (objective `prm`, rows {prompt, steps, labels}): BOS + P + SEP, then for each step
+its text + `step_separator` + the reward token, where that step's reward is read. Each step is
+encoded apart, so a step's reward token is an exact place. The first `max_steps` steps are kept,
+then as many as fit `max_length` with the prompt's tail taking at most half of it; a first step
+too long for the rest keeps its head.
 """
 
 import dataclasses
@@ -28,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxrm.data.rows import steps_of
 from jaxrm.data.tokenizer import Tokenizer
 from jaxrm.errors import UserError
 
@@ -40,13 +47,16 @@ class Example:
     rejected row, one per response of a "ranked" row).
 
     `lm_mask` marks, in `sequences[0]`, the tokens that are LM-loss targets (CodePMP); `target`
-    is the score a regression example's one sequence should get.
+    is the score a regression example's one sequence should get; `reads` are the places in
+    `sequences[0]` where a process-reward example's steps are judged, `labels` their labels.
     """
 
     sequences: list[np.ndarray]
     lm_mask: np.ndarray | None = None
     margin: float = 0.0
     target: float = 0.0
+    reads: np.ndarray | None = None
+    labels: np.ndarray | None = None
 
 
 def responses(row: dict[str, Any]) -> list[Any]:
@@ -74,6 +84,8 @@ class Template:
         separator: str = "\n",
         reward_marker: str | int = "<|reward|>",
         reward_token: str | int | None = None,
+        step_separator: str = "\n",
+        max_steps: int = 16,
     ):
         self.tokenizer = tokenizer
         self.objective = objective
@@ -81,6 +93,8 @@ class Template:
         self.max_response_length = max_response_length
         self.wrapper = wrapper
         self.separator = separator
+        self.step_separator = step_separator
+        self.max_steps = max_steps
         if reward_token is None:
             raise UserError(
                 "no reward token: set data.reward_token (a token string or id) or "
@@ -94,6 +108,10 @@ class Template:
 
     def __call__(self, row: dict[str, Any]) -> Example:
         wrapper = row.get("wrapper")
+        if self.objective == "prm":
+            sequence, reads = self.process(row["prompt"], steps_of(row), wrapper)
+            labels = np.asarray(row["labels"][: len(reads)], np.float32)
+            return Example([sequence], reads=reads, labels=labels)
         if self.objective == "regression":
             sequences, _ = self.pairwise(row["prompt"], [row["response"]], wrapper)
             return Example(sequences, target=float(row.get("score") or 0.0))
@@ -193,6 +211,34 @@ class Template:
         )
         sequences = [np.asarray([*prompt_ids, *r, self.reward_id], np.int32) for r in response_ids]
         return sequences, [len(prompt_ids)] * len(sequences)
+
+    def process(
+        self, prompt: Any, steps: list[str], wrapper: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(the token sequence of a solution's steps, the index of each kept step's reward
+        token in it)."""
+        wrapper = wrapper or self.wrapper
+        encode = self.tokenizer.encode
+        budget = self.max_length - len(self.special_prefix)
+        prompt_text = flatten(prompt)
+        if prompt_text and wrapper != "pretrain":
+            prompt_text += self.separator
+        prompt_ids = encode(prompt_text)
+        room = budget - min(len(prompt_ids), budget // 2)
+        kept: list[list[int]] = []
+        for step in steps[: self.max_steps]:
+            ids = [*encode(step + self.step_separator), self.reward_id]
+            if sum(map(len, kept)) + len(ids) > room:
+                kept = kept or [[*ids[: room - 1], self.reward_id]]
+                break
+            kept.append(ids)
+        keep = budget - sum(map(len, kept))
+        prompt_ids = self.special_prefix + (
+            prompt_ids[max(0, len(prompt_ids) - keep) :] if keep > 0 else []
+        )
+        reads = len(prompt_ids) + np.cumsum([len(ids) for ids in kept]) - 1
+        sequence = [*prompt_ids, *(i for ids in kept for i in ids)]
+        return np.asarray(sequence, np.int32), reads.astype(np.int32)
 
 
 def _special_prefix(tokenizer: Tokenizer) -> list[int]:

@@ -169,8 +169,10 @@ def hf_config(
     dtype: str,
     causal_lm: bool,
     special_ids: dict[str, int | None] | None = None,
+    per_token: bool = False,
 ) -> dict[str, Any]:
-    """config.json for `arch`, as a reward model or (`causal_lm`) a causal LM.
+    """config.json for `arch`, as a reward model or (`causal_lm`) a causal LM; a process reward
+    model (`per_token`) is a token classifier whose one-label head has no bias, as jaxrm's.
 
     `special_ids` ({"bos_token_id", "eos_token_id"}, from the tokenizer) go in when known. A
     reward model says `problem_type: regression`, so engines that pick an activation from it
@@ -178,6 +180,11 @@ def hf_config(
     if arch in ("llama", "internlm2") and config.qkv_bias:
         raise UserError(
             f"this model has q/k/v biases, which the {arch} layout cannot hold; export with --arch qwen2"
+        )
+    if arch == "internlm2" and per_token and not causal_lm:
+        raise UserError(
+            "a process reward model exports as a token classifier, which InternLM2's remote code "
+            "does not have; export with --arch llama (or qwen2)"
         )
     if arch == "internlm2" and config.head_dim * config.num_heads != config.hidden_size:
         raise UserError("internlm2 requires head_dim * num_heads == hidden_size")
@@ -238,8 +245,11 @@ def hf_config(
             **{"bos_token_id": 1, "eos_token_id": 2, **common},
         )
     family = {"llama": "Llama", "qwen2": "Qwen2"}[arch]
-    kind = f"{family}ForCausalLM" if causal_lm else f"{family}ForSequenceClassification"
+    head = "ForTokenClassification" if per_token else "ForSequenceClassification"
+    kind = f"{family}ForCausalLM" if causal_lm else f"{family}{head}"
     extra: dict[str, Any] = {"head_dim": config.head_dim, "rope_parameters": rope}
+    if per_token and not causal_lm:
+        extra.update(token_classification_bias=False, classifier_dropout=0.0)
     if arch == "llama":
         extra.update(attention_bias=False, mlp_bias=False)
     else:

@@ -129,7 +129,8 @@ def export_hf(
     if dtype not in EXPORT_DTYPES:
         raise UserError(f"--dtype {dtype!r}: choose from {', '.join(EXPORT_DTYPES)}")
     out_dir = require_new_dir(out_dir, "export directory")
-    hf = hf_config(config, arch, dtype, causal_lm, _special_ids(loaded.tokenizer_dir))
+    per_token = loaded.config.objective == "prm"
+    hf = hf_config(config, arch, dtype, causal_lm, _special_ids(loaded.tokenizer_dir), per_token)
     if reward_stats is not None:
         hf.update(normalize_reward=True, mean=reward_stats["mean"], std=reward_stats["std"])
     params = nnx.to_pure_dict(nnx.state(loaded.model, nnx.Param))
@@ -174,6 +175,8 @@ def export_readme(hf: dict, causal_lm: bool) -> str:
     kind = hf["architectures"][0]
     if causal_lm:
         return f"# {kind} exported by jaxrm\n\nLoad with `AutoModelForCausalLM.from_pretrained(...)`.\n"
+    if kind.endswith("ForTokenClassification"):
+        return process_readme(hf)
     remote = ", trust_remote_code=True" if hf["model_type"] == "internlm2" else ""
     auto = "AutoModel" if remote else "AutoModelForSequenceClassification"
     reward_token = hf.get("reward_token_id")
@@ -203,6 +206,40 @@ ids = tokenizer(text)["input_ids"]
     reward = model(torch.tensor([ids])).logits[0, 0].item()
 ```
 {_serving_notes(hf)}"""
+
+
+def process_readme(hf: dict) -> str:
+    """The README of an exported process reward model."""
+    kind, token = hf["architectures"][0], hf.get("reward_token_id")
+    data = hf["jaxrm"]["data"]
+    return f"""# Process reward model exported by jaxrm ({kind})
+
+One reward per step of a solution. The input is BOS + prompt + {data["separator"]!r}, then for
+each step its text + {data["step_separator"]!r} followed by the reward token (id {token}): a step's
+reward is the head's output at its reward token, a logit (sigmoid: the probability that the
+step is right). A solution's reward is the lowest of its steps' (`jaxrm score` gives that, every
+step's and the last).
+
+```python
+import torch
+from transformers import AutoTokenizer, AutoModelForTokenClassification
+
+tokenizer = AutoTokenizer.from_pretrained(PATH)
+model = AutoModelForTokenClassification.from_pretrained(PATH, torch_dtype=torch.float32)
+ids = tokenizer(prompt + {data["separator"]!r})["input_ids"]
+for step in steps:
+    ids += tokenizer(step + {data["step_separator"]!r}, add_special_tokens=False)["input_ids"]
+    ids += [{token}]
+with torch.no_grad():
+    scores = model(torch.tensor([ids])).logits[0, :, 0]
+step_rewards = scores[torch.tensor(ids) == {token}]
+```
+
+vLLM serves token classifiers with `--runner pooling`: its `token_classify` task returns every
+token's score, and its STEP pooling reads the scores at `step_tag_id` = {token}. `jaxrm serve
+PATH` answers POST /score {{"items": [{{"prompt", "steps"}}]}} with each solution's
+`step_rewards`, `rewards` (the lowest) and `rewards_last`.
+"""
 
 
 def _serving_notes(hf: dict) -> str:

@@ -18,6 +18,12 @@ reports the mean squared error of the rewards, their Pearson and Spearman correl
 scores (ties get their mean rank), and as accuracy the share of row pairs with different scores
 whose rewards are ordered as the scores are; with `--by FIELD`, the same per group.
 
+For a process reward model (`objective: prm`) `eval` reads rows {prompt, steps, labels} and
+reports the share of steps judged right (reward > 0 where the label is >= 0.5) and, as
+ProcessBench does, the share of wrong solutions whose first wrong step (the first judged wrong)
+is found exactly, the share of right solutions judged right at every step, and their harmonic
+mean, `first_error_f1`; with `--by FIELD`, the same per group.
+
 `best-of-n` reads rows {prompt, reference?, candidates[], correct[], answers[]?} and reports, for
 N = 1, 2, 4, ... up to the candidates every row has, how often the top-scored of N candidates is
 correct. N candidates are a uniformly random subset; the expectation over subsets is computed
@@ -166,6 +172,9 @@ def rewardbench_scores(
 
 
 def evaluate_file(scorer: Scorer, data: str, by: str | None = None) -> dict[str, Any]:
+    if scorer.objective == "prm":
+        return {**process_report(scorer, data, by), "scoring": scorer.counts.summary()}
+
     def sequences(row: Any, where: str) -> list[np.ndarray]:
         check_row(row, scorer.objective, where)
         return scorer.template(row).sequences
@@ -192,6 +201,68 @@ def regression_report(rows: Sequence[dict], rewards: np.ndarray, by: str | None)
             by: {k: _fit(rewards[keys == k], scores[keys == k]) for k in sorted(set(keys))}
         }
     return report
+
+
+def process_report(scorer: Scorer, data: str, by: str | None) -> dict[str, Any]:
+    """How well a process reward model judges the steps of the rows of `data`."""
+    rows = [check_row(row, "prm", where) for where, row in read_rows(data)]
+    if not rows:
+        raise UserError(f"{data}: no rows to evaluate")
+    if by is not None and not any(by in row for row in rows):
+        raise UserError(f"--by {by}: no row of {data} has a field '{by}'")
+    solutions = [scorer.process_sequence(row) for row in rows]
+    with tqdm(desc="scoring", total=len(rows), unit="seq", dynamic_ncols=True) as bar:
+        rewards = scorer.step_rewards(solutions, bar)
+    labels = [
+        np.asarray(row["labels"][: len(r)], float) >= 0.5
+        for row, r in zip(rows, rewards, strict=True)
+    ]
+    report = _judged(rewards, labels)
+    every = np.concatenate(rewards)
+    report["reward"] = {"mean": float(every.mean()), "std": float(every.std())}
+    report["steps_left_out"] = sum(len(row["labels"]) for row in rows) - len(every)
+    if by is not None:
+        groups: dict[str, list[int]] = {}
+        for i, row in enumerate(rows):
+            groups.setdefault(str(row.get(by, "(none)")), []).append(i)
+        report["by"] = {
+            by: {
+                key: _judged([rewards[i] for i in members], [labels[i] for i in members])
+                for key, members in sorted(groups.items())
+            }
+        }
+    return report
+
+
+def _judged(rewards: list[np.ndarray], labels: list[np.ndarray]) -> dict[str, Any]:
+    """Step accuracy and ProcessBench's first-error scores of solutions' step rewards."""
+    first = lambda wrong: int(np.argmax(wrong)) if wrong.any() else -1  # noqa: E731
+    found = kept = wrong_solutions = 0
+    for reward, label in zip(rewards, labels, strict=True):
+        labelled, judged = first(~label), first(reward <= 0)
+        if labelled >= 0:
+            wrong_solutions += 1
+            found += judged == labelled
+        else:
+            kept += judged == -1
+    right_solutions = len(rewards) - wrong_solutions
+    found_share = found / wrong_solutions if wrong_solutions else None
+    kept_share = kept / right_solutions if right_solutions else None
+    f1 = None
+    if found_share is not None and kept_share is not None and found_share + kept_share:
+        f1 = 2 * found_share * kept_share / (found_share + kept_share)
+    steps = sum(len(label) for label in labels)
+    right_steps = sum(
+        int(((r > 0) == label).sum()) for r, label in zip(rewards, labels, strict=True)
+    )
+    return {
+        "examples": len(rewards),
+        "steps": steps,
+        "step_accuracy": right_steps / steps,
+        "first_error_accuracy": found_share,
+        "right_solution_accuracy": kept_share,
+        "first_error_f1": f1,
+    }
 
 
 def _fit(rewards: np.ndarray, scores: np.ndarray) -> dict[str, Any]:

@@ -42,7 +42,7 @@ from jaxrm import storage
 from jaxrm.checkpoint.loading import load_model
 from jaxrm.data.packing import common_prefix_length
 from jaxrm.data.pipeline import template_spec
-from jaxrm.data.rows import BadRow, check_row
+from jaxrm.data.rows import BadRow, check_row, steps_of
 from jaxrm.data.sources import read_rows
 from jaxrm.data.templates import Template
 from jaxrm.errors import UserError
@@ -394,12 +394,32 @@ class Scorer:
 
     def check_score_row(self, row: Any, where: str) -> dict[str, Any]:
         """`row` if it is a scoring row this model can score (POLAR needs its reference)."""
+        if self.objective == "prm":
+            raise BadRow(
+                f"{where}: a process reward model judges solutions step by step: score rows "
+                "{prompt, steps} with `jaxrm score` or POST /score"
+            )
         check_row(row, "score", where)
         if self.objective == "polar" and row.get("reference") is None:
             raise BadRow(
                 f"{where}: field 'reference' is missing (a POLAR model scores against one)"
             )
         return row
+
+    def check_process_row(self, row: Any, where: str) -> dict[str, Any]:
+        """`row` ({prompt, steps, labels?}) if this process-reward model can score it."""
+        return check_row(row, "process_score", where)
+
+    def process_sequence(self, row: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens, where each step is judged) of a checked process-scoring row."""
+        return self.template.process(row["prompt"], steps_of(row), row.get("wrapper"))
+
+    def step_rewards(
+        self, solutions: Sequence[tuple[np.ndarray, np.ndarray]], progress: tqdm | None = None
+    ) -> list[np.ndarray]:
+        """The reward of every judged step of each (tokens, reads) solution, in order."""
+        values = self.row_rewards([Row.single(tokens) for tokens, _ in solutions], progress)
+        return [v[reads] for v, (_, reads) in zip(values, solutions, strict=True)]
 
     def score_sequence(self, row: dict[str, Any]) -> np.ndarray:
         """The tokens of a checked scoring row, as the model's template builds them: its response
@@ -464,13 +484,12 @@ def score_file(scorer: Scorer, data: str, out: str | Path) -> dict[str, Any]:
         raise UserError(f"{out} already exists; choose a new --out")
     rows, bar = 0, None
     with staged_file(out) as staging, staging.open("w", encoding="utf-8") as f:
+        check = scorer.check_process_row if scorer.objective == "prm" else scorer.check_score_row
         for chunk in chunks(read_rows(data), CHUNK_ROWS):
-            checked = [scorer.check_score_row(row, where) for where, row in chunk]
-            sequences = [scorer.score_sequence(row) for row in checked]
+            checked = [check(row, where) for where, row in chunk]
             bar = bar or tqdm(desc="scoring", total=0, unit="seq", dynamic_ncols=True)
-            bar.total += len(sequences)
-            for row, reward in zip(checked, scorer.rewards(sequences, bar), strict=True):
-                scored = {**row, "reward": float(reward)}
+            bar.total += len(checked)
+            for scored in _scored_rows(scorer, checked, bar):
                 f.write(json.dumps(scored, ensure_ascii=False, default=_plain) + "\n")
             rows += len(checked)
         if bar is not None:
@@ -478,6 +497,26 @@ def score_file(scorer: Scorer, data: str, out: str | Path) -> dict[str, Any]:
         if rows == 0:
             raise UserError(f"{data}: no rows to score")
     return {"rows": rows, "out": str(out), **scorer.counts.summary()}
+
+
+def _scored_rows(scorer: Scorer, checked: list[dict], bar: tqdm) -> list[dict]:
+    """Checked rows with their `reward`; a process-reward model's also with every step's reward
+    (`step_rewards`) and the last one's (`reward_last`), `reward` being the lowest."""
+    if scorer.objective != "prm":
+        rewards = scorer.rewards([scorer.score_sequence(row) for row in checked], bar)
+        return [{**row, "reward": float(r)} for row, r in zip(checked, rewards, strict=True)]
+    steps = scorer.step_rewards([scorer.process_sequence(row) for row in checked], bar)
+    return [{**row, **process_rewards(s)} for row, s in zip(checked, steps, strict=True)]
+
+
+def process_rewards(step_rewards: np.ndarray) -> dict[str, Any]:
+    """A solution's rewards from its steps': all of them, the lowest (a solution is as good as
+    its worst step) and the last."""
+    return {
+        "step_rewards": [float(r) for r in step_rewards],
+        "reward": float(step_rewards.min()),
+        "reward_last": float(step_rewards[-1]),
+    }
 
 
 def reward_statistics(scorer: Scorer, data: str) -> dict[str, float]:

@@ -64,7 +64,14 @@ from jaxrm.http_server import (
 )
 from jaxrm.scoring import protocols
 from jaxrm.scoring.protocols import Scored
-from jaxrm.scoring.scorer import Groups, Row, Scorer, add_scorer_options, open_scorer
+from jaxrm.scoring.scorer import (
+    Groups,
+    Row,
+    Scorer,
+    add_scorer_options,
+    open_scorer,
+    process_rewards,
+)
 from jaxrm.storage import add_compile_cache_option, use_compile_cache
 
 
@@ -217,11 +224,29 @@ class RewardService:
     # --- endpoints ------------------------------------------------------------------------
 
     async def score(self, body: dict) -> dict[str, Any]:
+        if self.scorer.objective == "prm":
+            return await self.score_processes(self._list(body, "items", "{prompt, steps} objects"))
         items = self._list(body, "items", "{prompt, reference?, response} objects")
         with self.batcher.announced():
             sequences = await self._template(self._item_sequences, items, "items")
         values = await self.batcher.submit([Row.single(s) for s in sequences], self._timeout)
         return {"rewards": [float(v[-1]) for v in values]}
+
+    async def score_processes(self, items: list) -> dict[str, Any]:
+        """A process reward model's /score: each solution's step rewards, the lowest as its
+        reward and the last."""
+        with self.batcher.announced():
+            solutions = await self._template(self._process_sequences, items, "items")
+        rows = [Row.single(tokens) for tokens, _ in solutions]
+        values = await self.batcher.submit(rows, self._timeout)
+        scored = [
+            process_rewards(v[reads]) for v, (_, reads) in zip(values, solutions, strict=True)
+        ]
+        return {
+            "rewards": [s["reward"] for s in scored],
+            "step_rewards": [s["step_rewards"] for s in scored],
+            "rewards_last": [s["reward_last"] for s in scored],
+        }
 
     async def score_groups(self, body: dict) -> dict[str, Any]:
         groups = self._list(body, "groups", "{prompt, reference?, responses} objects")
@@ -375,6 +400,13 @@ class RewardService:
         scorer = self.scorer
         return [
             scorer.score_sequence(scorer.check_score_row(item, f"items[{i}]"))
+            for i, item in enumerate(items)
+        ]
+
+    def _process_sequences(self, items: list) -> list[tuple[np.ndarray, np.ndarray]]:
+        scorer = self.scorer
+        return [
+            scorer.process_sequence(scorer.check_process_row(item, f"items[{i}]"))
             for i, item in enumerate(items)
         ]
 

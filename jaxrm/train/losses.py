@@ -18,6 +18,12 @@ Regression (`objective: regression`) has one response per example and its score,
 [rows, slots]: the loss is the mean squared error of the reward, and its accuracy the share of
 example pairs of a batch with different scores that the rewards order as the scores do.
 
+Process rewards (`objective: prm`) read a reward at each step of a solution (`reward_index`
+[rows, slots, max_steps]) with its label, `step_labels`: the loss is the mean over steps of the
+binary cross-entropy of sigmoid(reward) against the label (soft labels too); accuracy is per step
+(reward > 0 where label >= 0.5), and ProcessBench's F1 pairs the share of wrong solutions whose
+first wrong step is found exactly with the share of right solutions judged right throughout.
+
 Every loss is a sum over the micro-batch divided by a count over the whole batch (`totals`), so
 gradients of micro-batches add up to the gradient of the batch. The statistics come back as sums
 too; `summarize` turns sums into metrics.
@@ -70,7 +76,12 @@ def plackett_luce(rewards: jax.Array, valid: jax.Array, margin: jax.Array) -> ja
 def totals(batch: Batch) -> dict[str, jax.Array]:
     """The whole batch's counts that losses are divided by."""
     index = batch["reward_index"]
-    examples = index[..., 0] >= 0 if "target" in batch else _ranked(index >= 0)
+    if "step_labels" in batch:
+        examples = index >= 0  # every judged step
+    elif "target" in batch:
+        examples = index[..., 0] >= 0
+    else:
+        examples = _ranked(index >= 0)
     counts = {"examples": jnp.maximum(jnp.sum(examples), 1)}
     if "lm_weights" in batch:
         counts["lm_tokens"] = jnp.maximum(jnp.sum(batch["lm_weights"]), 1.0)
@@ -88,6 +99,8 @@ def objective(
     """(this part's share of the batch loss, summed statistics)."""
     if config.objective == "regression":
         return regression(model, batch, config, totals)
+    if config.objective == "prm":
+        return process_rewards(model, batch, config, totals)
     hidden, rewards, valid = ranked_rewards(model, batch, attention_span(config.data))
     examples = _ranked(valid)
     margin = batch["margin"] if config.loss.margin else jnp.zeros_like(batch["margin"])
@@ -134,6 +147,52 @@ def regression(
     return squared / totals["examples"], sums
 
 
+def process_rewards(
+    model: RewardModel, batch: Batch, config: Config, totals: dict[str, jax.Array]
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Binary cross-entropy of every judged step's reward (a logit) against its label."""
+    _, rewards, valid = ranked_rewards(model, batch, attention_span(config.data))
+    labels = batch["step_labels"]
+    cross_entropy = (
+        jnp.maximum(rewards, 0) - rewards * labels + jnp.log1p(jnp.exp(-jnp.abs(rewards)))
+    )
+    cross_entropy = jnp.where(valid, cross_entropy, 0.0)
+    steps = rewards.shape[-1]
+    first = lambda wrong: jnp.min(jnp.where(valid & wrong, jnp.arange(steps), steps), axis=-1)  # noqa: E731
+    labelled_first, judged_first = first(labels < 0.5), first(rewards <= 0)
+    solutions = valid[..., 0]
+    wrong = solutions & (labelled_first < steps)
+    sums = {
+        "cross_entropy": jnp.sum(cross_entropy),
+        "examples": jnp.sum(valid),
+        "correct": jnp.sum(valid & ((rewards > 0) == (labels >= 0.5))),
+        "solutions": jnp.sum(solutions),
+        "wrong_solutions": jnp.sum(wrong),
+        "first_error_found": jnp.sum(wrong & (judged_first == labelled_first)),
+        "right_judged_right": jnp.sum(solutions & ~wrong & (judged_first == steps)),
+        **_common_sums(batch, jnp.where(valid, rewards, 0.0), valid),
+    }
+    return jnp.sum(cross_entropy) / totals["examples"], sums
+
+
+def process_metrics(sums: dict[str, Any]) -> dict[str, float]:
+    """Step accuracy and ProcessBench's first-error F1 from summed statistics."""
+    steps = max(float(sums["examples"]), 1.0)
+    wrong, solutions = float(sums["wrong_solutions"]), float(sums["solutions"])
+    found = float(sums["first_error_found"]) / wrong if wrong else 0.0
+    right = solutions - wrong
+    kept = float(sums["right_judged_right"]) / right if right else 0.0
+    f1 = 2 * found * kept / (found + kept) if found + kept else 0.0
+    return {
+        "loss": float(sums["cross_entropy"]) / steps,
+        "accuracy": float(sums["correct"]) / steps,
+        "step_accuracy": float(sums["correct"]) / steps,
+        "first_error_accuracy": found,
+        "right_solution_accuracy": kept,
+        "first_error_f1": f1,
+    }
+
+
 def _common_sums(batch: Batch, present: jax.Array, valid: jax.Array) -> dict[str, jax.Array]:
     """The statistics of every objective: rewards (`present`, 0 where not `valid`) and work."""
     sums = {
@@ -171,6 +230,8 @@ def summarize(sums: dict[str, Any], config: LossConfig) -> dict[str, float]:
         "reward_mean": mean,
         "reward_std": max(float(sums["reward_sq_sum"]) / rewards - mean**2, 0.0) ** 0.5,
     }
+    if "cross_entropy" in sums:
+        return {**process_metrics(sums), **spread}
     if "squared_error" in sums:
         mse = float(sums["squared_error"]) / examples
         accuracy = float(sums["correct"]) / max(float(sums["pairs"]), 1.0)

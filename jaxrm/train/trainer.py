@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxrm.config import Config
 from jaxrm.model.decoder import RewardModel, abstract_model
-from jaxrm.sharding import activation_sharding, batch_sharding
+from jaxrm.sharding import activation_sharding, batch_sharding, local_rows
 from jaxrm.train import losses
 from jaxrm.train.optimizers import learning_rate_schedule, make_optimizer
 
@@ -58,6 +58,8 @@ class Trainer:
         self.shardings = TrainState(_shardings(trainable), _shardings(frozen), opt_shardings)
         self._step = None
         self._eval = None
+        rows = config.train.batch_size
+        self.host_share = len(local_rows(mesh, self.rules, rows)) / rows
 
     def _opt_state_shardings(self, opt_abstract: Any, trainable: dict) -> Any:
         """Moments shard like their parameters; anything else (counts, factored statistics of
@@ -91,11 +93,13 @@ class Trainer:
         return nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen)
 
     def global_batch(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """This host's rows -> arrays of the whole batch's `train.batch_size` rows, split over
-        the batch mesh axes (hosts whose devices share rows give the same rows)."""
+        """This host's rows -> arrays over every host's rows, split over the batch mesh axes.
+
+        A host holds `host_share` of a batch's rows (hosts that split rows between them hold
+        the same ones), which gives the whole batch's size."""
         out = {}
         for key, value in host_batch.items():
-            shape = (self.config.train.batch_size, *value.shape[1:])
+            shape = (round(value.shape[0] / self.host_share), *value.shape[1:])
             sharding = batch_sharding(self.mesh, self.rules, shape)
             out[key] = jax.make_array_from_process_local_data(sharding, value, shape)
         return out
