@@ -100,7 +100,8 @@ def test_scored_served_and_exported_step_rewards_agree(trained, tmp_path, capsys
             logits = model(torch.from_numpy(tokens[None])).logits[0, :, 0].numpy()
         np.testing.assert_allclose(logits[reads], s["step_rewards"], atol=1e-4, rtol=0)
 
-    process, port = start_server(run, str(tmp_path / "cache"), "data.seq_len=256")
+    small_grid = ["--max-rows", "4", "data.max_length=128"]  # fewer shapes to compile at start
+    process, port = start_server(run, str(tmp_path / "cache"), *small_grid)
     try:
         items = [{"prompt": r["prompt"], "steps": r["steps"]} for r in rows]
         reply = post(port, "/score", {"items": items})
