@@ -54,16 +54,15 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:
     """Mesh axis sizes (by name, missing ones 1) with a -1 entry resolved to the devices left
     over; checks the product."""
     sizes = {axis: sizes.get(axis, 1) for axis in MESH_AXES}
-    named = lambda: " x ".join(f"{a}={n}" for a, n in sizes.items())  # noqa: E731
     fixed = math.prod(n for n in sizes.values() if n != -1)
     free = [axis for axis, n in sizes.items() if n == -1]
     if free:
         if num_devices % fixed:
-            raise UserError(f"mesh: {num_devices} devices cannot be split with {named()}")
+            raise UserError(f"mesh: {num_devices} devices cannot be split with {describe(sizes)}")
         sizes[free[0]] = num_devices // fixed
     if math.prod(sizes.values()) != num_devices:
         raise UserError(
-            f"mesh: {named()} = {math.prod(sizes.values())} devices, but {num_devices} are "
+            f"mesh: {describe(sizes)} = {math.prod(sizes.values())} devices, but {num_devices} are "
             "available"
         )
     return sizes
@@ -86,9 +85,8 @@ def make_mesh(
     try:
         return jax.make_mesh(shape, MESH_AXES, axis_types, devices=devices)
     except NotImplementedError:  # a TPU torus: each mesh axis must be whole sides of it
-        named = " x ".join(f"{a}={n}" for a, n in sizes.items())
         raise UserError(
-            f"mesh {named} does not map onto this TPU slice's torus: each mesh axis must be a "
+            f"mesh {describe(sizes)} does not map onto this TPU slice's torus: each mesh axis must be a "
             "product of whole torus sides (e.g. 4 or 8 on a 4x8 slice, not 2 or 16)"
         ) from None
 
@@ -173,8 +171,9 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, named_sharding(names, x.shape, rules, mesh))
 
 
-def describe(mesh: Mesh) -> str:
-    return " x ".join(f"{name}={size}" for name, size in mesh.shape.items())
+def describe(sizes: Mapping[str, int]) -> str:
+    """Mesh axis sizes (a mesh's `shape`) as "data=1 x fsdp=8 x ..."."""
+    return " x ".join(f"{name}={size}" for name, size in sizes.items())
 
 
 def batch_sharding(mesh: Mesh, rules: Rules, shape: Sequence[int]) -> NamedSharding:

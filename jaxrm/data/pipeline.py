@@ -142,7 +142,7 @@ class ToExample:
         try:
             if isinstance(row, BadRow):
                 raise row
-            check_row(row, self.kind, where)
+            row = check_row(row, self.kind, where)
             ranked = row.get("ranked") or []
             if len(ranked) > self.max_candidates:
                 raise BadRow(

@@ -67,12 +67,8 @@ def check_row(row: Any, kind: str, where: str) -> dict[str, Any]:
     """`row` if it is a valid row of `kind`; otherwise BadRow."""
     if not isinstance(row, dict):
         raise BadRow(f"{where}: a row must be a JSON object, got {type(row).__name__}")
-    if (
-        kind in ("prm", "process_score")
-        and row.get("steps") is None
-        and row.get("completions") is not None
-    ):
-        row = {**row, "steps": steps_of(row)}
+    if kind in ("prm", "process_score") and row.get("steps") is None:
+        row = {**row, "steps": row.get("completions")}  # TRL's name for the steps
     required, optional = ROW_KINDS[kind]
     needs = ", ".join(required)
     if kind in PREFERENCE_KINDS:
@@ -100,11 +96,6 @@ def check_row(row: Any, kind: str, where: str) -> dict[str, Any]:
         elif field in ("category", "policy") and not isinstance(value, str):
             raise BadRow(f"{where}: field '{field}' must be a string, got {value!r}")
     return row
-
-
-def steps_of(row: dict[str, Any]) -> Any:
-    """A process-reward row's steps: its "steps", or TRL's name for them, "completions"."""
-    return row["steps"] if row.get("steps") is not None else row.get("completions")
 
 
 def _response_fields(row: dict[str, Any]) -> tuple[str, ...]:

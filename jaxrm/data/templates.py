@@ -34,7 +34,6 @@ from typing import Any
 
 import numpy as np
 
-from jaxrm.data.rows import steps_of
 from jaxrm.data.tokenizer import Tokenizer
 from jaxrm.errors import UserError
 
@@ -109,7 +108,7 @@ class Template:
     def __call__(self, row: dict[str, Any]) -> Example:
         wrapper = row.get("wrapper")
         if self.objective == "prm":
-            sequence, reads = self.process(row["prompt"], steps_of(row), wrapper)
+            sequence, reads = self.process(row["prompt"], row["steps"], wrapper)
             labels = np.asarray(row["labels"][: len(reads)], np.float32)
             return Example([sequence], reads=reads, labels=labels)
         if self.objective == "regression":
@@ -226,13 +225,16 @@ class Template:
         prompt_ids = encode(prompt_text)
         room = budget - min(len(prompt_ids), budget // 2)
         kept: list[list[int]] = []
+        used = 0
         for step in steps[: self.max_steps]:
             ids = [*encode(step + self.step_separator), self.reward_id]
-            if sum(map(len, kept)) + len(ids) > room:
-                kept = kept or [[*ids[: room - 1], self.reward_id]]
+            if used + len(ids) > room:
+                if not kept:
+                    kept, used = [[*ids[: room - 1], self.reward_id]], room
                 break
             kept.append(ids)
-        keep = budget - sum(map(len, kept))
+            used += len(ids)
+        keep = budget - used
         prompt_ids = self.special_prefix + (
             prompt_ids[max(0, len(prompt_ids) - keep) :] if keep > 0 else []
         )

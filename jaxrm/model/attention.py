@@ -71,17 +71,14 @@ def attention(
     any token attends (xla's einsums skip the keys before it). Where the active rules split the
     row's tokens (`mesh.context`), each shard attends with its own queries to the whole row's
     keys and values (`context_attention`)."""
+    interpret = os.environ.get(INTERPRET_ENV) == "1"
+    if implementation == "splash" and not interpret:
+        _require_platform("splash", "tpu")
     if implementation in ("xla", "splash") and context_axes(q.shape):
-        interpret = os.environ.get(INTERPRET_ENV) == "1"
-        if implementation == "splash" and not interpret:
-            _require_platform("splash", "tpu")
         return context_attention(q, k, v, segment_ids, prefix_ids, implementation, span, interpret)
     if implementation == "xla":
         return xla_attention(q, k, v, segment_ids, prefix_ids, span)
     if implementation == "splash":
-        interpret = os.environ.get(INTERPRET_ENV) == "1"
-        if not interpret:
-            _require_platform("splash", "tpu")
         return splash_attention(q, k, v, segment_ids, prefix_ids, interpret=interpret)
     if implementation == "cudnn":
         _require_platform("cudnn", "gpu")

@@ -42,7 +42,7 @@ from jaxrm import storage
 from jaxrm.checkpoint.loading import load_model
 from jaxrm.data.packing import common_prefix_length
 from jaxrm.data.pipeline import template_spec
-from jaxrm.data.rows import BadRow, check_row, steps_of
+from jaxrm.data.rows import BadRow, check_row
 from jaxrm.data.sources import read_rows
 from jaxrm.data.templates import Template
 from jaxrm.errors import UserError
@@ -412,7 +412,7 @@ class Scorer:
 
     def process_sequence(self, row: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         """(tokens, where each step is judged) of a checked process-scoring row."""
-        return self.template.process(row["prompt"], steps_of(row), row.get("wrapper"))
+        return self.template.process(row["prompt"], row["steps"], row.get("wrapper"))
 
     def step_rewards(
         self, solutions: Sequence[tuple[np.ndarray, np.ndarray]], progress: tqdm | None = None

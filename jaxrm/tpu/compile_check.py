@@ -47,7 +47,7 @@ from jax.experimental import topologies
 from jaxrm.config import Config, load_config
 from jaxrm.data.pipeline import padding_row
 from jaxrm.errors import UserError
-from jaxrm.sharding import batch_sharding
+from jaxrm.sharding import batch_sharding, describe
 from jaxrm.train.flops import PEAK_FLOPS, train_flops
 from jaxrm.train.losses import attention_span
 from jaxrm.train.trainer import Trainer
@@ -400,7 +400,7 @@ ASSUMPTIONS = [
 
 
 def format_report(report: dict[str, Any], config_path: str) -> str:
-    mesh = " x ".join(f"{axis}={size}" for axis, size in report["mesh"].items())
+    mesh = describe(report["mesh"])
     lines = [
         f"{config_path} on {report['topology']} ({report['chip_grid']}: {report['chips']} chips, "
         f"{report['device_kind']})",

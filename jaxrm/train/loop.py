@@ -46,7 +46,6 @@ from jaxrm.data.pipeline import eval_batches, template_spec, train_batches
 from jaxrm.data.tokenizer import tokenizer_files
 from jaxrm.errors import UserError
 from jaxrm.model.decoder import RewardModel, create_model
-from jaxrm.sharding import describe, local_rows
 from jaxrm.train import losses
 from jaxrm.train.checkpoints import TrainCheckpoints
 from jaxrm.train.flops import peak_flops, train_flops
@@ -86,8 +85,8 @@ def _train(config: Config, run_dir: storage.PathLike, held: Held) -> dict[str, A
     spec = template_spec(config)
     config = _with_reward_token(config, spec.build())
     tokenizer = Path(spec.tokenizer)
-    rows = _host_rows(config, mesh)
     trainer = Trainer(config, mesh)
+    rows = trainer.host_rows
     checkpoints = TrainCheckpoints(run_dir, config.checkpoint, trainer.abstract_params)
     with contextlib.closing(checkpoints):  # also when the run stops before its loop
         checkpoints.check_room(trainer.abstract)
@@ -335,20 +334,6 @@ def _check(config: Config) -> None:
         storage.check_writable(storage.join(config.output_dir, "checkpoints"))
 
 
-def _host_rows(config: Config, mesh: jax.sharding.Mesh) -> range:
-    """The rows of each global batch this host reads: those its devices hold. Hosts that split
-    rows between them (`mesh.context` or `mesh.tensor` wider than a host) read the same rows."""
-    held = sorted(local_rows(mesh, config.mesh.rules, config.train.batch_size))
-    rows = range(held[0], held[-1] + 1)
-    if len(held) != len(rows):
-        raise UserError(
-            f"mesh {describe(mesh)} gives this host's devices rows {held[0]}-{held[-1]} of each "
-            f"batch but not all of those in between; order the mesh axes so a host's devices "
-            "hold one block of rows"
-        )
-    return rows
-
-
 def _with_init_from(config: Config) -> Config:
     """The config with `data.tokenizer` and the reward token defaulting to those the checkpoint
     `train.init_from` carries (a jaxrm checkpoint's reward token id; a HF directory's tokenizer)."""
@@ -443,7 +428,7 @@ def _resume(
                     f"data.tokenizer ({config.data.tokenizer}) differs from the tokenizer the "
                     f"run in {config.output_dir} was trained with"
                 )
-            rows = _host_rows(config, trainer.mesh)
+            rows = trainer.host_rows
             params, opt_state, train_state = checkpoints.restore(
                 step, trainer.abstract_params, trainer.abstract.opt_state, data, rows
             )

@@ -6,6 +6,7 @@ summed, clips, and applies the optimizer. Losses are normalised by the whole bat
 (examples, LM tokens), so accumulating micro-batches gives the gradient of the whole batch.
 """
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -16,8 +17,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxrm.config import Config
+from jaxrm.errors import UserError
 from jaxrm.model.decoder import RewardModel, abstract_model
-from jaxrm.sharding import activation_sharding, batch_sharding, local_rows
+from jaxrm.sharding import activation_sharding, batch_sharding, describe, local_rows
 from jaxrm.train import losses
 from jaxrm.train.optimizers import learning_rate_schedule, make_optimizer
 
@@ -58,8 +60,6 @@ class Trainer:
         self.shardings = TrainState(_shardings(trainable), _shardings(frozen), opt_shardings)
         self._step = None
         self._eval = None
-        rows = config.train.batch_size
-        self.host_share = len(local_rows(mesh, self.rules, rows)) / rows
 
     def _opt_state_shardings(self, opt_abstract: Any, trainable: dict) -> Any:
         """Moments shard like their parameters; anything else (counts, factored statistics of
@@ -92,14 +92,29 @@ class Trainer:
         )
         return nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen)
 
-    def global_batch(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """This host's rows -> arrays over every host's rows, split over the batch mesh axes.
+    @functools.cached_property
+    def host_rows(self) -> range:
+        """The rows of each global batch this host reads: those its devices hold. Hosts that
+        split rows between them (`mesh.context` or `mesh.tensor` wider than a host) read the
+        same ones."""
+        held = sorted(local_rows(self.mesh, self.rules, self.config.train.batch_size))
+        rows = range(held[0], held[-1] + 1)
+        if len(held) != len(rows):
+            raise UserError(
+                f"mesh {describe(self.mesh.shape)} gives this host's devices rows "
+                f"{held[0]}-{held[-1]} of each batch but not all of those in between; order the "
+                "mesh axes so a host's devices hold one block of rows"
+            )
+        return rows
 
-        A host holds `host_share` of a batch's rows (hosts that split rows between them hold
-        the same ones), which gives the whole batch's size."""
+    def global_batch(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This host's rows -> arrays over every host's rows, split over the batch mesh axes
+        (a host gives `len(host_rows)` of every `train.batch_size` rows; given fewer, the whole
+        batch shrinks alike)."""
+        batch_size, held = self.config.train.batch_size, len(self.host_rows)
         out = {}
         for key, value in host_batch.items():
-            shape = (round(value.shape[0] / self.host_share), *value.shape[1:])
+            shape = (value.shape[0] * batch_size // held, *value.shape[1:])
             sharding = batch_sharding(self.mesh, self.rules, shape)
             out[key] = jax.make_array_from_process_local_data(sharding, value, shape)
         return out
