@@ -156,6 +156,10 @@ class ModelConfig:
     pad_token_id: int | None = None
     lm_head: bool = False
     reward_head_init: Literal["normal", "zero"] = "normal"
+    # A multi-attribute head (HelpSteer-style regression): one output per named attribute, and
+    # the weights that make them one reward for ranking, serving and RL (default: their mean).
+    attributes: list[str] = dataclasses.field(default_factory=list)
+    attribute_weights: list[float] | None = None
     dtype: DType = "bfloat16"
     param_dtype: DType = "float32"
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
@@ -194,6 +198,38 @@ class ModelConfig:
         if self.head_dim % 2:
             raise UserError(f"model.head_dim ({self.head_dim}) must be even for RoPE")
         self._check_rope_scaling()
+        self._check_attributes()
+
+    @property
+    def num_labels(self) -> int:
+        """Outputs of the reward head: one per attribute, or the one reward."""
+        return max(1, len(self.attributes))
+
+    @property
+    def reward_weights(self) -> list[float]:
+        """How the head's outputs make the reward (the one output itself when it has one)."""
+        if self.attribute_weights is not None:
+            return list(self.attribute_weights)
+        return [1.0 / self.num_labels] * self.num_labels
+
+    def _check_attributes(self) -> None:
+        names = self.attributes
+        bad = next((n for n in names if not isinstance(n, str) or not n.strip()), None)
+        if bad is not None:
+            raise UserError(f"model.attributes: {bad!r} is not a name")
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise UserError(f"model.attributes: {', '.join(repeated)} appears more than once")
+        weights = self.attribute_weights
+        if weights is None:
+            return
+        if len(weights) != self.num_labels or not names:
+            raise UserError(
+                f"model.attribute_weights has {len(weights)} weights; give one per entry of "
+                f"model.attributes ({len(names)})"
+            )
+        if not all(math.isfinite(w) for w in weights):
+            raise UserError(f"model.attribute_weights must be finite numbers, got {weights}")
 
     def _check_rope_scaling(self) -> None:
         scaling = self.rope_scaling or {}
@@ -392,6 +428,11 @@ class Config:
                     f"({self.model.vocab_size})"
                 )
         self._check_context()
+        if self.objective == "prm" and self.model.attributes:
+            raise UserError(
+                "model.attributes: a process reward model judges steps with one output; "
+                "multi-attribute heads are for objective regression (or ranking on their reward)"
+            )
         scaling = self.model.rope_scaling or {}
         dynamic = scaling.get("type", scaling.get("rope_type")) == "dynamic"
         if dynamic and self.data.seq_len > self.model.max_position_embeddings:

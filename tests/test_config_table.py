@@ -57,6 +57,11 @@ BAD_OVERRIDES = [
     ("model.reward_token_id", ["model.reward_token_id=1024"]),  # the tiny vocabulary's size
     ("model.preset", ["model.preset=qwen3"]),
     ("model.qkv_bias", ["model.qkv_bias=maybe"]),
+    ("model.attributes", ["model.attributes=[helpful, helpful]"]),
+    ("model.attributes", ["model.attributes=[helpful, 3]"]),
+    ("model.attributes", ["objective=prm", "model.attributes=[helpful, correct]"]),
+    ("model.attribute_weights", ["model.attributes=[a, b]", "model.attribute_weights=[1]"]),
+    ("model.attribute_weights", ["model.attributes=[a, b]", "model.attribute_weights=[1, .nan]"]),
     # optimizer
     ("optimizer.name", ["optimizer.name=sgd"]),
     ("optimizer.schedule", ["optimizer.schedule=linear"]),

@@ -22,7 +22,9 @@ Row fields (numpy, one row):
                                                         [s, j] is where step j is judged
     margin                                              [pairs_per_row] float32
     target                                              [pairs_per_row] float32: the score of
-                                                        a regression example
+                                                        a regression example; [pairs_per_row,
+                                                        attributes] for a multi-attribute head
+                                                        (NaN where not rated)
     step_labels                                         [pairs_per_row, max_steps] float32: the
                                                         label of each step (objective prm)
     bad_rows                                            []  rows skipped before this one
@@ -67,7 +69,14 @@ def common_prefix_length(sequences: list[np.ndarray]) -> int:
 
 
 class Row:
-    def __init__(self, seq_len: int, pairs_per_row: int, max_candidates: int, objective: str):
+    def __init__(
+        self,
+        seq_len: int,
+        pairs_per_row: int,
+        max_candidates: int,
+        objective: str,
+        attributes: int = 0,
+    ):
         self.seq_len = seq_len
         self.fields = {
             "tokens": np.zeros(seq_len, np.int32),
@@ -79,7 +88,9 @@ class Row:
         }
         if objective == "codepmp":
             self.fields["lm_weights"] = np.zeros(seq_len, np.float32)
-        if objective == "regression":
+        if objective == "regression" and attributes:
+            self.fields["target"] = np.full((pairs_per_row, attributes), np.nan, np.float32)
+        elif objective == "regression":
             self.fields["target"] = np.zeros(pairs_per_row, np.float32)
         if objective == "prm":
             self.fields["step_labels"] = np.zeros((pairs_per_row, max_candidates), np.float32)
@@ -131,8 +142,10 @@ def pack(
     max_candidates: int,
     shared_prefix: bool,
     objective: str,
+    attributes: int = 0,
 ) -> list[dict[str, np.ndarray]]:
-    """First-fit decreasing: longest examples first, each into the first row with room."""
+    """First-fit decreasing: longest examples first, each into the first row with room
+    (`attributes`: the targets per regression example, 0 for one score)."""
     units = [layout(e, shared_prefix) for e in examples]
     for unit in units:
         if unit.length > seq_len:
@@ -141,16 +154,16 @@ def pack(
     for unit in sorted(units, key=lambda u: -u.length):
         row = next((r for r in rows if r.fits(unit)), None)
         if row is None:
-            row = Row(seq_len, pairs_per_row, max_candidates, objective)
+            row = Row(seq_len, pairs_per_row, max_candidates, objective, attributes)
             rows.append(row)
         row.add(unit)
     return [r.fields for r in rows]
 
 
 def empty_row(
-    seq_len: int, pairs_per_row: int, max_candidates: int, objective: str
+    seq_len: int, pairs_per_row: int, max_candidates: int, objective: str, attributes: int = 0
 ) -> dict[str, np.ndarray]:
-    return Row(seq_len, pairs_per_row, max_candidates, objective).fields
+    return Row(seq_len, pairs_per_row, max_candidates, objective, attributes).fields
 
 
 def round_up(n: int, minimum: int) -> int:

@@ -42,7 +42,7 @@ from jaxrm.config import Config
 from jaxrm.data.packing import empty_row, pack
 from jaxrm.data.rows import BadRow, check_row, count_kinds, describe_bad_row
 from jaxrm.data.sources import open_source
-from jaxrm.data.templates import Example, Template
+from jaxrm.data.templates import Example, Template, regression_target
 from jaxrm.data.tokenizer import load_tokenizer
 from jaxrm.errors import UserError
 
@@ -91,9 +91,11 @@ class TemplateSpec:
     reward_token: str | int | None
     step_separator: str = "\n"
     max_steps: int = 16
+    attributes: tuple[str, ...] = ()  # a multi-attribute regression head's, in order
 
     def build(self) -> Template:
         settings = dataclasses.asdict(self)
+        settings.pop("attributes")
         tokenizer = load_tokenizer(settings.pop("tokenizer"))
         return Template(tokenizer, settings.pop("objective"), **settings)
 
@@ -102,6 +104,9 @@ class TemplateSpec:
         settings = dataclasses.asdict(self)
         settings["tokenizer_sha256"] = _tokenizer_sha256(Path(settings.pop("tokenizer")))
         keys = TEMPLATE_KEYS + (PROCESS_KEYS if self.objective == "prm" else ())
+        if self.attributes:  # recorded only then, so one-score sets keep their fingerprints
+            keys += ("attributes",)
+            settings["attributes"] = list(self.attributes)
         return {key: settings[key] for key in keys}
 
 
@@ -124,7 +129,13 @@ def template_spec(config: Config, tokenizer: str | Path | None = None) -> Templa
         reward_token=reward_token,
         step_separator=data.step_separator,
         max_steps=data.max_steps,
+        attributes=template_attributes(config),
     )
+
+
+def template_attributes(config: Config) -> tuple[str, ...]:
+    """The attributes regression rows are scored on: the head's, when it has several names."""
+    return tuple(config.model.attributes) if config.objective == "regression" else ()
 
 
 class ToExample:
@@ -142,7 +153,7 @@ class ToExample:
         try:
             if isinstance(row, BadRow):
                 raise row
-            row = check_row(row, self.kind, where)
+            row = check_row(row, self.kind, where, self.spec.attributes)
             ranked = row.get("ranked") or []
             if len(ranked) > self.max_candidates:
                 raise BadRow(
@@ -216,7 +227,7 @@ def encode_example(example: Example) -> bytes:
             "sequences": [s.tolist() for s in example.sequences],
             "lm_mask": None if example.lm_mask is None else example.lm_mask.tolist(),
             "margin": example.margin,
-            "target": example.target,
+            "target": _plain_target(example.target),
             **({} if example.reads is None else {"reads": example.reads.tolist()}),
             **({} if example.labels is None else {"labels": example.labels.tolist()}),
         },
@@ -231,10 +242,17 @@ def decode_example(record: bytes) -> Example:
         [np.asarray(s, np.int32) for s in data["sequences"]],
         None if mask is None else np.asarray(mask, np.int8),
         float(data["margin"]),
-        float(data.get("target", 0.0)),
+        regression_target(data.get("target", 0.0)),
         None if "reads" not in data else np.asarray(data["reads"], np.int32),
         None if "labels" not in data else np.asarray(data["labels"], np.float32),
     )
+
+
+def _plain_target(target: float | np.ndarray) -> float | list:
+    """JSON of a target: per attribute, null where not rated."""
+    if isinstance(target, np.ndarray):
+        return [None if np.isnan(v) else float(v) for v in target]
+    return target
 
 
 def read_manifest(directory: str) -> dict[str, Any]:
@@ -603,6 +621,7 @@ def pack_rows(
             reads_per_example(config),
             shared_prefix,
             config.objective,
+            len(template_attributes(config)),
         )
     except ValueError as e:
         raise UserError(
@@ -620,7 +639,13 @@ def reads_per_example(config: Config) -> int:
 def padding_row(config: Config) -> dict[str, np.ndarray]:
     """A row with no tokens and no pairs, to fill a batch."""
     data = config.data
-    row = empty_row(data.seq_len, data.pairs_per_row, reads_per_example(config), config.objective)
+    row = empty_row(
+        data.seq_len,
+        data.pairs_per_row,
+        reads_per_example(config),
+        config.objective,
+        len(template_attributes(config)),
+    )
     return {**row, "bad_rows": np.int32(0)}
 
 

@@ -9,6 +9,7 @@ scoring rows and prompt rows. Text fields are strings or lists of {role, content
 import collections
 import math
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from jaxrm.errors import UserError
@@ -63,12 +64,17 @@ def count_kinds(counts: "collections.Counter[str]") -> str:
     return ", ".join(f"{n}x {kind}" for kind, n in counts.most_common())
 
 
-def check_row(row: Any, kind: str, where: str) -> dict[str, Any]:
-    """`row` if it is a valid row of `kind`; otherwise BadRow."""
+def check_row(row: Any, kind: str, where: str, attributes: Sequence[str] = ()) -> dict[str, Any]:
+    """`row` if it is a valid row of `kind`; otherwise BadRow.
+
+    A regression row for a multi-attribute head (`attributes`, the head's names in order) comes
+    back with its `score` as a list of one number (or None, not rated) per attribute."""
     if not isinstance(row, dict):
         raise BadRow(f"{where}: a row must be a JSON object, got {type(row).__name__}")
     if kind in ("prm", "process_score") and row.get("steps") is None:
         row = {**row, "steps": row.get("completions")}  # TRL's name for the steps
+    if kind == "regression" and attributes:
+        row = {**row, "score": attribute_scores(row, attributes, where)}
     required, optional = ROW_KINDS[kind]
     needs = ", ".join(required)
     if kind in PREFERENCE_KINDS:
@@ -89,6 +95,8 @@ def check_row(row: Any, kind: str, where: str) -> dict[str, Any]:
             _check_ranked(row, where)
         elif field == "steps":
             _check_steps(row, where)
+        elif field == "score" and kind == "regression" and attributes:
+            continue  # checked per attribute
         elif field in ("margin", "score") and not _is_finite_number(value):
             raise BadRow(f"{where}: field '{field}' must be a finite number, got {value!r}")
         elif field == "wrapper" and value not in ("sft", "pretrain"):
@@ -96,6 +104,51 @@ def check_row(row: Any, kind: str, where: str) -> dict[str, Any]:
         elif field in ("category", "policy") and not isinstance(value, str):
             raise BadRow(f"{where}: field '{field}' must be a string, got {value!r}")
     return row
+
+
+def attribute_scores(row: dict[str, Any], attributes: Sequence[str], where: str) -> list:
+    """A row's score per attribute, None where it is not rated: from its `score` (a dict by
+    attribute name, or a list in the head's order) or, as HelpSteer rows carry them, from fields
+    named after the attributes."""
+    score = row.get("score")
+    if score is None:
+        score = {name: row[name] for name in attributes if name in row}
+        if not score:
+            raise BadRow(
+                f"{where}: field 'score' is missing (a regression row needs a score per "
+                f"attribute: a 'score' object or fields named {', '.join(attributes)})"
+            )
+    if isinstance(score, dict):
+        unknown = [key for key in score if key not in attributes]
+        if unknown:
+            raise BadRow(
+                f"{where}: field 'score' names {unknown[0]!r}, not among the model's attributes "
+                f"({', '.join(attributes)})"
+            )
+        values = [score.get(name) for name in attributes]
+    elif isinstance(score, list):
+        if len(score) != len(attributes):
+            raise BadRow(
+                f"{where}: field 'score' holds {len(score)} values; the model has "
+                f"{len(attributes)} attributes ({', '.join(attributes)})"
+            )
+        values = list(score)
+    elif len(attributes) == 1:
+        values = [score]
+    else:
+        raise BadRow(
+            f"{where}: field 'score' must be an object or a list of {len(attributes)} numbers "
+            f"(one per attribute: {', '.join(attributes)}), got {score!r}"
+        )
+    for name, value in zip(attributes, values, strict=True):
+        if value is not None and not _is_finite_number(value):
+            raise BadRow(
+                f"{where}: the score of attribute '{name}' must be a finite number or null, "
+                f"got {value!r}"
+            )
+    if all(value is None for value in values):
+        raise BadRow(f"{where}: field 'score' rates no attribute")
+    return [None if value is None else float(value) for value in values]
 
 
 def _response_fields(row: dict[str, Any]) -> tuple[str, ...]:

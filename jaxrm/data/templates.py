@@ -30,6 +30,7 @@ too long for the rest keeps its head.
 """
 
 import dataclasses
+import math
 from typing import Any
 
 import numpy as np
@@ -46,16 +47,25 @@ class Example:
     rejected row, one per response of a "ranked" row).
 
     `lm_mask` marks, in `sequences[0]`, the tokens that are LM-loss targets (CodePMP); `target`
-    is the score a regression example's one sequence should get; `reads` are the places in
+    is the score a regression example's one sequence should get (per attribute for a
+    multi-attribute head, NaN where not rated); `reads` are the places in
     `sequences[0]` where a process-reward example's steps are judged, `labels` their labels.
     """
 
     sequences: list[np.ndarray]
     lm_mask: np.ndarray | None = None
     margin: float = 0.0
-    target: float = 0.0
+    target: float | np.ndarray = 0.0
     reads: np.ndarray | None = None
     labels: np.ndarray | None = None
+
+
+def regression_target(score: float | list | None) -> float | np.ndarray:
+    """A checked regression row's score as a target: a number, or one per attribute with NaN
+    where the row does not rate it (a scoring row has none: 0)."""
+    if isinstance(score, list):
+        return np.asarray([math.nan if v is None else v for v in score], np.float32)
+    return float(score or 0.0)
 
 
 def responses(row: dict[str, Any]) -> list[Any]:
@@ -113,7 +123,7 @@ class Template:
             return Example([sequence], reads=reads, labels=labels)
         if self.objective == "regression":
             sequences, _ = self.pairwise(row["prompt"], [row["response"]], wrapper)
-            return Example(sequences, target=float(row.get("score") or 0.0))
+            return Example(sequences, target=regression_target(row.get("score")))
         candidates = responses(row)
         if self.objective == "polar":
             sequences = self.polar(row["prompt"], row["reference"], candidates, wrapper)

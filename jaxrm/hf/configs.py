@@ -85,19 +85,31 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_one_label(hf: dict, where: str) -> None:
-    """A model with a score head is a reward model only if that head gives one number."""
+def head_labels(hf: dict, where: str) -> list[str]:
+    """The attributes of a score head: [] for a reward model's one output; for a
+    `problem_type: regression` head of several outputs, their names from id2label, in order.
+    A head of several classes is a classifier, not a reward model."""
     labels = hf.get("id2label")
-    if "num_labels" in hf and hf["num_labels"] != 1:
+    if "num_labels" in hf:
         count, key = hf["num_labels"], "num_labels"
-    elif isinstance(labels, dict) and len(labels) != 1:
-        count, key = len(labels), "id2label"
     else:
-        return
-    raise UserError(
-        f"{where}: {key} says {reprlib.repr(count)} labels; jaxrm imports reward models, whose "
-        "score head gives one"
-    )
+        count, key = (len(labels), "id2label") if isinstance(labels, dict) else (1, "")
+    if isinstance(labels, dict) and len(labels) != count:
+        raise UserError(f"{where}: num_labels ({count}) and id2label ({len(labels)}) disagree")
+    if count == 1:
+        return []
+    if not _is_int(count) or count < 1 or hf.get("problem_type") != "regression":
+        raise UserError(
+            f"{where}: {key} says {reprlib.repr(count)} labels without problem_type "
+            "regression; jaxrm imports reward models: one output, or one per attribute of a "
+            "regression head"
+        )
+    if not isinstance(labels, dict):
+        return [f"LABEL_{i}" for i in range(count)]
+    try:
+        return [str(labels[key]) for key in sorted(labels, key=int)]
+    except ValueError:
+        raise UserError(f"{where}: id2label keys must be the outputs' numbers") from None
 
 
 def detect_arch(hf_config: dict, where: str) -> Arch:
@@ -220,11 +232,17 @@ def hf_config(
     common.update({k: v for k, v in (special_ids or {}).items() if v is not None})
     if config.reward_token_id is not None:
         common["reward_token_id"] = config.reward_token_id
+    if arch == "internlm2" and config.num_labels > 1 and not causal_lm:
+        raise UserError(
+            "a multi-attribute head has several outputs; InternLM2's reward model (POLAR's remote "
+            "code) has one. Export with --arch llama (or qwen2)"
+        )
     if not causal_lm:
+        names = config.attributes or ["LABEL_0"]
         common.update(
-            num_labels=1,
-            id2label={"0": "LABEL_0"},
-            label2id={"LABEL_0": 0},
+            num_labels=len(names),
+            id2label={str(i): name for i, name in enumerate(names)},
+            label2id={name: i for i, name in enumerate(names)},
             problem_type="regression",
         )
     if arch == "internlm2":

@@ -25,8 +25,8 @@ from jaxrm.config import apply_overrides, config_from_dict, config_to_dict
 from jaxrm.data.tokenizer import TOKENIZER_FILES, copy_tokenizer, load_tokenizer
 from jaxrm.errors import UserError
 from jaxrm.hf.configs import (
-    check_one_label,
     detect_arch,
+    head_labels,
     hf_config,
     model_config_from_hf,
     read_hf_config,
@@ -66,9 +66,9 @@ def load_hf(
     reader = WeightReader(directory)
     score_name, lm_name = head_names(arch)
     has_score = score_name in reader
-    if has_score:
-        check_one_label(hf, config_file)
     model_keys = model_config_from_hf(hf, arch, config_file)
+    if has_score:
+        model_keys["attributes"] = head_labels(hf, config_file)
     if preset is not None:
         _check_preset(preset, model_keys, where)
         model_keys["preset"] = preset
@@ -177,6 +177,8 @@ def export_readme(hf: dict, causal_lm: bool) -> str:
         return f"# {kind} exported by jaxrm\n\nLoad with `AutoModelForCausalLM.from_pretrained(...)`.\n"
     if kind.endswith("ForTokenClassification"):
         return process_readme(hf)
+    if hf["num_labels"] > 1:
+        return attribute_readme(hf)
     remote = ", trust_remote_code=True" if hf["model_type"] == "internlm2" else ""
     auto = "AutoModel" if remote else "AutoModelForSequenceClassification"
     reward_token = hf.get("reward_token_id")
@@ -239,6 +241,45 @@ vLLM serves token classifiers with `--runner pooling`: its `token_classify` task
 token's score, and its STEP pooling reads the scores at `step_tag_id` = {token}. `jaxrm serve
 PATH` answers POST /score {{"items": [{{"prompt", "steps"}}]}} with each solution's
 `step_rewards`, `rewards` (the lowest) and `rewards_last`.
+"""
+
+
+def attribute_readme(hf: dict) -> str:
+    """The README of an exported multi-attribute (regression) reward model."""
+    kind, token = hf["architectures"][0], hf.get("reward_token_id")
+    names = [hf["id2label"][str(i)] for i in range(hf["num_labels"])]
+    model = hf["jaxrm"]["model"]
+    weights = model["attribute_weights"] or [1 / len(names)] * len(names)
+    append = (
+        f"ids = ids + [{token}]  # the reward token: the scores are read there\n"
+        if token is not None
+        else ""
+    )
+    return f"""# Multi-attribute reward model exported by jaxrm ({kind})
+
+One score per attribute ({", ".join(names)}: `id2label`), read at a sequence's last non-padding
+token (`pad_token_id` = {hf["pad_token_id"]}), with `problem_type: regression`. The reward jaxrm
+ranks, serves and trains preferences by is their weighted sum with weights {weights}
+(`jaxrm.model.attribute_weights` in config.json). The input is built as in training: at most
+`data.max_length` ({hf["jaxrm"]["data"]["max_length"]}) tokens, the prompt's tail and the
+response's head where it is longer.
+
+```python
+import torch
+from transformers import AutoTokenizer, AutoModelForSequenceClassification
+
+tokenizer = AutoTokenizer.from_pretrained(PATH)
+model = AutoModelForSequenceClassification.from_pretrained(PATH, torch_dtype=torch.float32)
+ids = tokenizer(prompt + {hf["jaxrm"]["data"]["separator"]!r})["input_ids"]
+ids += tokenizer(response, add_special_tokens=False)["input_ids"]
+{append}with torch.no_grad():
+    scores = model(torch.tensor([ids])).logits[0]  # one per attribute
+reward = float(scores @ torch.tensor({weights}))
+```
+
+vLLM (`vllm serve PATH --runner pooling`) answers POST /classify with `probs`, the outputs per
+attribute (raw, by `problem_type: regression`); `jaxrm serve PATH` answers POST /score with
+`rewards` (the weighted sum) and `scores` by attribute name, and every engine dialect it speaks.
 """
 
 

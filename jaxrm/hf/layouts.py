@@ -152,7 +152,7 @@ def links(config: ModelConfig, arch: Arch, score: bool, lm_head: bool) -> list[L
             ]
         score_name, lm_name = "score.weight", "lm_head.weight"
     if score:
-        table.append(_linear(score_name, ("score",), embed, 1))
+        table.append(_linear(score_name, ("score",), embed, config.num_labels))
     if lm_head and not config.tie_embeddings:
         table.append(_linear(lm_name, ("lm_head",), embed, vocab))
     return table

@@ -281,7 +281,10 @@ class RewardModel(nnx.Module):
         self.layers = stacked_layers(rngs)
         self.final_norm = RMSNorm(e, config.rms_norm_eps, param_dtype)
         head_std = 0.0 if config.reward_head_init == "zero" else 0.02
-        self.score = _param(rngs, (e, 1), ("embed", "score"), param_dtype, std=head_std)
+        self.score = _param(
+            rngs, (e, config.num_labels), ("embed", "score"), param_dtype, std=head_std
+        )
+        self.reward_weights = tuple(config.reward_weights)
         untied_lm_head = config.lm_head and not config.tie_embeddings
         self.lm_head = (
             _param(rngs, (e, v), ("embed", "vocab"), param_dtype) if untied_lm_head else None
@@ -355,10 +358,18 @@ class RewardModel(nnx.Module):
             return target_platform() == "cpu" and carried is None
         return self.layer_loop == "unroll"
 
-    def token_rewards(self, hidden: Array) -> Array:
-        """The reward head at every position, [batch, length], float32."""
+    def token_scores(self, hidden: Array) -> Array:
+        """The reward head's outputs at every position, [batch, length, num_labels], float32."""
         head = self.score[...].astype(jnp.float32)
-        return jnp.einsum("bte,eo->bto", hidden.astype(jnp.float32), head)[..., 0]
+        return jnp.einsum("bte,eo->bto", hidden.astype(jnp.float32), head)
+
+    def token_rewards(self, hidden: Array) -> Array:
+        """The reward at every position, [batch, length], float32: the head's one output, or
+        its attributes' weighted sum (`model.attribute_weights`)."""
+        scores = self.token_scores(hidden)
+        if scores.shape[-1] == 1:
+            return scores[..., 0]
+        return scores @ jnp.asarray(self.reward_weights, jnp.float32)
 
     def lm_logits(self, hidden: Array) -> Array:
         """Next-token logits [batch, length, vocab], float32 (needs `model.lm_head: true`)."""

@@ -16,7 +16,10 @@ Subsets RewardBench does not name form a section "Other", weighted by their own 
 For a regression model (`objective: regression`) `eval` reads rows {prompt, response, score} and
 reports the mean squared error of the rewards, their Pearson and Spearman correlations with the
 scores (ties get their mean rank), and as accuracy the share of row pairs with different scores
-whose rewards are ordered as the scores are; with `--by FIELD`, the same per group.
+whose rewards are ordered as the scores are; with `--by FIELD`, the same per group. A
+multi-attribute head (`model.attributes`) is judged per attribute on the rows that rate it
+(`attributes`: mse, pearson, spearman, accuracy each); beside them `mse` over every rated entry and
+pearson, spearman and accuracy averaged over the attributes.
 
 For a process reward model (`objective: prm`) `eval` reads rows {prompt, steps, labels} and
 reports the share of steps judged right (reward > 0 where the label is >= 0.5) and, as
@@ -175,13 +178,20 @@ def evaluate_file(scorer: Scorer, data: str, by: str | None = None) -> dict[str,
     if scorer.objective == "prm":
         return {**process_report(scorer, data, by), "scoring": scorer.counts.summary()}
 
-    def sequences(row: Any, where: str) -> list[np.ndarray]:
-        check_row(row, scorer.objective, where)
-        return scorer.template(row).sequences
+    attributes = scorer.attributes if scorer.objective == "regression" else []
+
+    def sequences(row: Any, where: str) -> tuple[dict, list[np.ndarray]]:
+        row = check_row(row, scorer.objective, where, attributes)
+        return row, scorer.template(row).sequences
 
     rows, every, counts = read_rows_as_sequences(data, sequences)
     if by is not None and not any(by in row for row in rows):
         raise UserError(f"--by {by}: no row of {data} has a field '{by}'")
+    if attributes:
+        with tqdm(desc="scoring", total=len(every), unit="seq", dynamic_ncols=True) as bar:
+            scores = scorer.scores(every, bar)
+        report = attribute_report(rows, scores, attributes, scorer.reward_of(scores), by)
+        return {**report, "scoring": scorer.counts.summary()}
     rewards = rewards_per_row(scorer, every, counts)
     if scorer.objective == "regression":
         report = regression_report(rows, np.concatenate(rewards), by)
@@ -201,6 +211,58 @@ def regression_report(rows: Sequence[dict], rewards: np.ndarray, by: str | None)
             by: {k: _fit(rewards[keys == k], scores[keys == k]) for k in sorted(set(keys))}
         }
     return report
+
+
+def attribute_report(
+    rows: Sequence[dict],
+    scores: np.ndarray,
+    attributes: Sequence[str],
+    rewards: np.ndarray,
+    by: str | None,
+) -> dict[str, Any]:
+    """How well a multi-attribute head's `scores` [rows, attributes] fit the rows' scores
+    (checked: a list per row, None where not rated): per attribute over its rated rows, then
+    the squared error over every rated entry and the other fits averaged over attributes;
+    `rewards` are the weighted sums the model ranks by."""
+    targets = np.array(
+        [[np.nan if v is None else v for v in row["score"]] for row in rows], np.float64
+    ).reshape(len(rows), len(attributes))
+    report = _attribute_fits(scores, targets, attributes)
+    report["reward"] = {"mean": float(rewards.mean()), "std": float(rewards.std())}
+    if by is not None:
+        keys = np.array([str(row.get(by, "(none)")) for row in rows])
+        report["by"] = {
+            by: {
+                k: _attribute_fits(scores[keys == k], targets[keys == k], attributes)
+                for k in sorted(set(keys))
+            }
+        }
+    return report
+
+
+def _attribute_fits(
+    scores: np.ndarray, targets: np.ndarray, attributes: Sequence[str]
+) -> dict[str, Any]:
+    rated = ~np.isnan(targets)
+    fits = {
+        name: _fit(scores[rated[:, k], k], targets[rated[:, k], k]) if rated[:, k].any() else None
+        for k, name in enumerate(attributes)
+    }
+
+    def mean(key: str) -> float | None:
+        values = [f[key] for f in fits.values() if f is not None and f[key] is not None]
+        return float(np.mean(values)) if values else None
+
+    squared = (scores - np.where(rated, targets, 0.0)) ** 2
+    return {
+        "examples": len(scores),
+        "ratings": int(rated.sum()),
+        "mse": float(squared[rated].mean()) if rated.any() else None,
+        "pearson": mean("pearson"),
+        "spearman": mean("spearman"),
+        "accuracy": mean("accuracy"),
+        "attributes": fits,
+    }
 
 
 def process_report(scorer: Scorer, data: str, by: str | None) -> dict[str, Any]:
@@ -303,13 +365,13 @@ def _ordered_pairs(rewards: np.ndarray, scores: np.ndarray, chunk: int = 1024) -
 
 
 def read_rows_as_sequences(
-    data: str, sequences: Callable[[Any, str], list[np.ndarray]]
+    data: str, sequences: Callable[[Any, str], tuple[dict, list[np.ndarray]]]
 ) -> tuple[list[dict], list[np.ndarray], list[int]]:
     """(rows, all their token sequences, how many each row has): every row of `data`, checked
-    and turned into sequences by `sequences(row, where)`."""
+    and turned into sequences by `sequences(row, where)` -> (checked row, its sequences)."""
     rows, every, counts = [], [], []
-    for where, row in read_rows(data):
-        row_sequences = sequences(row, where)
+    for where, raw in read_rows(data):
+        row, row_sequences = sequences(raw, where)
         rows.append(row)
         every.extend(row_sequences)
         counts.append(len(row_sequences))
@@ -435,9 +497,9 @@ def check_best_of_n_row(row: Any, scorer: Scorer, where: str) -> dict[str, Any]:
 
 
 def best_of_n_file(scorer: Scorer, data: str, samples: int, seed: int) -> dict[str, Any]:
-    def sequences(row: Any, where: str) -> list[np.ndarray]:
-        check_best_of_n_row(row, scorer, where)
-        return [scorer.score_sequence({**row, "response": c}) for c in row["candidates"]]
+    def sequences(row: Any, where: str) -> tuple[dict, list[np.ndarray]]:
+        row = check_best_of_n_row(row, scorer, where)
+        return row, [scorer.score_sequence({**row, "response": c}) for c in row["candidates"]]
 
     rows, every, counts = read_rows_as_sequences(data, sequences)
     report = best_of_n_report(rows, rewards_per_row(scorer, every, counts), samples, seed)

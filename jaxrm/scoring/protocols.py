@@ -15,7 +15,10 @@ OpenRLHF's `serve_rm`); what differs between them is noted where it is read or w
 
 Rewards are raw (the head's output, as POLAR and `jaxrm score` give them) unless a vLLM request
 asks for `use_activation: true` (or the older `activation` / `softmax`): then sigmoid(reward), the
-activation vLLM applies to a one-label head that has no `problem_type: regression`.
+activation vLLM applies to a one-label head that has no `problem_type: regression`. A
+multi-attribute head answers the vLLM and SGLang dialects with its outputs, one per attribute (as
+those engines serve a `num_labels: K` export), and lmdeploy's and OpenRLHF's, which carry one
+number, with the reward: the attributes' weighted sum.
 """
 
 import math
@@ -36,13 +39,28 @@ Input = str | list[int]
 class Scored:
     """What the server did with one input and what the model said about it."""
 
-    token_rewards: np.ndarray  # the reward head at every token; the last one is the reward
+    token_rewards: np.ndarray  # the reward at every token; the last one is the reward
     reward_token_added: bool  # the input did not end with the reward token, so it was appended
     truncated: bool  # longer than data.max_length: its start was dropped
+    # A multi-attribute head's outputs at every token, [tokens, attributes]; None with one output.
+    token_scores: np.ndarray | None = None
 
     @property
     def reward(self) -> float:
         return float(self.token_rewards[-1])
+
+    @property
+    def outputs(self) -> list[float]:
+        """The head's outputs at the last token: the reward, or one per attribute."""
+        if self.token_scores is None:
+            return [self.reward]
+        return [float(v) for v in self.token_scores[-1]]
+
+    def token_outputs(self) -> list[list[float]]:
+        """The head's outputs at every token."""
+        if self.token_scores is None:
+            return [[float(r)] for r in self.token_rewards]
+        return self.token_scores.tolist()
 
     @property
     def tokens(self) -> int:
@@ -124,8 +142,8 @@ def sigmoid(x: float) -> float:
     return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
 
 
-def _activated(value: float, activation: bool) -> float:
-    return sigmoid(value) if activation else value
+def _activated(values: list[float], activation: bool) -> list[float]:
+    return [sigmoid(v) for v in values] if activation else values
 
 
 def _usage(scored: Sequence[Scored]) -> dict[str, Any]:
@@ -166,8 +184,8 @@ def vllm_pooling(
 
     def values(s: Scored) -> list:
         if task == "classify":
-            return [_activated(s.reward, activation)]
-        return [[_activated(float(r), activation)] for r in s.token_rewards]
+            return _activated(s.outputs, activation)
+        return [_activated(v, activation) for v in s.token_outputs()]
 
     data = [{"index": i, "object": "pooling", "data": values(s)} for i, s in enumerate(scored)]
     notes = server_notes(scored)
@@ -181,14 +199,18 @@ def lmdeploy_pooling(scored: Sequence[Scored], model: str) -> dict[str, Any]:
     return {**_envelope("pool", model), "data": data, "usage": usage, "jaxrm": server_notes(scored)}
 
 
-def vllm_classify(scored: Sequence[Scored], model: str, activation: bool) -> dict[str, Any]:
-    """vLLM's /classify for a one-label head; verl reads `data[-1]["probs"][-1]`."""
+def vllm_classify(
+    scored: Sequence[Scored], model: str, activation: bool, labels: Sequence[str] = ("LABEL_0",)
+) -> dict[str, Any]:
+    """vLLM's /classify: `probs` holds the head's outputs (one for a reward head, one per
+    attribute for a multi-attribute one, named by `labels`) and `label` names the largest, as
+    vLLM names it from id2label; verl reads `data[-1]["probs"][-1]`."""
     data = [
         {
             "index": i,
-            "label": "LABEL_0",
-            "probs": [_activated(s.reward, activation)],
-            "num_classes": 1,
+            "label": labels[int(np.argmax(s.outputs))],
+            "probs": _activated(s.outputs, activation),
+            "num_classes": len(s.outputs),
         }
         for i, s in enumerate(scored)
     ]
@@ -197,11 +219,12 @@ def vllm_classify(scored: Sequence[Scored], model: str, activation: bool) -> dic
 
 
 def sglang_classify(scored: Sequence[Scored], single: bool, request_id: str | None) -> Any:
-    """SGLang's native /classify (and /encode): a list of {"embedding": [reward], "meta_info"},
-    or one such object for a single text; POLAR's client reads `item["embedding"][0]`."""
+    """SGLang's native /classify (and /encode): a list of {"embedding": [reward], "meta_info"}
+    (the head's outputs: one per attribute for a multi-attribute head), or one such object for a
+    single text; POLAR's client reads `item["embedding"][0]`."""
     items = [
         {
-            "embedding": [s.reward],
+            "embedding": s.outputs,
             "meta_info": {
                 "id": request_id or uuid.uuid4().hex,
                 "prompt_tokens": s.tokens,
@@ -218,7 +241,7 @@ def embeddings(scored: Sequence[Scored], model: str) -> dict[str, Any]:
     """SGLang's (OpenAI-shaped) /v1/embeddings for a reward model: `embedding` is [reward];
     verl reads `data[-1]["embedding"][-1]`."""
     data = [
-        {"object": "embedding", "embedding": [s.reward], "index": i} for i, s in enumerate(scored)
+        {"object": "embedding", "embedding": s.outputs, "index": i} for i, s in enumerate(scored)
     ]
     tokens = sum(s.tokens for s in scored)
     return {

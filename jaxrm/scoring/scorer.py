@@ -16,9 +16,12 @@ own positions, so attention never crosses them and a reward is the one the seque
 (within float rounding), while a batch of short texts is a few rows, not one row each. A group's
 responses share their prefix (`Row.group`): it is packed once, and each response attends to it
 and to itself, with positions that continue the prefix's. The device returns the reward head at
-every token; each sequence's reward is the value at its last token.
+every token; each sequence's reward is the value at its last token. A multi-attribute head
+(`model.attributes`) returns an output per attribute there (`scores`), and its reward is their
+weighted sum (`model.attribute_weights`, by default their mean).
 
-`jaxrm score CHECKPOINT --data FILE --out FILE` writes each scoring row with its `reward` added.
+`jaxrm score CHECKPOINT --data FILE --out FILE` writes each scoring row with its `reward` added
+(and, with attributes, its `scores` by attribute name).
 """
 
 import argparse
@@ -224,8 +227,10 @@ class Groups:
         return packed
 
     def rewards(self, values: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Each group's rewards, in order, from the rows' values at every position."""
-        out = [np.zeros(n, np.float32) for n in self.sizes]
+        """Each group's head outputs at its sequences' last tokens, in order, from the rows'
+        values at every position."""
+        per_token = values[0].shape[1:] if values else ()
+        out = [np.zeros((n, *per_token), np.float32) for n in self.sizes]
         for row, row_values, (g, members) in zip(self.rows, values, self.owners, strict=True):
             out[g][members] = row_values[np.asarray(row.ends) - 1]
         return out
@@ -267,8 +272,11 @@ class Scorer:
         self.grid = Grid(bucket_length(self.max_length), batch_tokens, row_multiple, max_rows)
         self.template: Template = template_spec(loaded.config, loaded.tokenizer_dir).build()
         self.graphdef, self.state = nnx.split(loaded.model)
+        # A multi-attribute head's outputs come back per attribute; `reward_of` weighs them.
+        self.attributes = list(loaded.config.model.attributes)
+        self.weights = np.asarray(loaded.config.model.reward_weights, np.float32)
         self.counts = Counts()
-        self._jitted = jax.jit(self._token_rewards)
+        self._jitted = jax.jit(self._token_values)
         self._compiled: dict[tuple[int, int], Any] = {}
 
     @classmethod
@@ -281,10 +289,19 @@ class Scorer:
     def objective(self) -> str:
         return self.config.objective
 
-    def _token_rewards(self, state: Any, *row: jax.Array) -> jax.Array:
+    def _token_values(self, state: Any, *row: jax.Array) -> jax.Array:
         model = nnx.merge(self.graphdef, state)
         tokens, segment_ids, positions, prefix_ids = row
-        return model.token_rewards(model(tokens, segment_ids, positions, prefix_ids))
+        hidden = model(tokens, segment_ids, positions, prefix_ids)
+        return model.token_scores(hidden) if self.attributes else model.token_rewards(hidden)
+
+    def reward_of(self, values: np.ndarray) -> np.ndarray:
+        """Rewards from head outputs (one per attribute on the last axis, with attributes)."""
+        return values @ self.weights if self.attributes else values
+
+    def named(self, scores: np.ndarray) -> dict[str, float]:
+        """One sequence's attribute scores by name."""
+        return {name: float(v) for name, v in zip(self.attributes, scores, strict=True)}
 
     def compile_grid(self, progress: Callable[[int, int], None] | None = None) -> None:
         """Compiles every grid shape now; `progress(done, total)` after each."""
@@ -306,16 +323,24 @@ class Scorer:
 
     def rewards(self, sequences: Sequence[np.ndarray], progress: tqdm | None = None) -> np.ndarray:
         """One reward per token sequence, in order."""
+        return self.reward_of(self.scores(sequences, progress))
+
+    def scores(self, sequences: Sequence[np.ndarray], progress: tqdm | None = None) -> np.ndarray:
+        """The head's outputs at each sequence's last token: [sequences], or with attributes
+        [sequences, attributes]."""
         values = self.row_rewards([Row.single(s) for s in sequences], progress)
-        return np.asarray([v[-1] for v in values], np.float32)
+        if not values:
+            return np.zeros((0, len(self.attributes)) if self.attributes else 0, np.float32)
+        return np.stack([v[-1] for v in values]).astype(np.float32)
 
     def group_rewards(self, groups: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
         """Each group's rewards, its shared prefix computed once per row."""
         packed = Groups.pack(groups, self.grid.max_length)
-        return packed.rewards(self.row_rewards(packed.rows))
+        return [self.reward_of(r) for r in packed.rewards(self.row_rewards(packed.rows))]
 
     def row_rewards(self, rows: Sequence[Row], progress: tqdm | None = None) -> list[np.ndarray]:
-        """The reward head at every token of each row (no padding), in order.
+        """The reward head at every token of each row (no padding), in order: [tokens], or with
+        attributes [tokens, attributes].
 
         Rows are packed together into rows of up to the grid's longest length first (each keeps
         its own segments, so attention never crosses them): a few long rows instead of many
@@ -503,8 +528,13 @@ def _scored_rows(scorer: Scorer, checked: list[dict], bar: tqdm) -> list[dict]:
     """Checked rows with their `reward`; a process-reward model's also with every step's reward
     (`step_rewards`) and the last one's (`reward_last`), `reward` being the lowest."""
     if scorer.objective != "prm":
-        rewards = scorer.rewards([scorer.score_sequence(row) for row in checked], bar)
-        return [{**row, "reward": float(r)} for row, r in zip(checked, rewards, strict=True)]
+        scores = scorer.scores([scorer.score_sequence(row) for row in checked], bar)
+        rewards = scorer.reward_of(scores)
+        scored = [{**row, "reward": float(r)} for row, r in zip(checked, rewards, strict=True)]
+        if scorer.attributes:
+            for row, values in zip(scored, scores, strict=True):
+                row["scores"] = scorer.named(values)
+        return scored
     steps = scorer.step_rewards([scorer.process_sequence(row) for row in checked], bar)
     return [{**row, **process_rewards(s)} for row, s in zip(checked, steps, strict=True)]
 

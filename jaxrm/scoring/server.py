@@ -1,6 +1,7 @@
 """`jaxrm serve CHECKPOINT`: the reward model behind HTTP, for RL frameworks and their engines.
 
     POST /score         {"items": [{"prompt", "reference"?, "response"}, ...]} -> {"rewards"}
+                        (a multi-attribute head: also "scores", [{attribute: output}, ...])
     POST /score_groups  {"groups": [{"prompt", "reference"?, "responses": [...]}, ...]}
                         -> {"rewards": [[...], ...], "normalized": [[...], ...]}
     POST /get_reward    OpenRLHF: {"query": [text, ...]} -> {"rewards", "scores", ...}
@@ -230,7 +231,11 @@ class RewardService:
         with self.batcher.announced():
             sequences = await self._template(self._item_sequences, items, "items")
         values = await self.batcher.submit([Row.single(s) for s in sequences], self._timeout)
-        return {"rewards": [float(v[-1]) for v in values]}
+        last = [v[-1] for v in values]
+        answer: dict[str, Any] = {"rewards": [float(self.scorer.reward_of(v)) for v in last]}
+        if self.scorer.attributes:
+            answer["scores"] = [self.scorer.named(v) for v in last]
+        return answer
 
     async def score_processes(self, items: list) -> dict[str, Any]:
         """A process reward model's /score: each solution's step rewards, the lowest as its
@@ -258,7 +263,8 @@ class RewardService:
         with self.batcher.announced():
             per_group = await self._template(self._group_sequences, groups, "groups")
         packed = Groups.pack(per_group, self.scorer.grid.max_length)
-        rewards = packed.rewards(await self.batcher.submit(packed.rows, self._timeout))
+        outputs = packed.rewards(await self.batcher.submit(packed.rows, self._timeout))
+        rewards = [self.scorer.reward_of(r) for r in outputs]
         return {
             "rewards": [r.tolist() for r in rewards],
             "normalized": [protocols.group_normalized(r) for r in rewards],
@@ -297,7 +303,8 @@ class RewardService:
         inputs = protocols.inputs_of(body.get("input"), "input")
         activation = protocols.activation_requested(body)
         scored = await self._score_inputs(inputs, "input")
-        return protocols.vllm_classify(scored, self.name, activation)
+        labels = self.scorer.attributes or ["LABEL_0"]
+        return protocols.vllm_classify(scored, self.name, activation, labels)
 
     async def embeddings(self, body: dict) -> dict[str, Any]:
         inputs = protocols.inputs_of(body.get("input"), "input")
@@ -346,6 +353,7 @@ class RewardService:
             "status": "ok",
             "model": self.name,
             "objective": self.scorer.objective,
+            "attributes": self.scorer.attributes,
             "max_length": self.scorer.max_length,
             **self.batcher.counts,
             "truncated": self.truncated,
@@ -436,7 +444,11 @@ class RewardService:
         with self.batcher.announced():
             encoded = await self._template(self._encode_inputs, inputs, field)
         values = await self.batcher.submit([Row.single(s) for s, _, _ in encoded], self._timeout)
-        scored = [Scored(v, added, cut) for v, (_, added, cut) in zip(values, encoded, strict=True)]
+        scorer = self.scorer
+        scored = [
+            Scored(scorer.reward_of(v), added, cut, v if scorer.attributes else None)
+            for v, (_, added, cut) in zip(values, encoded, strict=True)
+        ]
         self.truncated += sum(s.truncated for s in scored)
         self.reward_token_added += sum(s.reward_token_added for s in scored)
         return scored

@@ -45,6 +45,9 @@ from jaxrm.config import (
 from jaxrm.data.pipeline import eval_batches, template_spec, train_batches
 from jaxrm.data.tokenizer import tokenizer_files
 from jaxrm.errors import UserError
+from jaxrm.hf.configs import detect_arch, head_labels, read_hf_config
+from jaxrm.hf.layouts import head_names
+from jaxrm.hf.weight_files import WeightReader
 from jaxrm.model.decoder import RewardModel, create_model
 from jaxrm.train import losses
 from jaxrm.train.checkpoints import TrainCheckpoints
@@ -68,7 +71,7 @@ RESUMABLE_CHANGES = (
     "model.remat",
     "model.attention",
 )
-SHAPE_KEYS = (*PARAM_SIZE_KEYS, "qkv_bias", "tie_embeddings")
+SHAPE_KEYS = (*PARAM_SIZE_KEYS, "qkv_bias", "tie_embeddings", "num_labels")
 
 
 def train(config: Config) -> dict[str, Any]:
@@ -335,8 +338,9 @@ def _check(config: Config) -> None:
 
 
 def _with_init_from(config: Config) -> Config:
-    """The config with `data.tokenizer` and the reward token defaulting to those the checkpoint
-    `train.init_from` carries (a jaxrm checkpoint's reward token id; a HF directory's tokenizer)."""
+    """The config with `data.tokenizer`, the reward token and the head's attributes defaulting
+    to those the checkpoint `train.init_from` carries (a jaxrm checkpoint's reward token id; a HF
+    directory's tokenizer)."""
     if config.train.init_from is None:
         return config
     kind, directory = find_checkpoint(config.train.init_from)
@@ -351,7 +355,23 @@ def _with_init_from(config: Config) -> Config:
     if kind == "jaxrm" and data.reward_token is None and model.reward_token_id is None:
         saved = load_config(storage.local(storage.join(directory, CONFIG)) / CONFIG_FILE)
         model = dataclasses.replace(model, reward_token_id=saved.model.reward_token_id)
+    if not model.attributes:  # a multi-attribute head goes on with its attributes
+        model = dataclasses.replace(model, **_head_attributes(kind, directory))
     return dataclasses.replace(config, data=data, model=model)
+
+
+def _head_attributes(kind: str, directory: storage.PathLike) -> dict[str, Any]:
+    """The attributes (and their weights) of the reward head of checkpoint `directory`."""
+    if kind == "jaxrm":
+        saved = load_config(storage.local(storage.join(directory, CONFIG)) / CONFIG_FILE).model
+        return {"attributes": saved.attributes, "attribute_weights": saved.attribute_weights}
+    where = f"{str(directory).rstrip('/')}/config.json"
+    hf = read_hf_config(storage.local(directory), where)
+    if head_names(detect_arch(hf, where))[0] not in WeightReader(storage.local(directory)):
+        return {}  # a causal LM: its reward head is made new
+    attributes = head_labels(hf, where)
+    weights = ((hf.get("jaxrm") or {}).get("model") or {}).get("attribute_weights")
+    return {"attributes": attributes, "attribute_weights": weights if attributes else None}
 
 
 def _with_reward_token(config: Config, template: Any) -> Config:

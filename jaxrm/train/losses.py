@@ -15,8 +15,10 @@ which for a pair is Bradley-Terry, -log sigmoid(r_chosen - r_rejected). So one l
 - codepmp: the same plus `loss.lm_weight` * next-token cross-entropy on the chosen response.
 
 Regression (`objective: regression`) has one response per example and its score, `target`
-[rows, slots]: the loss is the mean squared error of the reward, and its accuracy the share of
-example pairs of a batch with different scores that the rewards order as the scores do.
+[rows, slots], or with a multi-attribute head a score per attribute, [rows, slots, attributes]
+(NaN where not rated): the loss is the mean squared error of the head's outputs over the rated
+entries, and its accuracy the share of example pairs of a batch with different scores (per
+attribute) that the outputs order as the scores do.
 
 Process rewards (`objective: prm`) read a reward at each step of a solution (`reward_index`
 [rows, slots, max_steps]) with its label, `step_labels`: the loss is the mean over steps of the
@@ -83,6 +85,9 @@ def totals(batch: Batch) -> dict[str, jax.Array]:
     else:
         examples = _ranked(index >= 0)
     counts = {"examples": jnp.maximum(jnp.sum(examples), 1)}
+    if "target" in batch:
+        rated = targets(batch)[1] & (index[..., 0] >= 0)[..., None]
+        counts["ratings"] = jnp.maximum(jnp.sum(rated), 1)
     if "lm_weights" in batch:
         counts["lm_tokens"] = jnp.maximum(jnp.sum(batch["lm_weights"]), 1.0)
     return counts
@@ -131,20 +136,46 @@ def objective(
 def regression(
     model: RewardModel, batch: Batch, config: Config, totals: dict[str, jax.Array]
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Mean squared error of each example's reward against its `target` score."""
-    _, rewards, valid = ranked_rewards(model, batch, attention_span(config.data))
-    reward, present = rewards[..., 0], valid[..., 0]
-    squared = jnp.sum(jnp.where(present, (reward - batch["target"]) ** 2, 0.0))
-    r, t, p = reward.reshape(-1), batch["target"].reshape(-1), present.reshape(-1)
-    ordered = p[:, None] & p[None, :] & (t[:, None] > t[None, :])  # pairs with a better one
+    """Mean squared error of each example's head outputs against its `target` scores, over the
+    (example, attribute) entries that are rated."""
+    hidden = model(
+        batch["tokens"],
+        batch["segment_ids"],
+        batch["positions"],
+        batch.get("prefix_ids"),
+        attention_span(config.data),
+    )
+    index = batch["reward_index"][..., 0]
+    outputs = model.token_scores(hidden)
+    scores = jax.vmap(rewards_at, in_axes=(-1, None), out_axes=-1)(outputs, index)
+    target, rated = targets(batch)
+    rated &= (index >= 0)[..., None]
+    squared = jnp.sum(jnp.where(rated, (scores - jnp.where(rated, target, 0.0)) ** 2, 0.0))
+    k = scores.shape[-1]
+    s, t, r = (
+        scores.reshape(-1, k),
+        jnp.where(rated, target, 0.0).reshape(-1, k),
+        rated.reshape(-1, k),
+    )
+    ordered = r[:, None] & r[None, :] & (t[:, None] > t[None, :])  # pairs with a better one
+    present = index >= 0
+    reward = jnp.where(present, rewards_at(model.token_rewards(hidden), index), 0.0)
     sums = {
         "squared_error": squared,
+        "ratings": jnp.sum(rated),
         "examples": jnp.sum(present),
         "pairs": jnp.sum(ordered),
-        "correct": jnp.sum(ordered & (r[:, None] > r[None, :])),
-        **_common_sums(batch, jnp.where(present, reward, 0.0), present),
+        "correct": jnp.sum(ordered & (s[:, None] > s[None, :])),
+        **_common_sums(batch, reward, present),
     }
-    return squared / totals["examples"], sums
+    return squared / totals["ratings"], sums
+
+
+def targets(batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """(regression targets [rows, slots, attributes], which of them are rated)."""
+    target = batch["target"]
+    target = target[..., None] if target.ndim == 2 else target
+    return target, ~jnp.isnan(target)
 
 
 def process_rewards(
@@ -233,7 +264,7 @@ def summarize(sums: dict[str, Any], config: LossConfig) -> dict[str, float]:
     if "cross_entropy" in sums:
         return {**process_metrics(sums), **spread}
     if "squared_error" in sums:
-        mse = float(sums["squared_error"]) / examples
+        mse = float(sums["squared_error"]) / max(float(sums["ratings"]), 1.0)
         accuracy = float(sums["correct"]) / max(float(sums["pairs"]), 1.0)
         return {"loss": mse, "accuracy": accuracy, "mse": mse, **spread}
     rank_loss = float(sums["rank_loss"]) / examples
