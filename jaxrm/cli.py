@@ -12,6 +12,7 @@ from jaxrm.generate import codepmp, comment_augment, polar_pool
 from jaxrm.generate.lm_server import add_command as add_serve_lm_command
 from jaxrm.generate.trajectories import add_command as add_generate_command
 from jaxrm.scoring.evaluate import add_commands as add_eval_commands
+from jaxrm.scoring.salience import add_command as add_salience_command
 from jaxrm.scoring.scorer import add_command as add_score_command
 from jaxrm.scoring.server import add_command as add_serve_command
 from jaxrm.storage import add_compile_cache_option, use_compile_cache
@@ -310,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_command(commands)
     add_plot_command(commands)
     add_scaling_command(commands)
+    add_salience_command(commands)
     add_compile_check_command(commands)
     add_demo_command(commands)
     return parser

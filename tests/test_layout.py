@@ -62,6 +62,9 @@ COMMANDS = [
     "jaxrm plot",
     "jaxrm scaling",
     "jaxrm scaling fit",
+    "jaxrm salience",
+    "jaxrm salience collect",
+    "jaxrm salience fit",
     "jaxrm compile-check",
     "jaxrm demo",
 ]

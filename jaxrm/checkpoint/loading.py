@@ -34,16 +34,21 @@ def find_checkpoint(path: storage.PathLike) -> tuple[str, storage.PathLike]:
         return "jaxrm", path
     if storage.is_file(storage.join(path, "config.json")):
         return "hf", path
-    run_checkpoints = storage.join(path, "checkpoints")
-    steps = sorted(int(n) for n in storage.list_names(run_checkpoints) if n.isdigit())
-    for step in reversed(steps):
-        candidate = storage.join(run_checkpoints, str(step))
-        if is_checkpoint(candidate):
-            return "jaxrm", candidate
+    saved = run_checkpoints(path)
+    if saved:
+        return "jaxrm", saved[-1][1]
     raise UserError(
         f"{path}: not a jaxrm checkpoint ({PARAMS}/ + {CONFIG}/{CONFIG_FILE}), a run directory "
         "with checkpoints/ or a Hugging Face model directory (config.json)"
     )
+
+
+def run_checkpoints(run: storage.PathLike) -> list[tuple[int, storage.PathLike]]:
+    """(step, directory) of every complete checkpoint of a run directory, oldest first."""
+    directory = storage.join(run, "checkpoints")
+    steps = sorted(int(n) for n in storage.list_names(directory) if n.isdigit())
+    candidates = [(step, storage.join(directory, str(step))) for step in steps]
+    return [(step, path) for step, path in candidates if is_checkpoint(path)]
 
 
 def load_model(
