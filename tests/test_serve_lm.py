@@ -116,6 +116,7 @@ class Faulty(http.server.BaseHTTPRequestHandler):
     upstream: str
     mode: str
     fail: int
+    delay: float  # how long a slow answer takes
     seen: dict
 
     def do_GET(self):
@@ -135,7 +136,7 @@ class Faulty(http.server.BaseHTTPRequestHandler):
                 self.connection.shutdown(2)
                 return
             if self.mode == "slow":
-                time.sleep(3.5)
+                time.sleep(self.delay)
         self._forward(body)
 
     def _forward(self, body):
@@ -161,8 +162,9 @@ class Faulty(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def faulty(endpoint):
-    def start(mode, fail):
-        handler = type("Handler", (Faulty,), {"upstream": endpoint, "mode": mode, "fail": fail})
+    def start(mode, fail, delay=3.5):
+        fields = {"upstream": endpoint, "mode": mode, "fail": fail, "delay": delay}
+        handler = type("Handler", (Faulty,), fields)
         handler.seen = {}
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         server.lock = threading.Lock()
@@ -185,12 +187,13 @@ def test_endpoint_faults_are_retried_within_bounds_and_a_dead_policy_stops_in_on
 ):
     prompts = prompt_file(tmp_path / "prompts.jsonl", 4)
     clean = tmp_path / "clean.jsonl"
-    flags = ["--policy", "p", "--timeout", "3", "--retries", "2"]
+    # 5 s leave room for a compile that the retried requests' other batching may need.
+    flags = ["--policy", "p", "--timeout", "5", "--retries", "2"]
     assert served(endpoint, prompts, clean, *flags) == 0
     capsys.readouterr()
     for mode in ("500", "drop", "slow"):
         out = tmp_path / f"{mode}.jsonl"
-        assert served(faulty(mode, 2), prompts, out, *flags) == 0, mode
+        assert served(faulty(mode, 2, delay=5.5), prompts, out, *flags) == 0, mode
         summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert summary["retries"] == 8 and read(out) == read(clean), mode
 

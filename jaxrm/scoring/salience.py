@@ -25,8 +25,8 @@ minimising the squared error over the fitting checkpoints plus `l2` * mean(theta
 pulls the weights towards the mean loss where the data do not say otherwise (there are far more
 units than checkpoints). `l2` is the value of L2_GRID whose fits best predict the checkpoints
 left out in 5-fold cross-validation over the fitting checkpoints (or `--l2`). The same law
-fitted on the plain mean loss (theta fixed at 0) is the baseline. Both are judged by R^2 on held-out checkpoints, those of `--held-out-run` runs, or else
-every `--held-out-every`-th checkpoint. Choices of ours where the paper's text was not at hand:
+fitted on the plain mean loss (theta fixed at 0) is the baseline. Both are judged by R^2 on
+held-out checkpoints: those of `--held-out-run` runs, or else every `--held-out-every`-th. Choices of ours where the paper's text was not at hand:
 the softmax parameterisation, the L2 pull towards uniform weights chosen by cross-validation,
 and Adam on the joint objective (the paper fits its weights and a sigmoid law jointly).
 """
