@@ -366,7 +366,10 @@ class RewardModel(nnx.Module):
     def token_rewards(self, hidden: Array) -> Array:
         """The reward at every position, [batch, length], float32: the head's one output, or
         its attributes' weighted sum (`model.attribute_weights`)."""
-        scores = self.token_scores(hidden)
+        return self.reward_of(self.token_scores(hidden))
+
+    def reward_of(self, scores: Array) -> Array:
+        """The reward from the head's outputs [..., num_labels]."""
         if scores.shape[-1] == 1:
             return scores[..., 0]
         return scores @ jnp.asarray(self.reward_weights, jnp.float32)

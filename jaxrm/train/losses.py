@@ -159,7 +159,7 @@ def regression(
     )
     ordered = r[:, None] & r[None, :] & (t[:, None] > t[None, :])  # pairs with a better one
     present = index >= 0
-    reward = jnp.where(present, rewards_at(model.token_rewards(hidden), index), 0.0)
+    reward = jnp.where(present, model.reward_of(scores), 0.0)
     sums = {
         "squared_error": squared,
         "ratings": jnp.sum(rated),
