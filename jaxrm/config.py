@@ -339,7 +339,8 @@ class TrainConfig:
 class OptimizerConfig:
     """optax optimizers and learning-rate schedules (b1 / b2 null: the optimizer's default)."""
 
-    name: Literal["adamw", "lion", "adan", "adafactor", "sophia"] = "adamw"
+    # lomo, adalomo: the update fused into the backward pass (train/fused.py)
+    name: Literal["adamw", "lion", "adan", "adafactor", "sophia", "lomo", "adalomo"] = "adamw"
     lr: float = 1e-5
     # warmup_cosine: linear warm-up, cosine to min_lr_ratio * lr (POLAR);
     # wsd: warm-up, constant, the last decay_ratio of steps linearly to 0 (CodePMP)
@@ -359,6 +360,10 @@ class OptimizerConfig:
                 f"optimizer.warmup_ratio ({self.warmup_ratio}) + optimizer.decay_ratio "
                 f"({self.decay_ratio}) must not exceed 1 in the wsd schedule"
             )
+        if self.name in ("lomo", "adalomo") and self.b1 is not None:
+            raise UserError(f"optimizer.b1: {self.name} keeps no first moment; leave b1 unset")
+        if self.name == "lomo" and self.b2 is not None:
+            raise UserError("optimizer.b2: lomo keeps no second moment; leave b2 unset")
 
 
 @dataclasses.dataclass
@@ -428,6 +433,11 @@ class Config:
                     f"({self.model.vocab_size})"
                 )
         self._check_context()
+        if self.optimizer.name in ("lomo", "adalomo") and self.model.lora_rank:
+            raise UserError(
+                f"optimizer.name: {self.optimizer.name} trains every parameter, fused into the "
+                "backward pass; with model.lora_rank use another optimizer"
+            )
         if self.objective == "prm" and self.model.attributes:
             raise UserError(
                 "model.attributes: a process reward model judges steps with one output; "

@@ -193,6 +193,24 @@ def test_split_rows_with_splash_compile_for_tpu():
     assert received["context_kv_gather"] > 0
 
 
+def test_fused_optimizers_compile_for_tpu_and_keep_less_state(tiny_report):
+    """LOMO's fused walk lowers for a TPU under FSDP; with no moments and no whole gradient its
+    arguments (the TrainState) are about a third of AdamW's. Clipping walks twice."""
+    needs_libtpu()
+    config = load_config(TINY, ["optimizer.name=lomo"])
+    report = compile_check.compile_check(config, compile_check.parse_topology("v5p-8"))
+    adamw = tiny_report["memory_per_chip"]
+    assert report["memory_per_chip"]["arguments"] < 0.4 * adamw["arguments"]
+    assert report["optimizer"] == "lomo" and tiny_report["optimizer"] == "adamw"
+    forward = tiny_report["estimate"]["model_flops"] / 3  # no LM head in tiny_polar
+    assert report["estimate"]["recomputed_flops"] == pytest.approx(4 * forward)
+    received = report["estimate"]["collective_bytes_per_chip"]
+    assert (
+        received["fsdp_reduce_scatter"]
+        == 2 * tiny_report["estimate"]["collective_bytes_per_chip"]["fsdp_reduce_scatter"]
+    )
+
+
 def test_text_report_shows_the_figures(tiny_report):
     text = compile_check.format_report(tiny_report, TINY)
     memory = tiny_report["memory_per_chip"]

@@ -81,6 +81,9 @@ BAD_OVERRIDES = [
     ("optimizer.weight_decay", ["optimizer.weight_decay=.inf"]),
     ("optimizer.grad_clip", ["optimizer.grad_clip=0"]),
     ("optimizer.grad_clip", ["optimizer.grad_clip=.nan"]),
+    ("optimizer.name", ["optimizer.name=lomo", "model.lora_rank=4"]),
+    ("optimizer.b1", ["optimizer.name=adalomo", "optimizer.b1=0.9"]),
+    ("optimizer.b2", ["optimizer.name=lomo", "optimizer.b2=0.9"]),
     # train
     ("train.steps", ["train.steps=0"]),
     ("train.steps", ["train.steps=-5"]),

@@ -308,12 +308,20 @@ class RewardModel(nnx.Module):
         tokens, which lets attention skip the keys before (see `losses.attention_span`).
         """
 
-        def attend(q: Array, k: Array, v: Array, carried: None) -> tuple[Array, None]:
-            return attention(q, k, v, segment_ids, prefix_ids, self.attention, span), None
-
+        attend = self.packed_attention(segment_ids, prefix_ids, span)
         x = self.embed_tokens(tokens)
         hidden, _ = self.run_layers(x, positions, attend, position_limit=tokens.shape[1])
         return hidden
+
+    def packed_attention(
+        self, segment_ids: Array, prefix_ids: Array | None = None, span: int | None = None
+    ) -> Attend:
+        """Each layer's attention over packed rows (see `__call__`)."""
+
+        def attend(q: Array, k: Array, v: Array, carried: None) -> tuple[Array, None]:
+            return attention(q, k, v, segment_ids, prefix_ids, self.attention, span), None
+
+        return attend
 
     def embed_tokens(self, tokens: Array) -> Array:
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
@@ -334,13 +342,12 @@ class RewardModel(nnx.Module):
         attention output with the layer's new item. Returns (hidden, new carried).
         `position_limit` (static, optional) bounds `positions`; see `rope_rotation`.
         """
-        graphdef, layer_states = nnx.split(self.layers)
-        inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
-        rotation = rope_rotation(positions, inv_freq, position_limit)
+        layer = self.layer_function(positions, attend, position_limit)
+        layer_states = nnx.state(self.layers)
 
         def one_layer(h: Array, inputs: tuple[Any, Any]) -> tuple[Array, Any]:
             layer_state, item = inputs
-            return nnx.merge(graphdef, layer_state)(h, rotation, attend, item)
+            return layer(h, layer_state, item)
 
         if self.remat != "none":
             one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[self.remat])
@@ -348,6 +355,20 @@ class RewardModel(nnx.Module):
             one_layer, x, (layer_states, carried), unroll=self._unroll(carried)
         )
         return self.final_norm(x), carried
+
+    def layer_function(
+        self, positions: Array, attend: Attend, position_limit: int | None = None
+    ) -> Callable[[Array, Any, Any], tuple[Array, Any]]:
+        """`layer(h, layer_params, item) -> (h, item)`: one decoder layer, given its parameters
+        (one slice of the stacked layers, as nnx state or a pure dict) and its carried item."""
+        graphdef = nnx.graphdef(self.layers)
+        inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
+        rotation = rope_rotation(positions, inv_freq, position_limit)
+
+        def layer(h: Array, layer_params: Any, item: Any) -> tuple[Array, Any]:
+            return nnx.merge(graphdef, layer_params)(h, rotation, attend, item)
+
+        return layer
 
     def _unroll(self, carried: Any) -> bool:
         """XLA:CPU runs a scanned layer stack slower in training: the scan zero-fills and then

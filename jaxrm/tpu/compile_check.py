@@ -50,6 +50,7 @@ from jaxrm.errors import UserError
 from jaxrm.sharding import batch_sharding, describe
 from jaxrm.train.flops import PEAK_FLOPS, train_flops
 from jaxrm.train.losses import attention_span
+from jaxrm.train.optimizers import FUSED
 from jaxrm.train.trainer import Trainer
 
 GIB = 1024**3
@@ -258,6 +259,7 @@ def compile_check(config: Config, chosen: Slice) -> dict[str, Any]:
         "micro_batches": config.train.micro_batches,
         "attention": config.model.attention,
         "remat": config.model.remat,
+        "optimizer": config.optimizer.name,
         "compile_seconds": round(seconds, 1),
         "memory_per_chip": memory,
         "estimate": roofline(config, trainer, chosen),
@@ -302,12 +304,23 @@ def full_row_attention_pairs(seq_len: int, span: int) -> int:
     return span * (span + 1) // 2 + (seq_len - span) * span
 
 
+def extra_layer_passes(config: Config) -> tuple[int, int]:
+    """(forwards, backwards) of the layer stack beyond one of each: `model.remat: full` runs
+    the forward again; a fused optimizer's walk always does, and with `optimizer.grad_clip` it
+    walks twice (train/fused.py)."""
+    if config.optimizer.name in FUSED:
+        return (2, 1) if config.optimizer.grad_clip else (1, 0)
+    return (1, 0) if config.model.remat == "full" else (0, 0)
+
+
 def recomputed_flops(config: Config, tokens: float, pairs: float) -> float:
-    """FLOPs of the forward that `model.remat` runs again in the backward pass: all of the
-    layers' for `full`, the attention products (batched matmuls) for `dots_no_batch`."""
+    """FLOPs of the layer passes beyond one forward and one backward (`extra_layer_passes`),
+    or of the attention products (batched matmuls) that `dots_no_batch` recomputes."""
     model = config.model
-    if model.remat == "full":
-        return train_flops(model, tokens, pairs, lm_head=False) / 3
+    forward = train_flops(model, tokens, pairs, lm_head=False) / 3
+    forwards, backwards = extra_layer_passes(config)
+    if forwards:
+        return (forwards + 2 * backwards) * forward
     if model.remat == "dots_no_batch":
         return train_flops(model, 0, pairs, lm_head=False) / 3
     return 0.0
@@ -331,21 +344,26 @@ def collective_bytes(config: Config, trainer: Trainer) -> dict[str, float]:
 
     params = jax.tree.leaves((trainer.abstract.trainable, trainer.abstract.frozen))
     trainable = jax.tree.leaves(trainer.abstract.trainable)
-    gathers = 2 * parts * sum((gathered_from(p) - 1) * shard_bytes(p) for p in params)
-    scatters = parts * sum((gathered_from(p) - 1) * shard_bytes(p) for p in trainable)
-    data_reduce = 2 * parts * (data - 1) / data * sum(shard_bytes(p) for p in trainable)
+    forwards, backwards = extra_layer_passes(config)
+    gathers = (2 + backwards) * parts * sum((gathered_from(p) - 1) * shard_bytes(p) for p in params)
+    scatters = (
+        (1 + backwards) * parts * sum((gathered_from(p) - 1) * shard_bytes(p) for p in trainable)
+    )
+    data_reduce = (
+        2 * (1 + backwards) * parts * (data - 1) / data * sum(shard_bytes(p) for p in trainable)
+    )
 
     model = config.model
     itemsize = np.dtype(model.dtype).itemsize
     rows_per_group = config.train.batch_size / (data * fsdp)
     tokens_per_chip = rows_per_group * config.data.seq_len / context
     activation = tokens_per_chip * model.hidden_size * itemsize
-    reduces_per_layer = 4 + (2 if model.remat == "full" else 0)
+    reduces_per_layer = 4 + 2 * (forwards + backwards)
     tensor_reduce = model.num_layers * reduces_per_layer * 2 * (tensor - 1) / tensor * activation
     # Context: each layer gathers the row's keys and values forward (again when remat: full
     # recomputes it) and reduce-scatters their gradients backward.
     kv_bytes = 2 * rows_per_group * config.data.seq_len * model.num_kv_heads * model.head_dim
-    kv_passes = 2 + (1 if model.remat == "full" else 0)
+    kv_passes = 2 + forwards + backwards
     context_kv = model.num_layers * kv_passes * (context - 1) / context * kv_bytes * itemsize
     return {
         "fsdp_gather": float(gathers),
@@ -396,6 +414,8 @@ ASSUMPTIONS = [
     "reduce-scatters gradients; tensor all-reduces activations 2x per layer forward, 2x backward, "
     "2x more with remat full; context gathers each layer's keys and values forward (again "
     "with remat full) and reduce-scatters their gradients",
+    "lomo / adalomo: the backward walk recomputes each layer's forward (as remat full); with "
+    "grad_clip it walks twice, repeating the recompute, the backward and their collectives",
 ]
 
 
@@ -406,7 +426,7 @@ def format_report(report: dict[str, Any], config_path: str) -> str:
         f"{report['device_kind']})",
         f"mesh {mesh}; batch {report['batch_size']} rows x {report['seq_len']} tokens, "
         f"{report['micro_batches']} micro-batch(es); attention {report['attention']}, "
-        f"remat {report['remat']}",
+        f"remat {report['remat']}, optimizer {report['optimizer']}",
         f"compile time {report['compile_seconds']:.1f} s",
         "",
         *_memory_lines(report["memory_per_chip"]),
@@ -443,7 +463,7 @@ def _estimate_lines(estimate: dict[str, Any], chips: int) -> list[str]:
         "step time: an ESTIMATE from a roofline, not a measurement",
         f"  model FLOPs     {estimate['model_flops']:>11.3e}  {estimate['tokens']} tokens, "
         f"{estimate['attention_pairs']:.3e} attention pairs (span {estimate['attention_span']})",
-        f"  + recomputed    {estimate['recomputed_flops']:>11.3e}  the forward model.remat repeats",
+        f"  + recomputed    {estimate['recomputed_flops']:>11.3e}  layer passes repeated (remat, fused walk)",
         f"  compute         {_seconds(estimate['compute_seconds']):>11}  at "
         f"{estimate['peak_flops_per_chip'] / 1e12:.0f} TFLOP/s (bf16 peak) x {chips} chips",
         f"  collectives     {_seconds(estimate['collective_seconds']):>11}  "

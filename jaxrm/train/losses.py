@@ -51,13 +51,20 @@ def attention_span(data: DataConfig) -> int:
     return data.max_length * (data.max_candidates if data.shared_prefix else 1)
 
 
-def ranked_rewards(
-    model: RewardModel, batch: Batch, span: int | None = None
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(hidden states, rewards [rows, slots, K], valid [rows, slots, K])."""
-    hidden = model(
+def final_hidden(model: RewardModel, batch: Batch, span: int | None = None) -> jax.Array:
+    """The model's final-normed hidden states of the batch's packed rows."""
+    return model(
         batch["tokens"], batch["segment_ids"], batch["positions"], batch.get("prefix_ids"), span
     )
+
+
+def ranked_rewards(
+    model: RewardModel, batch: Batch, span: int | None = None, hidden: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(hidden states, rewards [rows, slots, K], valid [rows, slots, K]); `hidden` given is used
+    instead of running the model."""
+    if hidden is None:
+        hidden = final_hidden(model, batch, span)
     index = batch["reward_index"]
     rows, slots, k = index.shape
     rewards = rewards_at(model.token_rewards(hidden), index.reshape(rows, slots * k))
@@ -99,14 +106,20 @@ def _ranked(valid: jax.Array) -> jax.Array:
 
 
 def objective(
-    model: RewardModel, batch: Batch, config: Config, totals: dict[str, jax.Array]
+    model: RewardModel,
+    batch: Batch,
+    config: Config,
+    totals: dict[str, jax.Array],
+    hidden: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """(this part's share of the batch loss, summed statistics)."""
+    """(this part's share of the batch loss, summed statistics). `hidden` (optional): the
+    batch's final hidden states, already computed (a fused optimizer runs the layers itself)."""
     if config.objective == "regression":
-        return regression(model, batch, config, totals)
+        return regression(model, batch, config, totals, hidden)
     if config.objective == "prm":
-        return process_rewards(model, batch, config, totals)
-    hidden, rewards, valid = ranked_rewards(model, batch, attention_span(config.data))
+        return process_rewards(model, batch, config, totals, hidden)
+    span = attention_span(config.data)
+    hidden, rewards, valid = ranked_rewards(model, batch, span, hidden)
     examples = _ranked(valid)
     margin = batch["margin"] if config.loss.margin else jnp.zeros_like(batch["margin"])
     rank_losses = jnp.where(examples, plackett_luce(rewards, valid, margin), 0.0)
@@ -134,17 +147,16 @@ def objective(
 
 
 def regression(
-    model: RewardModel, batch: Batch, config: Config, totals: dict[str, jax.Array]
+    model: RewardModel,
+    batch: Batch,
+    config: Config,
+    totals: dict[str, jax.Array],
+    hidden: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean squared error of each example's head outputs against its `target` scores, over the
     (example, attribute) entries that are rated."""
-    hidden = model(
-        batch["tokens"],
-        batch["segment_ids"],
-        batch["positions"],
-        batch.get("prefix_ids"),
-        attention_span(config.data),
-    )
+    if hidden is None:
+        hidden = final_hidden(model, batch, attention_span(config.data))
     index = batch["reward_index"][..., 0]
     outputs = model.token_scores(hidden)
     scores = jax.vmap(rewards_at, in_axes=(-1, None), out_axes=-1)(outputs, index)
@@ -179,10 +191,14 @@ def targets(batch: Batch) -> tuple[jax.Array, jax.Array]:
 
 
 def process_rewards(
-    model: RewardModel, batch: Batch, config: Config, totals: dict[str, jax.Array]
+    model: RewardModel,
+    batch: Batch,
+    config: Config,
+    totals: dict[str, jax.Array],
+    hidden: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Binary cross-entropy of every judged step's reward (a logit) against its label."""
-    _, rewards, valid = ranked_rewards(model, batch, attention_span(config.data))
+    _, rewards, valid = ranked_rewards(model, batch, attention_span(config.data), hidden)
     labels = batch["step_labels"]
     cross_entropy = (
         jnp.maximum(rewards, 0) - rewards * labels + jnp.log1p(jnp.exp(-jnp.abs(rewards)))

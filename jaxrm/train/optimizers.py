@@ -9,7 +9,16 @@ then the last `decay_ratio` of the steps linearly to 0). Weight decay never touc
 or biases. Gradients are clipped to `grad_clip` global norm before the optimizer sees them.
 Sophia (optax.contrib) estimates the Hessian diagonal with Hutchinson's method and so needs the
 loss as a function of the parameters: every update passes it as `obj_fn`.
+
+LOMO and AdaLomo (`FusedOptimizer`) are not optax transforms: `train/fused.py` applies their
+update to each layer while the backward pass walks back through the stack, so the model's
+gradients never exist at once. Their update rules are here, one parameter at a time.
 """
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -105,3 +114,118 @@ def decoupled_weight_decay(lr: optax.Schedule, rate: float) -> optax.GradientTra
         return decayed, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
 
     return optax.GradientTransformation(init, update)
+
+
+FUSED = ("lomo", "adalomo")
+ADALOMO_EPS = (1e-30, 1e-3)  # added to squared gradients; the floor of a parameter's RMS
+ADALOMO_CLIP = 1.0  # an update's RMS is normalised down to at most this
+MATRIX_IN_DIMS = {"wo": 2}  # input axes of a kernel (heads, head_dim for wo); others have one
+
+
+class FusedState(NamedTuple):
+    count: jax.Array  # updates applied so far
+    second: dict  # AdaLomo's second-moment statistics, keyed like the parameters ({} for LOMO)
+
+
+def matrix_view(name: str, shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """(inputs, outputs) of the matrix a parameter is in a torch Linear / Embedding, None for
+    a vector (norm scales, biases). AdaLomo factors the second moments of matrices only."""
+    if name in NO_DECAY or len(shape) < 2:
+        return None
+    split = MATRIX_IN_DIMS.get(name, 1)
+    return math.prod(shape[:split]), math.prod(shape[split:])
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedOptimizer:
+    """LOMO (SGD) or AdaLomo, one parameter (one layer's slice of it) at a time.
+
+    LOMO: p <- p * (1 - lr * weight_decay) - lr * g.
+    AdaLomo (arXiv 2310.10195, as OpenLMLab's reference code computes it): with t the update's
+    number (1, 2, ...) and beta = 1 - t^-decay (`optimizer.b2`, default 0.8; beta = 0 at t = 1),
+    - a matrix keeps row and column means of g^2 + 1e-30, r <- beta r + (1 - beta) rowmean,
+      c <- beta c + (1 - beta) colmean, and v = r c^T / mean(r) (Adafactor's factored moment);
+      a vector keeps v <- beta v + (1 - beta) (g^2 + 1e-30);
+    - u = g / sqrt(v), normalised per parameter (grouped update normalisation):
+      u <- u / max(1, RMS(u));
+    - the step is relative to the parameter: p <- p * (1 - s * weight_decay) - s * u with
+      s = lr * max(1e-3, RMS(p)).
+    Weight decay skips norm scales and biases, as every jaxrm optimizer does (the reference
+    decays them too). `g` has already been scaled by the clipping coefficient.
+    """
+
+    name: str
+    weight_decay: float
+    decay_rate: float
+
+    def init(self, params: dict) -> FusedState:
+        second = {}
+        if self.name == "adalomo":
+            second = _map_named(self._second_moments, params)
+        return FusedState(jnp.zeros([], jnp.int32), second)
+
+    def _second_moments(self, name: str, param: jax.Array, stacked: bool) -> dict:
+        shape = param.shape[1:] if stacked else param.shape
+        lead = param.shape[:1] if stacked else ()
+        view = matrix_view(name, shape)
+        if view is None:
+            return {"v": jnp.zeros(param.shape, jnp.float32)}
+        return {
+            "row": jnp.zeros((*lead, view[0]), jnp.float32),
+            "col": jnp.zeros((*lead, view[1]), jnp.float32),
+        }
+
+    def update(
+        self,
+        name: str,
+        grad: jax.Array,
+        param: jax.Array,
+        second: dict,
+        lr: jax.Array,
+        t: jax.Array,
+    ) -> tuple[jax.Array, dict]:
+        """(new parameter, its new second moments) for one parameter; `t` counts from 1."""
+        g, p = grad.astype(jnp.float32), param.astype(jnp.float32)
+        decays = name not in NO_DECAY
+        if self.name == "lomo":
+            if decays:
+                p = p * (1 - lr * self.weight_decay)
+            return (p - lr * g).astype(param.dtype), second
+        beta = 1 - t.astype(jnp.float32) ** -self.decay_rate
+        squared = g * g + ADALOMO_EPS[0]
+        view = matrix_view(name, g.shape)
+        if view is None:
+            v = beta * second["v"] + (1 - beta) * squared
+            u, second = g * jax.lax.rsqrt(v), {"v": v}
+        else:
+            squared = squared.reshape(view)
+            row = beta * second["row"] + (1 - beta) * squared.mean(axis=1)
+            col = beta * second["col"] + (1 - beta) * squared.mean(axis=0)
+            factor = jax.lax.rsqrt(row / row.mean())[:, None] * jax.lax.rsqrt(col)[None, :]
+            u, second = (g.reshape(view) * factor).reshape(g.shape), {"row": row, "col": col}
+        u = u / jnp.maximum(1.0, _rms(u) / ADALOMO_CLIP)
+        step = lr * jnp.maximum(ADALOMO_EPS[1], _rms(p))
+        if decays:
+            p = p * (1 - step * self.weight_decay)
+        return (p - step * u).astype(param.dtype), second
+
+
+def make_fused_optimizer(config: OptimizerConfig) -> FusedOptimizer:
+    decay_rate = 0.8 if config.b2 is None else config.b2
+    return FusedOptimizer(config.name, config.weight_decay, decay_rate)
+
+
+def _rms(x: jax.Array) -> jax.Array:
+    return jnp.sqrt(jnp.mean(x * x))
+
+
+def _map_named(
+    fn: Callable[[str, jax.Array, bool], dict], params: dict, stacked: bool = False
+) -> dict:
+    """fn(leaf name, leaf, stacked) over a parameter dict; `stacked` below `layers`."""
+    return {
+        key: _map_named(fn, value, stacked or key == "layers")
+        if isinstance(value, dict)
+        else fn(key, value, stacked)
+        for key, value in params.items()
+    }

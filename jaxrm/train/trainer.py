@@ -20,8 +20,13 @@ from jaxrm.config import Config
 from jaxrm.errors import UserError
 from jaxrm.model.decoder import RewardModel, abstract_model
 from jaxrm.sharding import activation_sharding, batch_sharding, describe, local_rows
-from jaxrm.train import losses
-from jaxrm.train.optimizers import learning_rate_schedule, make_optimizer
+from jaxrm.train import fused, losses
+from jaxrm.train.optimizers import (
+    FUSED,
+    learning_rate_schedule,
+    make_fused_optimizer,
+    make_optimizer,
+)
 
 
 class TrainState(NamedTuple):
@@ -43,7 +48,11 @@ class Trainer:
         self.config = config
         self.mesh = mesh
         self.rules = config.mesh.rules
-        self.optimizer = make_optimizer(config.optimizer, config.train.steps)
+        self.fused = config.optimizer.name in FUSED
+        if self.fused:
+            self.optimizer = make_fused_optimizer(config.optimizer)
+        else:
+            self.optimizer = make_optimizer(config.optimizer, config.train.steps)
         self.schedule = learning_rate_schedule(config.optimizer, config.train.steps)
         self.full_graphdef, self.abstract_params = abstract_model(config.model, mesh, self.rules)
         abstract = nnx.merge(self.full_graphdef, self.abstract_params)
@@ -63,8 +72,10 @@ class Trainer:
 
     def _opt_state_shardings(self, opt_abstract: Any, trainable: dict) -> Any:
         """Moments shard like their parameters; anything else (counts, factored statistics of
-        other shapes, keys) is replicated."""
+        other shapes, keys) is replicated, as is all of a fused optimizer's small state."""
         replicated = NamedSharding(self.mesh, PartitionSpec())
+        if self.fused:
+            return jax.tree.map(lambda _: replicated, opt_abstract)
         return optax.tree_map_params(
             self.optimizer,
             lambda leaf, param: param.sharding if leaf.shape == param.shape else replicated,
@@ -152,6 +163,12 @@ class Trainer:
     def _train_step(
         self, state: TrainState, batch: dict, step: jax.Array
     ) -> tuple[TrainState, dict]:
+        if self.fused:
+            lr = self.schedule(step)
+            trainable, opt_state, metrics = fused.train_step(
+                self.graphdef, self.config, self.optimizer, lr, state, batch
+            )
+            return TrainState(trainable, state.frozen, opt_state), {**metrics, "lr": lr}
         totals = losses.totals(batch)
         parts = self.config.train.micro_batches
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
@@ -160,7 +177,7 @@ class Trainer:
             (_, sums), grads = grad_fn(state.trainable, state.frozen, micro, totals)
             return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
-        micro_batches = jax.tree.map(lambda x: _split_rows(x, parts), batch)
+        micro_batches = jax.tree.map(lambda x: fused.split_rows(x, parts), batch)
         first = jax.tree.map(lambda x: x[0], micro_batches)
         if parts == 1:
             (_, sums), grads = grad_fn(state.trainable, state.frozen, first, totals)
@@ -179,9 +196,7 @@ class Trainer:
         grad_norm = optax.tree.norm(grads)
         # A step whose loss, gradient or update is not finite is not applied: the state stays
         # as it was, and the loop stops the run at its next look at the metrics.
-        finite = jnp.isfinite(grad_norm)
-        for value in jax.tree.leaves((sums, updates)):  # leaf by leaf: a norm could overflow
-            finite &= jnp.all(jnp.isfinite(value))
+        finite = jnp.isfinite(grad_norm) & fused.all_finite((sums, updates))
         keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
         trainable = jax.tree.map(keep, trainable, state.trainable)
         opt_state = jax.tree.map(keep, opt_state, state.opt_state)
@@ -203,11 +218,6 @@ class Trainer:
 
     def _eval_step(self, trainable: dict, frozen: dict, batch: dict) -> dict:
         return self._loss(trainable, frozen, batch, losses.totals(batch))[1]
-
-
-def _split_rows(x: jax.Array, parts: int) -> jax.Array:
-    """[rows, ...] -> [parts, rows / parts, ...], each part taking rows from every device."""
-    return x.reshape(x.shape[0] // parts, parts, *x.shape[1:]).swapaxes(0, 1)
 
 
 def _shardings(tree: Any) -> Any:
