@@ -110,6 +110,7 @@ RANGES: dict[str, dict[str, Allowed]] = {
             ("data", "fsdp", "tensor"), Allowed("a positive size or -1", low=1, also=(-1,))
         ),
         "context": Allowed("a positive size (the shards of each row's tokens)", low=1),
+        "stage": Allowed("a positive size (the pipeline stages)", low=1),
     },
 }
 
@@ -384,6 +385,7 @@ class MeshConfig:
     fsdp: int = -1
     tensor: int = 1
     context: int = 1  # shards of each packed row's tokens (context parallelism)
+    stage: int = 1  # pipeline stages: contiguous blocks of layers on different devices
     rules: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_RULES))
 
     def __post_init__(self) -> None:
@@ -407,7 +409,9 @@ class MeshConfig:
 
     def make(self, devices: Sequence[Any] | None = None) -> Mesh:
         """The mesh of these sizes over `devices` (default: all)."""
-        return make_mesh(self.data, self.fsdp, self.tensor, devices, context=self.context)
+        return make_mesh(
+            self.data, self.fsdp, self.tensor, devices, context=self.context, stage=self.stage
+        )
 
 
 @dataclasses.dataclass
@@ -433,6 +437,7 @@ class Config:
                     f"({self.model.vocab_size})"
                 )
         self._check_context()
+        self._check_stages()
         if self.optimizer.name in ("lomo", "adalomo") and self.model.lora_rank:
             raise UserError(
                 f"optimizer.name: {self.optimizer.name} trains every parameter, fused into the "
@@ -450,6 +455,26 @@ class Config:
                 f"data.seq_len ({self.data.seq_len}) exceeds model.max_position_embeddings "
                 f"({self.model.max_position_embeddings}), past which dynamic RoPE scaling changes "
                 "per sequence; jaxrm computes it only within that length"
+            )
+
+    def _check_stages(self) -> None:
+        stages = self.mesh.stage
+        if stages == 1:
+            return
+        if self.model.num_layers % stages:
+            raise UserError(
+                f"mesh.stage ({stages}) must divide model.num_layers ({self.model.num_layers}): "
+                "each stage holds as many layers"
+            )
+        if self.mesh.context > 1:
+            raise UserError(
+                f"mesh.stage ({stages}) with mesh.context ({self.mesh.context}): pipeline stages "
+                "do not split rows; use one of them"
+            )
+        if self.optimizer.name in ("lomo", "adalomo"):
+            raise UserError(
+                f"mesh.stage ({stages}): optimizer.name {self.optimizer.name} walks the layers "
+                "itself, outside the pipeline; use another optimizer or mesh.stage: 1"
             )
 
     def _check_context(self) -> None:

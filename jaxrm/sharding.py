@@ -1,4 +1,5 @@
-"""Parallelism as data: a device mesh (`data`, `fsdp`, `context`, `tensor`) and logical-axis rules.
+"""Parallelism as data: a device mesh (`stage`, `data`, `fsdp`, `context`, `tensor`) and
+logical-axis rules.
 
 Every parameter and constrained activation names its dimensions with logical axes (`embed`,
 `mlp`, `heads`, ...). A rules table maps each logical axis to zero, one or several mesh axes, so
@@ -7,6 +8,9 @@ changing how a model is split is a config change (`mesh.*`), never a code change
 A mesh axis that does not divide a dimension is dropped from that dimension (the dimension is
 replicated instead), so every preset runs on every mesh shape; a mesh axis is used at most once
 per array.
+
+`stage` places contiguous blocks of layers on different devices (pipeline stages,
+`jaxrm.model.pipeline`); it is the outermost axis, the one that may cross slower links.
 
 `context` splits each packed row's tokens (the `length` activations) over devices: attention
 gathers the keys and values along it (`jaxrm.model.attention`), and parameters are sharded over it
@@ -24,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxrm.errors import UserError
 
-MESH_AXES = ("data", "fsdp", "context", "tensor")
+MESH_AXES = ("stage", "data", "fsdp", "context", "tensor")
 
 Rules = Mapping[str, str | list[str] | None]
 
@@ -37,9 +41,10 @@ DEFAULT_RULES: dict[str, str | list[str] | None] = {
     "head_dim": None,
     "mlp": "tensor",
     "norm": None,
-    "layers": None,
+    "layers": "stage",  # pipeline stages hold contiguous blocks of the layer stack
     "score": None,
     # activations
+    "stages": "stage",
     "batch": ["data", "fsdp"],
     "length": "context",
     "act_embed": None,
@@ -74,11 +79,13 @@ def make_mesh(
     tensor: int = 1,
     devices: Sequence[Any] | None = None,
     context: int = 1,
+    stage: int = 1,
 ) -> Mesh:
-    """A mesh over `devices` (default: all) with axes data x fsdp x context x tensor."""
+    """A mesh over `devices` (default: all) with axes stage x data x fsdp x context x tensor."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = mesh_shape(
-        {"data": data, "fsdp": fsdp, "context": context, "tensor": tensor}, len(devices)
+        {"stage": stage, "data": data, "fsdp": fsdp, "context": context, "tensor": tensor},
+        len(devices),
     )
     shape = tuple(sizes[axis] for axis in MESH_AXES)
     axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
@@ -172,8 +179,11 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
 
 
 def describe(sizes: Mapping[str, int]) -> str:
-    """Mesh axis sizes (a mesh's `shape`) as "data=1 x fsdp=8 x ..."."""
-    return " x ".join(f"{name}={size}" for name, size in sizes.items())
+    """Mesh axis sizes (a mesh's `shape`) as "data=1 x fsdp=8 x ..." (`stage` only when
+    pipelining)."""
+    return " x ".join(
+        f"{name}={size}" for name, size in sizes.items() if name != "stage" or size != 1
+    )
 
 
 def batch_sharding(mesh: Mesh, rules: Rules, shape: Sequence[int]) -> NamedSharding:
@@ -188,3 +198,13 @@ def local_rows(mesh: Mesh, rules: Rules, rows: int) -> set[int]:
     for index in sharding.addressable_devices_indices_map((rows,)).values():
         held.update(range(rows)[index[0]])
     return held
+
+
+def split_rows(x: jax.Array, parts: int) -> jax.Array:
+    """[rows, ...] -> [parts, rows / parts, ...], each part taking rows from every device."""
+    return x.reshape(x.shape[0] // parts, parts, *x.shape[1:]).swapaxes(0, 1)
+
+
+def merge_rows(x: jax.Array) -> jax.Array:
+    """[parts, rows / parts, ...] -> [rows, ...], the inverse of `split_rows`."""
+    return x.swapaxes(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])

@@ -151,7 +151,7 @@ def tiny_report() -> dict:
 def test_tiny_preset_compiles_for_v5p_and_fits(tiny_report):
     assert (tiny_report["chip_grid"], tiny_report["chips"]) == ("v5p:2x2x1", 4)
     assert tiny_report["device_kind"] == "TPU v5"
-    assert tiny_report["mesh"] == {"data": 1, "fsdp": 4, "context": 1, "tensor": 1}
+    assert tiny_report["mesh"] == {"stage": 1, "data": 1, "fsdp": 4, "context": 1, "tensor": 1}
     memory = tiny_report["memory_per_chip"]
     for key in ("arguments", "outputs", "aliased", "temporaries", "generated_code"):
         assert memory[key] > 0, key
@@ -187,7 +187,7 @@ def test_split_rows_with_splash_compile_for_tpu():
         TINY, ["model.attention=splash", "mesh.fsdp=2", "mesh.context=2", "data.shared_prefix=true"]
     )
     report = compile_check.compile_check(config, compile_check.parse_topology("v5p-8"))
-    assert report["mesh"] == {"data": 1, "fsdp": 2, "context": 2, "tensor": 1}
+    assert report["mesh"] == {"stage": 1, "data": 1, "fsdp": 2, "context": 2, "tensor": 1}
     assert report["memory_per_chip"]["fits"]
     received = report["estimate"]["collective_bytes_per_chip"]
     assert received["context_kv_gather"] > 0
@@ -209,6 +209,17 @@ def test_fused_optimizers_compile_for_tpu_and_keep_less_state(tiny_report):
         received["fsdp_reduce_scatter"]
         == 2 * tiny_report["estimate"]["collective_bytes_per_chip"]["fsdp_reduce_scatter"]
     )
+
+
+def test_pipeline_stages_compile_for_tpu():
+    """Two stages of two layers each over v5p-8: the stage-to-stage shifts lower to collective
+    permutes, and the estimate counts the bubble."""
+    needs_libtpu()
+    config = load_config(TINY, ["model.num_layers=4", "mesh.stage=2", "train.micro_batches=4"])
+    report = compile_check.compile_check(config, compile_check.parse_topology("v5p-8"))
+    assert report["mesh"] == {"stage": 2, "data": 1, "fsdp": 2, "context": 1, "tensor": 1}
+    assert report["memory_per_chip"]["fits"]
+    assert report["estimate"]["pipeline_bubble"] == pytest.approx(5 / 4)
 
 
 def test_text_report_shows_the_figures(tiny_report):

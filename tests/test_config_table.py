@@ -82,6 +82,10 @@ BAD_OVERRIDES = [
     ("optimizer.grad_clip", ["optimizer.grad_clip=0"]),
     ("optimizer.grad_clip", ["optimizer.grad_clip=.nan"]),
     ("optimizer.name", ["optimizer.name=lomo", "model.lora_rank=4"]),
+    ("mesh.stage", ["mesh.stage=0"]),
+    ("mesh.stage", ["mesh.stage=3"]),  # the default tiny preset has 2 layers
+    ("mesh.stage", ["mesh.stage=2", "mesh.context=2"]),
+    ("mesh.stage", ["mesh.stage=2", "optimizer.name=adalomo"]),
     ("optimizer.b1", ["optimizer.name=adalomo", "optimizer.b1=0.9"]),
     ("optimizer.b2", ["optimizer.name=lomo", "optimizer.b2=0.9"]),
     # train

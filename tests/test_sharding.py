@@ -100,12 +100,14 @@ def test_rules_drop_axes_that_do_not_divide_and_never_reuse_an_axis():
 
 def test_mesh_fills_minus_one_and_rejects_impossible_shapes():
     assert dict(make_mesh(data=2, fsdp=-1, tensor=2).shape) == {
+        "stage": 1,
         "data": 2,
         "fsdp": 2,
         "context": 1,
         "tensor": 2,
     }
     assert dict(make_mesh(fsdp=-1, context=4).shape)["fsdp"] == 2
+    assert dict(make_mesh(fsdp=-1, stage=4).shape)["fsdp"] == 2
     with pytest.raises(UserError, match="cannot be split"):
         make_mesh(data=3, fsdp=-1, tensor=1)
     with pytest.raises(UserError, match="16 devices, but 8"):

@@ -382,7 +382,9 @@ def roofline(config: Config, trainer: Trainer, chosen: Slice) -> dict[str, Any]:
     model_flops = train_flops(config.model, tokens, pairs, config.objective == "codepmp")
     recomputed = recomputed_flops(config, tokens, pairs)
     peak = PEAK_FLOPS[generation.device_kind]
-    compute_seconds = (model_flops + recomputed) / (chosen.chips * peak)
+    stages, parts = trainer.stages, config.train.micro_batches
+    bubble = (parts + stages - 1) / parts  # every stage computes in every tick of the pipeline
+    compute_seconds = bubble * (model_flops + recomputed) / (chosen.chips * peak)
     received = collective_bytes(config, trainer)
     collective_seconds = sum(received.values()) / (generation.ici_bytes_per_s / 2)
     step_seconds = compute_seconds + collective_seconds
@@ -394,6 +396,7 @@ def roofline(config: Config, trainer: Trainer, chosen: Slice) -> dict[str, Any]:
         "recomputed_flops": recomputed,
         "peak_flops_per_chip": peak,
         "compute_seconds": compute_seconds,
+        "pipeline_bubble": bubble,
         "collective_bytes_per_chip": received,
         "ici_bytes_per_s": generation.ici_bytes_per_s,
         "collective_seconds": collective_seconds,
@@ -414,6 +417,8 @@ ASSUMPTIONS = [
     "reduce-scatters gradients; tensor all-reduces activations 2x per layer forward, 2x backward, "
     "2x more with remat full; context gathers each layer's keys and values forward (again "
     "with remat full) and reduce-scatters their gradients",
+    "pipeline stages: compute x (micro_batches + stages - 1) / micro_batches (the bubble); the "
+    "stage-to-stage sends and the embedding and heads each stage group repeats are not counted",
     "lomo / adalomo: the backward walk recomputes each layer's forward (as remat full); with "
     "grad_clip it walks twice, repeating the recompute, the backward and their collectives",
 ]

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxrm.config import Config
-from jaxrm.sharding import constrain
+from jaxrm.sharding import constrain, split_rows
 from jaxrm.train import losses
 from jaxrm.train.optimizers import FusedOptimizer, FusedState
 
@@ -207,11 +207,6 @@ def scan_sum(fn: Callable[[Any], tuple[Any, Any]], xs: Any) -> tuple[Any, Any]:
         return jax.tree.map(jnp.add, total, summed), stacked
 
     return jax.lax.scan(body, zeros, xs)
-
-
-def split_rows(x: jax.Array, parts: int) -> jax.Array:
-    """[rows, ...] -> [parts, rows / parts, ...], each part taking rows from every device."""
-    return x.reshape(x.shape[0] // parts, parts, *x.shape[1:]).swapaxes(0, 1)
 
 
 def sum_of_squares(tree: Any) -> jax.Array:

@@ -4,6 +4,8 @@ Each step takes a global batch of packed rows (every host contributes its rows, 
 mesh's `data` and `fsdp` axes), splits it into `train.micro_batches` parts whose gradients are
 summed, clips, and applies the optimizer. Losses are normalised by the whole batch's counts
 (examples, LM tokens), so accumulating micro-batches gives the gradient of the whole batch.
+With pipeline stages (`mesh.stage`) the micro-batches stream through the stages within one
+forward instead (`model/pipeline.py`); LOMO and AdaLomo have their own step (`fused.py`).
 """
 
 import functools
@@ -19,7 +21,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxrm.config import Config
 from jaxrm.errors import UserError
 from jaxrm.model.decoder import RewardModel, abstract_model
-from jaxrm.sharding import activation_sharding, batch_sharding, describe, local_rows
+from jaxrm.model.pipeline import pipelined_hidden
+from jaxrm.sharding import (
+    activation_sharding,
+    batch_sharding,
+    describe,
+    local_rows,
+    split_rows,
+)
 from jaxrm.train import fused, losses
 from jaxrm.train.optimizers import (
     FUSED,
@@ -48,6 +57,7 @@ class Trainer:
         self.config = config
         self.mesh = mesh
         self.rules = config.mesh.rules
+        self.stages = mesh.shape["stage"]
         self.fused = config.optimizer.name in FUSED
         if self.fused:
             self.optimizer = make_fused_optimizer(config.optimizer)
@@ -158,7 +168,19 @@ class Trainer:
         self, trainable: dict, frozen: dict, batch: dict, totals: dict
     ) -> tuple[jax.Array, dict]:
         model = nnx.merge(self.graphdef, trainable, frozen)
-        return losses.objective(model, batch, self.config, totals)
+        hidden = None
+        if self.stages > 1:  # the pipeline streams the micro-batches through its stages
+            hidden = pipelined_hidden(
+                model,
+                batch["tokens"],
+                batch["segment_ids"],
+                batch["positions"],
+                batch.get("prefix_ids"),
+                losses.attention_span(self.config.data),
+                self.stages,
+                self.config.train.micro_batches,
+            )
+        return losses.objective(model, batch, self.config, totals, hidden)
 
     def _train_step(
         self, state: TrainState, batch: dict, step: jax.Array
@@ -170,14 +192,14 @@ class Trainer:
             )
             return TrainState(trainable, state.frozen, opt_state), {**metrics, "lr": lr}
         totals = losses.totals(batch)
-        parts = self.config.train.micro_batches
+        parts = 1 if self.stages > 1 else self.config.train.micro_batches
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
 
         def accumulate(carry: tuple, micro: dict) -> tuple[tuple, None]:
             (_, sums), grads = grad_fn(state.trainable, state.frozen, micro, totals)
             return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
-        micro_batches = jax.tree.map(lambda x: fused.split_rows(x, parts), batch)
+        micro_batches = jax.tree.map(lambda x: split_rows(x, parts), batch)
         first = jax.tree.map(lambda x: x[0], micro_batches)
         if parts == 1:
             (_, sums), grads = grad_fn(state.trainable, state.frozen, first, totals)
