@@ -1,6 +1,7 @@
 """Shared test material: a SentencePiece tokenizer trained on generated text, and generated rows."""
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -92,16 +93,25 @@ def hf_model(arch: str, kind: str, scale: float = 0.05, **config_keys):
     return model
 
 
+def child_xla_flags(devices: int | None = None) -> str:
+    """XLA_FLAGS for a process a test starts: this process's (conftest.py: LLVM -O1) without its
+    eight devices, so one CPU device, or `devices` of them."""
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    flags = [f for f in flags if not f.startswith("--xla_force_host_platform_device_count")]
+    if devices:
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    return " ".join(flags)
+
+
 def jaxrm_cli(*args: str, cwd: Path | None = None, env: dict | None = None):
     """`python -m jaxrm ARGS` started in the background with one CPU device, output captured."""
-    import os
     import subprocess
     import sys
 
     return subprocess.Popen(
         [sys.executable, "-m", "jaxrm", *args],
         cwd=cwd,
-        env={**os.environ, "XLA_FLAGS": "", **(env or {})},
+        env={**os.environ, "XLA_FLAGS": child_xla_flags(), **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -6,10 +6,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
-from data_helpers import hf_model, sentence, train_sentencepiece, write_jsonl
+from data_helpers import child_xla_flags, hf_model, sentence, train_sentencepiece, write_jsonl
 
 from jaxrm.cli import main
 from jaxrm.data.tokenizer import load_tokenizer
@@ -109,8 +110,6 @@ def test_generate_refuses_other_settings_foreign_files_and_models_without_lm_hea
 def test_killed_generation_resumes_to_the_uninterrupted_output(models, tmp_path):
     prompts = prompt_file(tmp_path / "prompts.jsonl", 40)
     whole, killed = tmp_path / "whole.jsonl", tmp_path / "killed.jsonl"
-    assert generate(models / "llama", prompts, whole, "--policy", "p") == 0
-
     args = ["generate", str(models / "llama"), "model.dtype=float32", "--prompts", str(prompts)]
     args += ["--out", str(killed), "--max-new-tokens", "12", "--batch-size", "4", "--policy", "p"]
     process = subprocess.Popen(
@@ -119,13 +118,22 @@ def test_killed_generation_resumes_to_the_uninterrupted_output(models, tmp_path)
         stderr=subprocess.DEVNULL,
         env={**os.environ, "JAX_PLATFORMS": "cpu"},
     )
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        if killed.exists() and killed.read_text().count("\n") >= 8:
-            process.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    process.wait()
+
+    def kill_after_eight_rows():
+        deadline = time.time() + 300
+        while time.time() < deadline and process.poll() is None:
+            if killed.exists() and killed.read_text().count("\n") >= 8:
+                process.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=kill_after_eight_rows)
+    watcher.start()
+    try:  # the uninterrupted output, written meanwhile in this process
+        assert generate(models / "llama", prompts, whole, "--policy", "p") == 0
+    finally:
+        watcher.join()
+        process.wait()
     written = killed.read_text().count("\n")
     assert process.returncode == -signal.SIGKILL and 8 <= written < 40
     with open(killed, "a") as f:  # as if killed in the middle of writing a row
@@ -293,7 +301,7 @@ def test_polar_triples_leaves_out_empty_responses_and_counts_them(tmp_path, caps
 
 def generate_on_hosts(model, prompts, out, port):
     """Two processes x 4 CPU devices joined on 127.0.0.1, each answering its share."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env = {**os.environ, "XLA_FLAGS": child_xla_flags(4)}
     args = ["generate", str(model), "model.dtype=float32", "--prompts", str(prompts)]
     args += ["--out", str(out), "--max-new-tokens", "12", "--batch-size", "4", "--n", "2"]
     args += ["--policy", "p", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
@@ -315,7 +323,6 @@ def test_two_hosts_generate_what_one_does_and_resume_their_own_parts(models, tmp
 
     prompts = prompt_file(tmp_path / "prompts.jsonl", 12)
     one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
-    assert generate(models / "llama", prompts, one, "--n", "2", "--policy", "p") == 0
 
     # Killed once both hosts have written part of their share; rerun, each goes on from its own.
     hosts = generate_on_hosts(models / "llama", prompts, two, free_port())
@@ -331,6 +338,8 @@ def test_two_hosts_generate_what_one_does_and_resume_their_own_parts(models, tmp
     assert all(4 <= p.read_text().count("\n") < 12 for p in parts) and not two.exists()
 
     hosts = generate_on_hosts(models / "llama", prompts, two, free_port())
+    # One process's output, written meanwhile (the hosts' processes are mostly one thread each).
+    assert generate(models / "llama", prompts, one, "--n", "2", "--policy", "p") == 0
     summaries = []
     for host in hosts:
         output, _ = host.communicate(timeout=300)
@@ -353,9 +362,10 @@ def test_two_hosts_generate_into_a_bucket(models, gcs, tmp_path):
 
     prompts = prompt_file(tmp_path / "prompts.jsonl", 6)
     one = tmp_path / "one.jsonl"
-    assert generate(models / "llama", prompts, one, "--n", "2", "--policy", "p") == 0
     out = f"{gcs.create_bucket('generate')}/two.jsonl"
-    for host in generate_on_hosts(models / "llama", prompts, out, free_port()):
+    hosts = generate_on_hosts(models / "llama", prompts, out, free_port())
+    assert generate(models / "llama", prompts, one, "--n", "2", "--policy", "p") == 0  # meanwhile
+    for host in hosts:
         output, _ = host.communicate(timeout=300)
         assert host.returncode == 0, output[-2000:]
     assert storage.read_text_file(out) == one.read_text()

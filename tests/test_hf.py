@@ -267,7 +267,10 @@ def test_cli_import_export_and_errors(tmp_path):
         names = list(f.keys())
     assert "lm_head.weight" not in names and "score.weight" in names
 
-    for args, message in [
+    start = lambda *a: subprocess.Popen(  # noqa: E731
+        [*jaxrm, *map(str, a)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    errors = [
         (("export", tmp_path / "ckpt", tmp_path / "out"), "already exists and is not empty"),
         (("import", tmp_path / "nowhere", tmp_path / "c2"), "nowhere"),
         (("export", tmp_path, tmp_path / "o2"), "not a jaxrm checkpoint"),
@@ -279,10 +282,13 @@ def test_cli_import_export_and_errors(tmp_path):
             ("export", tmp_path / "ckpt", tmp_path / "o3", "--arch", "llama"),
             "export with --arch qwen2",
         ),
-    ]:
-        result = run(*args)
-        assert result.returncode != 0 and message in result.stderr, (args, result.stderr)
-        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    ]
+    # All at once: each only reads what the two commands above wrote.
+    started = [(args, message, start(*args)) for args, message in errors]
+    for args, message, process in started:
+        _, err = process.communicate(timeout=300)
+        assert process.returncode != 0 and message in err, (args, err)
+        assert len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "c3").exists() and not (tmp_path / "o2").exists()
 
 

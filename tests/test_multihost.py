@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from data_helpers import child_xla_flags
 from flax import nnx
 
 from jaxrm import storage
@@ -41,7 +42,7 @@ def train_process(output_dir: Path, devices: int, *flags: str) -> subprocess.Pop
     env = {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "XLA_FLAGS": child_xla_flags(devices),
     }
     command = [sys.executable, "-m", "jaxrm", "train", *RUN, f"output_dir={output_dir}", *flags]
     return subprocess.Popen(
@@ -74,9 +75,9 @@ def runs(tmp_path_factory, gcs):
         )
         for index in range(2)
     ]
-    for host in hosts:
-        finish(host)
-    finish(train_process(root / "one_host", 8))
+    one_host = train_process(root / "one_host", 8)  # meanwhile: each process is mostly one thread
+    for process in [*hosts, one_host]:
+        finish(process)
     return two_hosts, root / "one_host"
 
 
@@ -112,10 +113,10 @@ def test_one_process_resumes_the_run_of_two(runs, tmp_path):
     """Each row of the global batch is its own data stream, so the two hosts' positions regroup
     into one: the resumed step equals the one-process run's next step."""
     two_hosts, one_host = runs
-    finish(train_process(two_hosts, 8, "train.steps=4"))
     continued = tmp_path / "one_host"
     shutil.copytree(one_host, continued)
-    finish(train_process(continued, 8, "train.steps=4"))
+    for process in [train_process(run, 8, "train.steps=4") for run in (two_hosts, continued)]:
+        finish(process)
     got, want = read_metrics(two_hosts), read_metrics(continued)
     assert [r["step"] for r in got] == [r["step"] for r in want] == [0, 1, 2, 3, 3, 4, 4]
     for mine, theirs in zip(got[-2:], want[-2:], strict=True):

@@ -21,7 +21,7 @@ import threading
 
 import numpy as np
 import pytest
-from data_helpers import write_jsonl
+from data_helpers import child_xla_flags, write_jsonl
 from test_scoring import TOY, make_checkpoint, read_rows
 
 from jaxrm.cli import main, parse_args
@@ -35,7 +35,12 @@ REWARD_TOKEN = "<|score|>"  # the toy tokenizer's reward token (configs/toy)
 
 
 def start_server(checkpoint, cache, *flags):
-    env = {**os.environ, "JAXRM_SERVE_TOKEN": TOKEN, "XLA_FLAGS": "", "JAXRM_COMPILE_CACHE": cache}
+    env = {
+        **os.environ,
+        "JAXRM_SERVE_TOKEN": TOKEN,
+        "XLA_FLAGS": child_xla_flags(),
+        "JAXRM_COMPILE_CACHE": cache,
+    }
     command = [sys.executable, "-m", "jaxrm", "serve", "--port", "0", str(checkpoint), *GRID]
     command += [*flags, "--max-items", "64", "--max-body-mb", "0.05"]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

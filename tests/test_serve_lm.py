@@ -15,6 +15,7 @@ import time
 import urllib.request
 
 import pytest
+from data_helpers import child_xla_flags
 from test_generate import generate, models, prompt_file, read  # noqa: F401 (fixture)
 
 from jaxrm.cli import main
@@ -28,7 +29,7 @@ def endpoint(models):  # noqa: F811
     """`jaxrm serve-lm` of the tiny Llama in float32, four rows: its base URL."""
     command = [sys.executable, "-m", "jaxrm", "serve-lm", str(models / "llama"), FP32]
     command += ["--port", "0", "--max-num-seqs", "4", "--served-model-name", "llama-server"]
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": child_xla_flags(), "JAX_PLATFORMS": "cpu"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     line = process.stdout.readline().decode()
     match = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
@@ -261,7 +262,7 @@ def test_a_pool_with_a_served_policy_completes_resumes_after_a_kill_and_stops_on
         [sys.executable, "-m", "jaxrm", "data", "polar-pool", str(pool)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""},
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": child_xla_flags()},
     )
     part = killed / "work" / "served.jsonl"
     deadline = time.time() + 300
