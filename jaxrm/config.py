@@ -336,6 +336,9 @@ class TrainConfig:
             )
 
 
+FUSED_OPTIMIZERS = ("lomo", "adalomo")  # updates fused into the backward pass (train/fused.py)
+
+
 @dataclasses.dataclass
 class OptimizerConfig:
     """optax optimizers and learning-rate schedules (b1 / b2 null: the optimizer's default)."""
@@ -361,7 +364,7 @@ class OptimizerConfig:
                 f"optimizer.warmup_ratio ({self.warmup_ratio}) + optimizer.decay_ratio "
                 f"({self.decay_ratio}) must not exceed 1 in the wsd schedule"
             )
-        if self.name in ("lomo", "adalomo") and self.b1 is not None:
+        if self.name in FUSED_OPTIMIZERS and self.b1 is not None:
             raise UserError(f"optimizer.b1: {self.name} keeps no first moment; leave b1 unset")
         if self.name == "lomo" and self.b2 is not None:
             raise UserError("optimizer.b2: lomo keeps no second moment; leave b2 unset")
@@ -438,7 +441,7 @@ class Config:
                 )
         self._check_context()
         self._check_stages()
-        if self.optimizer.name in ("lomo", "adalomo") and self.model.lora_rank:
+        if self.optimizer.name in FUSED_OPTIMIZERS and self.model.lora_rank:
             raise UserError(
                 f"optimizer.name: {self.optimizer.name} trains every parameter, fused into the "
                 "backward pass; with model.lora_rank use another optimizer"
@@ -471,7 +474,7 @@ class Config:
                 f"mesh.stage ({stages}) with mesh.context ({self.mesh.context}): pipeline stages "
                 "do not split rows; use one of them"
             )
-        if self.optimizer.name in ("lomo", "adalomo"):
+        if self.optimizer.name in FUSED_OPTIMIZERS:
             raise UserError(
                 f"mesh.stage ({stages}): optimizer.name {self.optimizer.name} walks the layers "
                 "itself, outside the pipeline; use another optimizer or mesh.stage: 1"

@@ -35,6 +35,7 @@ Array = jax.Array
 # One layer's attention: (q, k, v, that layer's carried item) -> (output, its new item).
 Attend = Callable[[Array, Array, Array, Any], tuple[Array, Any]]
 
+HIDDEN = ("batch", "length", "act_embed")  # the axes of a layer's input and output
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
@@ -256,7 +257,7 @@ class DecoderLayer(nnx.Module):
         mixed, carried = self.attention(self.attention_norm(x), rotation, attend, carried)
         x = x + mixed
         x = x + self.mlp(self.mlp_norm(x))
-        return constrain(x, ("batch", "length", "act_embed")), carried
+        return constrain(x, HIDDEN), carried
 
 
 class RewardModel(nnx.Module):
@@ -325,7 +326,7 @@ class RewardModel(nnx.Module):
 
     def embed_tokens(self, tokens: Array) -> Array:
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
-        return constrain(x, ("batch", "length", "act_embed"))
+        return constrain(x, HIDDEN)
 
     def run_layers(
         self,
@@ -342,8 +343,22 @@ class RewardModel(nnx.Module):
         attention output with the layer's new item. Returns (hidden, new carried).
         `position_limit` (static, optional) bounds `positions`; see `rope_rotation`.
         """
+        stack = nnx.state(self.layers)
+        x, carried = self.run_stack(stack, x, positions, attend, carried, position_limit)
+        return self.final_norm(x), carried
+
+    def run_stack(
+        self,
+        layer_states: Any,
+        x: Array,
+        positions: Array,
+        attend: Attend,
+        carried: Any = None,
+        position_limit: int | None = None,
+    ) -> tuple[Array, Any]:
+        """`x` through the stacked layers `layer_states` (all of this model's, or a pipeline
+        stage's block of them), without the final norm; see `run_layers`."""
         layer = self.layer_function(positions, attend, position_limit)
-        layer_states = nnx.state(self.layers)
 
         def one_layer(h: Array, inputs: tuple[Any, Any]) -> tuple[Array, Any]:
             layer_state, item = inputs
@@ -351,10 +366,7 @@ class RewardModel(nnx.Module):
 
         if self.remat != "none":
             one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[self.remat])
-        x, carried = jax.lax.scan(
-            one_layer, x, (layer_states, carried), unroll=self._unroll(carried)
-        )
-        return self.final_norm(x), carried
+        return jax.lax.scan(one_layer, x, (layer_states, carried), unroll=self._unroll(carried))
 
     def layer_function(
         self, positions: Array, attend: Attend, position_limit: int | None = None

@@ -21,10 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxrm.model.decoder import REMAT_POLICIES, RewardModel
+from jaxrm.model.decoder import HIDDEN, RewardModel
 from jaxrm.sharding import constrain, merge_rows, split_rows
-
-HIDDEN = ("batch", "length", "act_embed")
 
 
 def pipelined_hidden(
@@ -51,14 +49,7 @@ def pipelined_hidden(
 
     def run_block(block: Any, h: jax.Array, side: dict) -> jax.Array:
         attend = model.packed_attention(side["segment_ids"], side.get("prefix_ids"), span)
-        layer = model.layer_function(side["positions"], attend, limit)
-
-        def one_layer(h: jax.Array, layer_params: Any) -> tuple[jax.Array, None]:
-            return layer(h, layer_params, None)[0], None
-
-        if model.remat != "none":
-            one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[model.remat])
-        return jax.lax.scan(one_layer, h, block)[0]
+        return model.run_stack(block, h, side["positions"], attend, position_limit=limit)[0]
 
     run_stages = jax.vmap(run_block, spmd_axis_name="stage")
     stage_ids = jnp.arange(stages)

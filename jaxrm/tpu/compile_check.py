@@ -44,13 +44,12 @@ import jax
 import numpy as np
 from jax.experimental import topologies
 
-from jaxrm.config import Config, load_config
+from jaxrm.config import FUSED_OPTIMIZERS, Config, load_config
 from jaxrm.data.pipeline import padding_row
 from jaxrm.errors import UserError
 from jaxrm.sharding import batch_sharding, describe
 from jaxrm.train.flops import PEAK_FLOPS, train_flops
 from jaxrm.train.losses import attention_span
-from jaxrm.train.optimizers import FUSED
 from jaxrm.train.trainer import Trainer
 
 GIB = 1024**3
@@ -308,7 +307,7 @@ def extra_layer_passes(config: Config) -> tuple[int, int]:
     """(forwards, backwards) of the layer stack beyond one of each: `model.remat: full` runs
     the forward again; a fused optimizer's walk always does, and with `optimizer.grad_clip` it
     walks twice (train/fused.py)."""
-    if config.optimizer.name in FUSED:
+    if config.optimizer.name in FUSED_OPTIMIZERS:
         return (2, 1) if config.optimizer.grad_clip else (1, 0)
     return (1, 0) if config.model.remat == "full" else (0, 0)
 

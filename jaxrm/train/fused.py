@@ -35,12 +35,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxrm.config import Config
+from jaxrm.model.decoder import HIDDEN
 from jaxrm.sharding import constrain, split_rows
 from jaxrm.train import losses
 from jaxrm.train.optimizers import FusedOptimizer, FusedState
 
 HEAD = ("final_norm", "score", "lm_head")
-HIDDEN = ("batch", "length", "act_embed")  # a layer's input and output
 
 
 def train_step(

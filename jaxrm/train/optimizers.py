@@ -116,7 +116,6 @@ def decoupled_weight_decay(lr: optax.Schedule, rate: float) -> optax.GradientTra
     return optax.GradientTransformation(init, update)
 
 
-FUSED = ("lomo", "adalomo")
 ADALOMO_EPS = (1e-30, 1e-3)  # added to squared gradients; the floor of a parameter's RMS
 ADALOMO_CLIP = 1.0  # an update's RMS is normalised down to at most this
 MATRIX_IN_DIMS = {"wo": 2}  # input axes of a kernel (heads, head_dim for wo); others have one

@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxrm.config import Config
+from jaxrm.config import FUSED_OPTIMIZERS, Config
 from jaxrm.errors import UserError
 from jaxrm.model.decoder import RewardModel, abstract_model
 from jaxrm.model.pipeline import pipelined_hidden
@@ -30,12 +30,7 @@ from jaxrm.sharding import (
     split_rows,
 )
 from jaxrm.train import fused, losses
-from jaxrm.train.optimizers import (
-    FUSED,
-    learning_rate_schedule,
-    make_fused_optimizer,
-    make_optimizer,
-)
+from jaxrm.train.optimizers import learning_rate_schedule, make_fused_optimizer, make_optimizer
 
 
 class TrainState(NamedTuple):
@@ -58,7 +53,7 @@ class Trainer:
         self.mesh = mesh
         self.rules = config.mesh.rules
         self.stages = mesh.shape["stage"]
-        self.fused = config.optimizer.name in FUSED
+        self.fused = config.optimizer.name in FUSED_OPTIMIZERS
         if self.fused:
             self.optimizer = make_fused_optimizer(config.optimizer)
         else:
@@ -195,18 +190,16 @@ class Trainer:
         parts = 1 if self.stages > 1 else self.config.train.micro_batches
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
 
-        def accumulate(carry: tuple, micro: dict) -> tuple[tuple, None]:
+        def part(micro: dict) -> tuple[tuple[dict, dict], None]:
             (_, sums), grads = grad_fn(state.trainable, state.frozen, micro, totals)
-            return jax.tree.map(jnp.add, carry, (grads, sums)), None
+            return (grads, sums), None
 
         micro_batches = jax.tree.map(lambda x: split_rows(x, parts), batch)
         first = jax.tree.map(lambda x: x[0], micro_batches)
         if parts == 1:
-            (_, sums), grads = grad_fn(state.trainable, state.frozen, first, totals)
+            (grads, sums), _ = part(first)
         else:
-            zeros = jax.eval_shape(grad_fn, state.trainable, state.frozen, first, totals)
-            zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (zeros[1], zeros[0][1]))
-            (grads, sums), _ = jax.lax.scan(accumulate, zeros, micro_batches)
+            (grads, sums), _ = fused.scan_sum(part, micro_batches)
 
         def objective(trainable: dict) -> jax.Array:  # Sophia's Hessian estimate (one part)
             return self._loss(trainable, state.frozen, first, totals)[0]
